@@ -1,0 +1,48 @@
+"""Python client for the memberguard coordinator: a blocking `Client` and an asyncio `AsyncClient`.
+
+    from memberguard import Client, Endpoint, DirtyMembership
+
+    with Client(Endpoint.from_lab("/tmp/lab")) as client:
+        diff = client.check_membership().diff
+
+Both clients keep one mTLS channel open, have the same methods, and raise the typed errors of
+`memberguard.errors` (re-exported here). The messages are those of `memberguard.v1`.
+"""
+
+from memberguard._async import AsyncClient
+from memberguard._base import Endpoint
+from memberguard._sync import Client
+from memberguard.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    DirtyMembership,
+    InvalidArgument,
+    MemberguardError,
+    MembershipRefused,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StaleFingerprint,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceeded",
+    "DirtyMembership",
+    "Endpoint",
+    "InvalidArgument",
+    "MemberguardError",
+    "MembershipRefused",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "StaleFingerprint",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]

@@ -1,0 +1,92 @@
+"""The asyncio client: one persistent mTLS grpc.aio channel, typed errors.
+
+Create it inside the event loop that will use it: a grpc.aio channel belongs to one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memberguard._base import (
+    BaseClient,
+    Endpoint,
+    call_timeout,
+    check_membership_request,
+    error_from_rpc,
+    health_request,
+    require_serving,
+)
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class AsyncClient(BaseClient):
+    """Calls the coordinator from asyncio; use `async with` or await close().
+
+    Every failed call raises a memberguard.errors.MemberguardError subclass.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        super().__init__(endpoint)
+        self._channel = grpc.aio.secure_channel(endpoint.address, self._credentials(), options=self._options())
+        # The generated _pb2_grpc module is untyped; the annotations below give its callables their types.
+        coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self._check_membership: grpc.aio.UnaryUnaryMultiCallable[
+            coordinator_pb2.CheckMembershipRequest, coordinator_pb2.CheckMembershipResponse
+        ] = coordinator.CheckMembership
+        self._guarded_operation: grpc.aio.UnaryUnaryMultiCallable[
+            coordinator_pb2.GuardedOperationRequest, coordinator_pb2.GuardedOperationResponse
+        ] = coordinator.GuardedOperation
+        self._health_check: grpc.aio.UnaryUnaryMultiCallable[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ] = health_pb2_grpc.HealthStub(self._channel).Check
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled. Closing twice is harmless."""
+        self._closed = True
+        await self._channel.close(None)
+
+    async def check_membership(
+        self,
+        *,
+        agent_timeout: float | None = None,
+        minimum_severity: int | None = None,
+        timeout: float = 10.0,
+    ) -> coordinator_pb2.CheckMembershipResponse:
+        """A fresh diff of every source on every node, and its fingerprint; see Client.check_membership."""
+        request = check_membership_request(agent_timeout=agent_timeout, minimum_severity=minimum_severity)
+        return await self._call(self._check_membership, request, timeout)
+
+    async def guarded_operation(
+        self, request: coordinator_pb2.GuardedOperationRequest, timeout: float = 30.0
+    ) -> coordinator_pb2.GuardedOperationResponse:
+        """Sends the request as is; a refusal raises DirtyMembership or StaleFingerprint carrying the diff."""
+        return await self._call(self._guarded_operation, request, timeout)
+
+    async def ping(self, timeout: float = 5.0) -> None:
+        """Asks the standard health service; raises Unavailable unless the coordinator is SERVING."""
+        require_serving(await self._call(self._health_check, health_request(), timeout))
+
+    async def _call(self, method: Callable[..., Awaitable[_Response]], request: _Request, timeout: float) -> _Response:
+        self._require_open()
+        seconds = call_timeout(timeout)
+        try:
+            return await method(request, timeout=seconds)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc

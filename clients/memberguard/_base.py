@@ -1,0 +1,282 @@
+"""Everything the sync and asyncio clients share; none of it touches the network.
+
+The endpoint and its TLS material, the channel's credentials and options, building and checking requests
+before they are sent, and turning a failed call into the most specific typed error (`error_from_rpc`, the only
+place that reads a gRPC status). `Client` and `AsyncClient` differ only in how they wait for the channel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+# googleapis-common-protos ships .pyi files but no py.typed marker, so mypy will not read them.
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from memberguard import errors
+from memberguard.v1 import coordinator_pb2, membership_pb2
+
+StrPath = str | os.PathLike[str]
+
+#: The most the coordinator lets an agent take (CheckMembershipRequest.agent_timeout).
+MAX_AGENT_TIMEOUT = 60.0
+
+#: The ErrorInfo reason of an InvalidArgument raised by the client itself, before sending anything.
+CLIENT_VALIDATION = "CLIENT_VALIDATION"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the coordinator listens and how to reach it over mutual TLS.
+
+    ca pins the coordinator's certificate (PEM; a bundle works too), server_name is the name that certificate
+    carries (the address is usually an IP), cert and key are the caller's own identity (PEM).
+    """
+
+    address: str
+    ca: bytes = field(repr=False)
+    server_name: str
+    cert: bytes = field(repr=False)
+    # The key must never reach a log line, not even through a repr.
+    key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # grpc would only report a bad PEM as an UNAVAILABLE "failed to create security handshaker" on the first
+        # call, so bad material is refused here, where the caller can still tell which piece is wrong.
+        _check_tls_material(self.ca, self.cert, self.key)
+
+    @classmethod
+    def from_files(cls, address: str, *, ca: StrPath, server_name: str, cert: StrPath, key: StrPath) -> Endpoint:
+        """Reads the PEM files; raises OSError when one is missing or unreadable, ValueError when one is not PEM."""
+        return cls(
+            address=address,
+            ca=Path(ca).read_bytes(),
+            server_name=server_name,
+            cert=Path(cert).read_bytes(),
+            key=Path(key).read_bytes(),
+        )
+
+    @classmethod
+    def from_lab(cls, lab_dir: StrPath) -> Endpoint:
+        """The coordinator and operator identity of a lab, from `lab_dir/lab.json`.
+
+        Raises OSError when lab.json or a file it names cannot be read, ValueError when lab.json is malformed.
+        Relative paths in lab.json are taken relative to lab_dir.
+        """
+        directory = Path(lab_dir)
+        path = directory / "lab.json"
+        try:
+            lab = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc}") from exc
+
+        def item(section: str, name: str) -> str:
+            part = lab.get(section) if isinstance(lab, dict) else None
+            value = part.get(name) if isinstance(part, dict) else None
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{path}: {section}.{name} is missing or not a string")
+            return value
+
+        return cls.from_files(
+            item("coordinator", "address"),
+            ca=directory / item("coordinator", "ca"),
+            server_name=item("coordinator", "server_name"),
+            cert=directory / item("operator", "cert"),
+            key=directory / item("operator", "key"),
+        )
+
+
+def _check_tls_material(ca: bytes, cert: bytes, key: bytes) -> None:
+    """Raises ValueError unless ca and cert hold PEM certificates and key is the unencrypted PEM key of cert."""
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        raise ValueError("ca is not a PEM certificate (or bundle)") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError:
+        raise ValueError("cert is not a PEM certificate") from None
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # TypeError: the key is encrypted, which grpc cannot use.
+        raise ValueError("key is not an unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if leaf.public_key().public_bytes(*spki) != private_key.public_key().public_bytes(*spki):
+        raise ValueError("key is not the private key of cert")
+
+
+class BaseClient:
+    """The channel settings and requests both clients use; subclasses own the channel."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._closed = False
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._endpoint.address!r})"
+
+    def _require_open(self) -> None:
+        # grpc and grpc.aio fail differently on a closed channel (ValueError, UsageError); say it once, plainly.
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._endpoint.ca,
+            private_key=self._endpoint.key,
+            certificate_chain=self._endpoint.cert,
+        )
+
+    def _options(self) -> list[tuple[str, Any]]:
+        if not self._endpoint.server_name:
+            return []
+        return [("grpc.ssl_target_name_override", self._endpoint.server_name)]
+
+
+def call_timeout(timeout: float) -> float:
+    """The call's deadline in seconds, checked: a zero, negative or infinite one is a caller's mistake."""
+    if not _is_seconds(timeout) or timeout <= 0:
+        raise invalid_arguments([("timeout", f"must be a positive number of seconds, not {timeout!r}")])
+    return float(timeout)
+
+
+def check_membership_request(
+    *, agent_timeout: float | None, minimum_severity: int | None
+) -> coordinator_pb2.CheckMembershipRequest:
+    """Builds the request, checking both fields as the coordinator would so a bad one fails before any I/O."""
+    request = coordinator_pb2.CheckMembershipRequest()
+    violations: list[tuple[str, str]] = []
+    if agent_timeout is not None:
+        if not _is_seconds(agent_timeout) or not 0 < agent_timeout <= MAX_AGENT_TIMEOUT:
+            violations.append(
+                (
+                    "agent_timeout",
+                    f"must be positive and at most {MAX_AGENT_TIMEOUT:g} s, not {agent_timeout!r}",
+                )
+            )
+        else:
+            # Zero would mean "the coordinator's default", so a tiny positive value is kept at least 1 ns.
+            request.agent_timeout.FromNanoseconds(max(1, round(agent_timeout * 1e9)))
+    if minimum_severity is not None:
+        if (
+            isinstance(minimum_severity, bool)
+            or not isinstance(minimum_severity, int)
+            or minimum_severity not in membership_pb2.Severity.values()
+        ):
+            known = ", ".join(f"{v} ({n})" for n, v in membership_pb2.Severity.items())
+            violations.append(("minimum_severity", f"must be one of {known}, not {minimum_severity!r}"))
+        else:
+            request.minimum_severity = membership_pb2.Severity.ValueType(minimum_severity)
+    if violations:
+        raise invalid_arguments(violations)
+    return request
+
+
+def health_request() -> health_pb2.HealthCheckRequest:
+    # The empty service name asks about the server as a whole.
+    return health_pb2.HealthCheckRequest(service="")
+
+
+def require_serving(response: health_pb2.HealthCheckResponse) -> None:
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        state = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE, f"coordinator health is {state}", state)
+
+
+def invalid_arguments(violations: Sequence[tuple[str, str]]) -> errors.InvalidArgument:
+    message = "; ".join(f"{name} {description}" for name, description in violations)
+    return errors.InvalidArgument(
+        grpc.StatusCode.INVALID_ARGUMENT, message, CLIENT_VALIDATION, field_violations=violations
+    )
+
+
+_ERROR_BY_CODE: dict[grpc.StatusCode, type[errors.MemberguardError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.DirtyMembership,
+    grpc.StatusCode.ABORTED: errors.StaleFingerprint,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
+    """The typed error for a failed call (sync or asyncio), with every rich detail the status carried.
+
+    Callers `raise error_from_rpc(exc) from exc`. Each detail type is read once (AIP-193 sends each at most
+    once); details of types this client does not know are ignored.
+    """
+    code = exc.code()
+    message = exc.details() or ""
+    error_info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    precondition = error_details_pb2.PreconditionFailure()
+    diff: membership_pb2.MembershipDiff | None = None
+    for detail in _rich_status(exc).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(error_info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            detail.Unpack(bad_request)
+        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            detail.Unpack(precondition)
+        elif detail.Is(membership_pb2.MembershipDiff.DESCRIPTOR):
+            diff = membership_pb2.MembershipDiff()
+            detail.Unpack(diff)
+
+    error_type = _ERROR_BY_CODE.get(code, errors.MemberguardError)
+    metadata = dict(error_info.metadata)
+    if issubclass(error_type, errors.InvalidArgument):
+        return error_type(
+            code,
+            message,
+            error_info.reason,
+            field_violations=[(v.field, v.description) for v in bad_request.field_violations],
+            metadata=metadata,
+            diff=diff,
+        )
+    if issubclass(error_type, errors.DirtyMembership):
+        return error_type(
+            code,
+            message,
+            error_info.reason,
+            violations=[(v.type, v.subject, v.description) for v in precondition.violations],
+            metadata=metadata,
+            diff=diff,
+        )
+    return error_type(code, message, error_info.reason, metadata=metadata, diff=diff)
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status:
+    # from_call uses only code(), details() and trailing_metadata(), which grpc's and grpc.aio's errors share.
+    try:
+        status = rpc_status.from_call(cast(grpc.Call, exc))
+    except ValueError:
+        # The rich status contradicts the plain one: trust the plain code and message, drop the details.
+        status = None
+    return status if isinstance(status, status_pb2.Status) else status_pb2.Status()
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,155 @@
+"""A node's agent: serves AgentService with the node's own member certificate.
+
+`python -m coordinator.agent CONFIG [CONFIG ...]` runs one agent per CONFIG in one process (the benchmark
+packs many agents into few processes; each is the same code, on its own port). CONFIG is a JSON file:
+    {"name": "n1", "listen": "127.0.0.1:0", "state_dir": PATH, "backend": "local",
+     "members_table": PATH, "raft_config": PATH,          (local backend)
+     "trusted_coordinators": PATH,                          (PEM bundle of the coordinators it answers)
+     "role_adjustment_interval": 10.0,                      (optional, seconds)
+     "port_file": PATH}                                     (optional: the bound port, once serving)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from memberguard.v1 import agent_pb2, agent_pb2_grpc
+
+from coordinator.agent.sources import SourceReader, local_backend
+from coordinator.auth import Peer, Principal
+from coordinator.core.model import NodeView
+from coordinator.files import write_atomically
+from coordinator.messages import view_to_proto
+from coordinator.pki import Identity, dns_names, fingerprint, read_identity
+from coordinator.serving import start_server
+
+log = logging.getLogger("memberguard.agent")
+
+_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+RULES = {f"/{_SERVICE}/GetNodeView": frozenset({Principal.COORDINATOR})}
+
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+class CoordinatorPins:
+    """The coordinators this agent answers: a PEM bundle file, re-read when its stat identity changes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stat: tuple[int, int, int] | None = None
+        self._bundle = b""
+        self._peers: Mapping[str, Peer] = {}
+        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        with self._lock:
+            st = os.stat(self._path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if key == self._stat:
+                return
+            bundle = self._path.read_bytes()
+            peers = {}
+            for block in bundle.split(_PEM_END)[:-1]:
+                pem = block.strip() + b"\n" + _PEM_END + b"\n"
+                fp = fingerprint(pem)
+                names = dns_names(pem)
+                peers[fp] = Peer(Principal.COORDINATOR, names[0] if names else fp[:12], fp)
+            self._bundle, self._peers, self._stat = bundle, peers, key
+
+    def peers(self) -> Mapping[str, Peer]:
+        self._refresh()
+        return self._peers
+
+    def bundle(self) -> bytes:
+        self._refresh()
+        return self._bundle
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    listen: str
+    state_dir: Path
+    readers: tuple[SourceReader, ...]
+    trusted_coordinators: Path
+    backend: str
+    role_adjustment_interval: float | None
+    port_file: Path | None
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        state_dir = Path(raw["state_dir"])
+        backend = raw.get("backend", "local")
+        if backend != "local":
+            raise ValueError(f"{path}: unknown backend {backend!r}")
+        readers = local_backend(state_dir, Path(raw["members_table"]), Path(raw["raft_config"]))
+        interval = raw.get("role_adjustment_interval")
+        return cls(
+            name=raw["name"],
+            listen=raw["listen"],
+            state_dir=state_dir,
+            readers=readers,
+            trusted_coordinators=Path(raw["trusted_coordinators"]),
+            backend=backend,
+            role_adjustment_interval=float(interval) if interval is not None else None,
+            port_file=Path(raw["port_file"]) if raw.get("port_file") else None,
+        )
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, config: AgentConfig, identity: Identity) -> None:
+        self._config = config
+        self._fingerprint = identity.fingerprint
+
+    async def GetNodeView(
+        self, request: agent_pb2.GetNodeViewRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.GetNodeViewResponse:
+        reports = await asyncio.gather(
+            *(r.read(include_certificates=request.include_certificates) for r in self._config.readers)
+        )
+        view = NodeView(
+            node=self._config.name,
+            backend=self._config.backend,
+            certificate_fingerprint=self._fingerprint,
+            sources=tuple(reports),
+            role_adjustment_interval=self._config.role_adjustment_interval,
+        )
+        return agent_pb2.GetNodeViewResponse(view=view_to_proto(view, time.time()))
+
+
+async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:
+    identity = read_identity(config.state_dir / "server.crt", config.state_dir / "server.key")
+    servicer = AgentServicer(config, identity)
+    server, port = await start_server(
+        address=config.listen,
+        identity=identity,
+        trust=CoordinatorPins(config.trusted_coordinators),
+        rules=RULES,
+        services=[(_SERVICE, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s))],
+    )
+    if config.port_file is not None:
+        write_atomically(config.port_file, str(port).encode())
+    log.info("agent %s serving on port %d", config.name, port)
+    return server, port
+
+
+async def serve(configs: list[AgentConfig]) -> None:
+    servers = [server for server, _ in [await start_agent(c) for c in configs]]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await asyncio.gather(*(s.stop(grace=1.0) for s in servers))

@@ -1,0 +1,130 @@
+"""A node's truststore, `<state>/truststore/<name>.yaml`, read as microcluster loads it, and its writers.
+
+Each file holds `name`, `address` ("ip:port") and `certificate` (the member's server.crt PEM). Microcluster
+keys its in-memory map by the YAML `name`, not the file name, so a misnamed file still trusts its member:
+it is reported both as a record and as an invalid entry. A file microcluster would reject (no certificate)
+or choke on (a stray file or subdirectory makes its Replace fail, aborting the heartbeat) is an invalid entry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from coordinator import pki
+from coordinator.agent.filecache import (
+    FileCache,
+    MalformedFile,
+    age_since,
+    dump_yaml,
+    load_yaml,
+)
+from coordinator.core.model import InvalidEntry, MemberRecord, Source, SourceReport
+from coordinator.files import write_atomically
+
+_SUFFIX = ".yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One parsed file, in both forms a report may want, so a cache hit allocates nothing."""
+
+    with_certificate: MemberRecord
+    without_certificate: MemberRecord
+    misnamed: InvalidEntry | None
+
+
+def _required_text(document: dict[object, object], key: str) -> str:
+    value = document.get(key)
+    if not isinstance(value, str) or not value:
+        raise MalformedFile(f"{key} missing or empty")
+    return value
+
+
+def _parse_entry(path: str, data: bytes) -> _Entry:
+    document = load_yaml(data)
+    if not isinstance(document, dict):
+        raise MalformedFile("not a YAML mapping")
+    name = _required_text(document, "name")
+    address = _required_text(document, "address")
+    certificate = _required_text(document, "certificate")
+    try:
+        fingerprint = pki.fingerprint(certificate)
+    except ValueError as exc:
+        raise MalformedFile(f"certificate does not parse: {exc}") from exc
+    file_name = os.path.basename(path)
+    record = MemberRecord(
+        name=name,
+        address=address,
+        certificate_fingerprint=fingerprint,
+        certificate_pem=certificate,
+        entry=file_name,
+    )
+    misnamed = None
+    if file_name != name + _SUFFIX:
+        misnamed = InvalidEntry(file_name, f"misnamed: file {file_name} holds name {name}")
+    return _Entry(record, replace(record, certificate_pem=""), misnamed)
+
+
+class TruststoreReader:
+    """Reads one truststore directory; a hit on an unchanged file costs one stat."""
+
+    source = Source.TRUSTSTORE
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = str(directory)
+        self._cache = FileCache(_parse_entry)
+
+    async def read(self, *, include_certificates: bool) -> SourceReport:
+        try:
+            # The directory's mtime moves on every add, replace (rename) and removal: the truststore's age.
+            mtime = os.stat(self._directory).st_mtime
+            with os.scandir(self._directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            return SourceReport(self.source, error=str(exc))
+        records: list[MemberRecord] = []
+        invalid: list[InvalidEntry] = []
+        for entry in entries:
+            if not entry.name.endswith(_SUFFIX) or not entry.is_file():
+                invalid.append(InvalidEntry(entry.name, "not a .yaml file"))
+                continue
+            try:
+                content = self._cache.load(entry.path).content
+            except FileNotFoundError:
+                continue  # removed since the listing: it is no longer part of the truststore
+            except OSError as exc:
+                invalid.append(InvalidEntry(entry.name, f"unreadable: {exc}"))
+                continue
+            if isinstance(content, MalformedFile):
+                invalid.append(InvalidEntry(entry.name, str(content)))
+                continue
+            records.append(content.with_certificate if include_certificates else content.without_certificate)
+            if content.misnamed is not None:
+                invalid.append(content.misnamed)
+        self._cache.retain({entry.path for entry in entries})
+        return SourceReport(
+            self.source,
+            records=tuple(records),
+            invalid_entries=tuple(invalid),
+            age=age_since(mtime),
+        )
+
+
+def _entry_path(directory: Path, name: str) -> Path:
+    # A member name becomes a file name: refuse anything that would land outside the directory.
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"not a member name usable as a file name: {name!r}")
+    return directory / f"{name}{_SUFFIX}"
+
+
+def write_truststore_entry(directory: Path, name: str, address: str, certificate_pem: str) -> None:
+    """Writes (or replaces) `<name>.yaml`: directory 0700, file 0644, as microcluster keeps them."""
+    document = {"name": name, "address": address, "certificate": certificate_pem}
+    write_atomically(_entry_path(directory, name), dump_yaml(document))
+
+
+def remove_truststore_entry(directory: Path, name: str) -> None:
+    """Removes `<name>.yaml`; removing an absent entry is done already."""
+    _entry_path(directory, name).unlink(missing_ok=True)

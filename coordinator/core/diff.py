@@ -1,0 +1,903 @@
+"""The membership diff: every source on every node compared with the cluster's reference, as typed discrepancies.
+
+The members table and the authoritative Raft configuration are each one record for the whole cluster that every node
+reads; the reading most nodes agree on is the reference. The table says *who* a member is (name, certificate), Raft
+says *whether* it is one; the two are merged by address, microcluster's join key. Each node's own sources (truststore,
+its live and cached Raft configuration, info.yaml, the agent itself) are then compared with that reference.
+
+Two rules hold throughout:
+- What could not be read is unknown, never empty. An unreachable agent or a source with an error gets its own
+  discrepancy and no "missing" ones, and a comparison whose reference is unknown is skipped, not guessed.
+- Equal facts give an equal diff. Every input order is canonicalised before it is compared or reported, so ids,
+  evidence and the fingerprint do not depend on the order in which agents answered or listed their records.
+
+Scenario names (S1, S2, ...) refer to the divergence catalogue in research/microcluster.md §7.
+Pure: no I/O and no clock. Time comes from ClusterView.now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from coordinator.core.model import (
+    AgentFailure,
+    ClusterView,
+    Discrepancy,
+    DiscrepancyKind,
+    Evidence,
+    InvalidEntry,
+    Member,
+    MemberRecord,
+    MembershipDiff,
+    NodeObservation,
+    NodeView,
+    Remedy,
+    RemedySafety,
+    Role,
+    Severity,
+    Source,
+    SourceReport,
+)
+
+# Both encodings are compared across coordinators and releases: change them only together with their version.
+_FINGERPRINT_VERSION = "memberguard-diff-v1"
+_ID_VERSION = "memberguard-discrepancy-v1"
+
+# A node's own Raft views lag the leader by design (a follower's log, the engine's periodic rewrite of cluster.yaml).
+# They are judged by their age, and kept out of the fingerprint so that routine lag does not invalidate it.
+_LAGGING = frozenset({Source.RAFT_NODE_VIEW, Source.RAFT_CACHE})
+
+# microcluster's role column holds PENDING until the leader's heartbeat writes go-dqlite's role name.
+_ROLE_TEXTS = {"PENDING": Role.PENDING, "voter": Role.VOTER, "stand-by": Role.STAND_BY, "spare": Role.SPARE}
+
+_NOUNS = {
+    Source.MEMBERS_TABLE: "members table",
+    Source.TRUSTSTORE: "truststore",
+    Source.RAFT_CONFIG: "Raft configuration",
+    Source.RAFT_NODE_VIEW: "own Raft configuration",
+    Source.RAFT_CACHE: "cluster.yaml",
+    Source.NODE_INFO: "info.yaml",
+    Source.AGENT: "agent",
+}
+
+_Identity = tuple[str, str, str, int]
+_NodeViews = tuple[tuple[str, NodeView], ...]
+_SourceFacts = tuple[int, bool, tuple[_Identity, ...], tuple[str, ...]]
+
+_SAFE = RemedySafety.SAFE
+_CONFIRM = RemedySafety.NEEDS_CONFIRMATION
+_UNSAFE = RemedySafety.UNSAFE
+
+
+# --- public API ---------------------------------------------------------------------------------------------------
+
+
+def compute_diff(view: ClusterView) -> MembershipDiff:
+    """Compare every source on every node; one discrepancy per fact that disagrees."""
+    observations = sorted(view.nodes, key=lambda observation: observation.node)
+    views = tuple((o.node, o.view) for o in observations if o.view is not None)
+    table, table_found = _agreed_reading(views, Source.MEMBERS_TABLE)
+    raft, raft_found = _agreed_reading(views, Source.RAFT_CONFIG)
+    ref = _reference(views, table, raft)
+    found = table_found + raft_found + _agent_failures(observations, ref) + _membership(ref)
+    for node, node_view in views:
+        found += _node_findings(node, node_view, ref)
+    return MembershipDiff(
+        fingerprint=fingerprint(view),
+        discrepancies=tuple(sorted(found, key=_discrepancy_order)),
+        members=tuple(sorted((joined.member for joined in ref.joined), key=_identity)),
+        nodes=tuple(o.node for o in observations),
+        observed_at=view.now,
+    )
+
+
+def fingerprint(view: ClusterView) -> str:
+    """SHA-256 (hex) of the non-volatile facts: which identities each source on each node holds.
+
+    Roles, role texts, ages, error texts and the leader's address are left out: they change while membership does
+    not, and a fingerprint that moved with them would make every guarded operation race the role adjuster.
+    """
+    facts = sorted(_node_facts(observation) for observation in view.nodes)
+    return _digest([_FINGERPRINT_VERSION, facts])
+
+
+def discrepancy_id(
+    kind: DiscrepancyKind, member: Member | None, source: Source | None, node: str, *, entry: str = ""
+) -> str:
+    """A short digest that stays the same across gathers as long as the fact does, so that it can be acknowledged.
+
+    The member's role is left out because the role adjuster may move it between gathers. entry tells apart facts
+    that differ only in the source entry they are about (two invalid files in one truststore).
+    """
+    identity = None if member is None else _identity(member)
+    return _digest([_ID_VERSION, kind.value, identity, None if source is None else source.value, node, entry])[:16]
+
+
+# --- the reference: the cluster-wide sources, agreed and merged ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """A node's reading of a cluster-wide source, in canonical order so that equal readings compare equal."""
+
+    records: tuple[MemberRecord, ...]
+    invalid_entries: tuple[InvalidEntry, ...]
+
+
+@dataclass(frozen=True)
+class _Joined:
+    """A reference member, with the members-table row and the authoritative Raft entry it was merged from."""
+
+    member: Member
+    row: MemberRecord | None
+    entry: MemberRecord | None
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What each node's own sources are compared with. rows or raft is None when no node could read that source."""
+
+    views: _NodeViews
+    rows: tuple[MemberRecord, ...] | None
+    raft: tuple[MemberRecord, ...] | None
+    joined: tuple[_Joined, ...]
+    duplicated: frozenset[str]  # addresses claimed by two rows or by two Raft entries
+
+    def member_named(self, name: str) -> Member | None:
+        return next((joined.member for joined in self.joined if joined.member.name == name), None)
+
+    def member_of(self, row: MemberRecord) -> Member:
+        # Every row of the reference was merged into at least one member, so this always finds one.
+        return next(joined.member for joined in self.joined if joined.row is not None and joined.row.name == row.name)
+
+    def row_named(self, name: str) -> MemberRecord | None:
+        return next((row for row in self.rows or () if row.name == name), None)
+
+    def has_view(self, node: str) -> bool:
+        return any(view_node == node for view_node, _ in self.views)
+
+
+def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None, list[Discrepancy]]:
+    """The reading of a cluster-wide source that most nodes agree on, and how the other nodes' readings differ.
+
+    Every node reads the same record, so a node whose reading differs caught it mid-change or asked a stale leader:
+    worth reporting, but the majority is the better guess at the record itself.
+    """
+    readings: dict[str, _Reading] = {}
+    errors: dict[str, str] = {}
+    for node, node_view in views:
+        report = node_view.report(source)
+        if report is not None and report.error:
+            errors[node] = report.error
+        elif report is not None:
+            invalid = tuple(sorted(set(report.invalid_entries), key=lambda e: (e.entry, e.reason)))
+            readings[node] = _Reading(_sorted(report.records), invalid)
+    if not readings:
+        return None, [_nobody_could_read(source, errors)]
+    counts = Counter(readings.values())
+    # max() keeps the first of equal counts and readings are in node-name order, so ties go to the first node.
+    agreed = max(counts, key=counts.__getitem__)
+    found = [_unreadable(source, node, error, Severity.WARNING) for node, error in errors.items()]
+    for node, reading in readings.items():
+        if reading != agreed:
+            lacks = _labels(r for r in agreed.records if r not in reading.records) or "nothing"
+            extra = _labels(r for r in reading.records if r not in agreed.records) or "nothing"
+            summary = (
+                f"{node} read the {_NOUNS[source]} differently from {counts[agreed]} of {len(readings)} nodes: "
+                f"it lacks {lacks} and has {extra} extra."
+            )
+            evidence = (Evidence(source, "", agreed.records), Evidence(source, node, reading.records))
+            found.append(
+                _discrepancy(
+                    DiscrepancyKind.VIEW_DIFFERS, Severity.INFO, summary, source=source, node=node, evidence=evidence
+                )
+            )
+    return agreed, found + _invalid_entries(source, "", agreed.invalid_entries)
+
+
+def _nobody_could_read(source: Source, errors: dict[str, str]) -> Discrepancy:
+    evidence = tuple(Evidence(source, node, detail=error) for node, error in errors.items())
+    if source is Source.RAFT_CONFIG:
+        return _discrepancy(
+            DiscrepancyKind.NO_LEADER,
+            Severity.BLOCKING,
+            "No node could read the Raft configuration from a leader, so who the members are is unknown.",
+            source=source,
+            evidence=evidence,
+            remedies=(
+                Remedy("Bring back enough voters for the Raft configuration to elect a leader.", _CONFIRM),
+                Remedy(
+                    "If the lost voters will never return, rewrite the Raft configuration once, on one surviving node, "
+                    "with dqlite's `.reconfigure` or microcluster's `cluster edit`.",
+                    _CONFIRM,
+                ),
+                Remedy(
+                    "Reconfiguring on more than one node, or more than once: that splits the cluster.",
+                    RemedySafety.UNSAFE,
+                ),
+            ),
+        )
+    return _discrepancy(
+        DiscrepancyKind.SOURCE_UNREADABLE,
+        Severity.BLOCKING,
+        f"No node could read the {_NOUNS[source]}, so no member's identity can be checked.",
+        source=source,
+        evidence=evidence,
+    )
+
+
+def _reference(views: _NodeViews, table: _Reading | None, raft: _Reading | None) -> _Reference:
+    rows = _group(table.records if table else (), lambda record: record.address)
+    entries = _group(raft.records if raft else (), lambda record: record.address)
+    addresses = sorted(rows.keys() | entries.keys())
+    joined: dict[_Identity, _Joined] = {}
+    for address in addresses:
+        for candidate in _join(rows.get(address, []), entries.get(address, []), views):
+            # Records that differ only in role make one member: the role is not part of who it is.
+            joined.setdefault(_identity(candidate.member), candidate)
+    return _Reference(
+        views=views,
+        rows=table.records if table else None,
+        raft=raft.records if raft else None,
+        joined=tuple(joined.values()),
+        duplicated=frozenset(a for a in addresses if len(rows.get(a, ())) > 1 or len(entries.get(a, ())) > 1),
+    )
+
+
+def _join(rows: list[MemberRecord], entries: list[MemberRecord], views: _NodeViews) -> list[_Joined]:
+    """Merge the rows and Raft entries at one address. A duplicated address pairs every row with every entry, so
+    that each claim shows up as a member; its DUPLICATE_ADDRESS discrepancy says that only one can be right."""
+    if rows and entries:
+        return [
+            _Joined(Member(row.name, row.certificate_fingerprint, row.address, entry.node_id, entry.role), row, entry)
+            for row in rows
+            for entry in entries
+        ]
+    table_only = [_Joined(_table_only_member(row), row, None) for row in rows]
+    return table_only + [_Joined(_raft_only_member(entry, views), None, entry) for entry in entries]
+
+
+def _table_only_member(row: MemberRecord) -> Member:
+    role = Role.PENDING if _row_role(row) is Role.PENDING else None
+    return Member(row.name, row.certificate_fingerprint, row.address, row.node_id, role)
+
+
+def _raft_only_member(entry: MemberRecord, views: _NodeViews) -> Member:
+    """Raft entries carry no name or certificate. The member's own agent knows best who it is (its info.yaml holds
+    the entry, and the coordinator checked the certificate it serves); failing that, a truststore may still hold it."""
+    for node, node_view in views:
+        if any(_same_entry(record, entry) for record in _readable_records(node_view, Source.NODE_INFO)):
+            return Member(node, node_view.certificate_fingerprint, entry.address, entry.node_id, entry.role)
+    for _, node_view in views:
+        for record in _readable_records(node_view, Source.TRUSTSTORE):
+            if record.address == entry.address:
+                return Member(record.name, record.certificate_fingerprint, entry.address, entry.node_id, entry.role)
+    return Member(address=entry.address, node_id=entry.node_id, role=entry.role)
+
+
+# --- findings about the cluster as a whole ------------------------------------------------------------------------
+
+
+def _agent_failures(observations: Sequence[NodeObservation], ref: _Reference) -> list[Discrepancy]:
+    found = []
+    for observation in observations:
+        if observation.view is not None:
+            continue
+        node = observation.node
+        member = ref.member_named(node)
+        evidence = (Evidence(Source.AGENT, node, detail=observation.detail),)
+        if observation.failure is AgentFailure.UNTRUSTED:
+            discrepancy = _discrepancy(
+                DiscrepancyKind.AGENT_UNTRUSTED,
+                Severity.BLOCKING,
+                f"{node}'s agent serves a certificate the coordinator does not trust for {node}.",
+                member=member,
+                source=Source.AGENT,
+                node=node,
+                evidence=evidence,
+                remedies=(
+                    Remedy(
+                        f"Check which certificate {node}'s agent serves, and pin it only if it is {node}'s member "
+                        "certificate.",
+                        _CONFIRM,
+                    ),
+                ),
+            )
+        else:
+            discrepancy = _discrepancy(
+                DiscrepancyKind.AGENT_UNREACHABLE,
+                Severity.WARNING,
+                f"{node}'s agent did not answer, so what {node} holds is unknown.",
+                member=member,
+                source=Source.AGENT,
+                node=node,
+                evidence=evidence,
+            )
+        found.append(discrepancy)
+    return found
+
+
+def _membership(ref: _Reference) -> list[Discrepancy]:
+    """Compare the members table with the authoritative Raft configuration (S1, S2, S3, S6, S12, S15)."""
+    found = [_duplicate_address(address, ref) for address in sorted(ref.duplicated)]
+    for joined in ref.joined:
+        member, row, entry = joined.member, joined.row, joined.entry
+        if row is not None and entry is not None:
+            if _row_role(row) is not entry.role:
+                found.append(_role_differs(member, row, entry, ref))
+        # Which claim on a duplicated address is missing where is the question its DUPLICATE_ADDRESS already asks.
+        elif member.address in ref.duplicated:
+            continue
+        elif row is not None and ref.raft is not None:
+            found.append(_missing_from_raft(member, row, ref))
+        elif entry is not None and ref.rows is not None:
+            found.append(_missing_from_table(member, ref))
+    return found
+
+
+def _duplicate_address(address: str, ref: _Reference) -> Discrepancy:
+    rows = [row for row in ref.rows or () if row.address == address]
+    source = Source.MEMBERS_TABLE if len(rows) > 1 else Source.RAFT_CONFIG
+    claims = rows if len(rows) > 1 else [entry for entry in ref.raft or () if entry.address == address]
+    member = Member(address=address)
+    return _discrepancy(
+        DiscrepancyKind.DUPLICATE_ADDRESS,
+        Severity.BLOCKING,
+        f"{_labels(claims)} all claim {address} in the {_NOUNS[source]}.",
+        member=member,
+        source=source,
+        evidence=_holdings(member, ref),
+        remedies=(
+            Remedy(
+                f"Keep only the claim on {address} whose certificate the node serving there presents, and delete the "
+                "others by name.",
+                _CONFIRM,
+            ),
+            Remedy(f"Deleting the members-table rows at {address} by address: that deletes all of them.", _UNSAFE),
+        ),
+    )
+
+
+def _missing_from_raft(member: Member, row: MemberRecord, ref: _Reference) -> Discrepancy:
+    name = member.name
+    if member.role is Role.PENDING:
+        summary = f"{name} has a PENDING members-table row but is not in the Raft configuration: its join stalled."
+        remedies = (
+            Remedy(
+                f"Once no join traffic for {name} has been seen for a grace period, delete its members-table row, "
+                f"truststore records and tokens, and reset {name} before it joins again.",
+                _CONFIRM,
+            ),
+            Remedy(f"Deleting {name}'s row while its join is still in flight.", _UNSAFE),
+        )
+    else:
+        summary = f"{name} has a members-table row (role {row.role_text!r}) but is not in the Raft configuration."
+        remedies = (
+            Remedy(
+                f"Once {name} has been out of Raft for a grace period, delete its members-table row and tokens; "
+                "the truststores follow.",
+                _CONFIRM,
+            ),
+            Remedy(f"Adding {name} to the Raft configuration to match the table.", _UNSAFE),
+        )
+    return _discrepancy(
+        DiscrepancyKind.MISSING,
+        Severity.BLOCKING,
+        summary,
+        member=member,
+        source=Source.RAFT_CONFIG,
+        evidence=_holdings(member, ref),
+        remedies=remedies,
+    )
+
+
+def _missing_from_table(member: Member, ref: _Reference) -> Discrepancy:
+    label = _label(member)
+    # A row can be rebuilt only from what the member proves about itself, that is from its own agent's report.
+    restore = (
+        (Remedy(f"Restore {label}'s members-table row from its own agent's report.", _CONFIRM),)
+        if member.name and ref.has_view(member.name)
+        else ()
+    )
+    return _discrepancy(
+        DiscrepancyKind.MISSING,
+        Severity.BLOCKING,
+        f"{label} (node {member.node_id} at {member.address}) is in the Raft configuration but has no members-table "
+        "row.",
+        member=member,
+        source=Source.MEMBERS_TABLE,
+        evidence=_holdings(member, ref),
+        remedies=(
+            *restore,
+            Remedy(
+                f"Once {label} is confirmed gone or wiped, remove node {member.node_id} from the Raft configuration "
+                "by address, checking quorum first if it votes.",
+                _CONFIRM,
+            ),
+            Remedy(f"Re-inserting {label}'s row from truststore data.", _UNSAFE),
+        ),
+    )
+
+
+def _role_differs(member: Member, row: MemberRecord, entry: MemberRecord, ref: _Reference) -> Discrepancy:
+    raft_role = _role_name(entry.role)
+    if _row_role(row) is Role.PENDING:
+        summary = (
+            f"{member.name}'s members-table row is still PENDING though it is a {raft_role} in Raft: the heartbeat "
+            "has not recorded its role yet."
+        )
+    else:
+        summary = (
+            f"{member.name}'s members-table role is {row.role_text!r} but its Raft role is {raft_role}: the "
+            "heartbeat has not caught up with the role adjuster."
+        )
+    return _discrepancy(
+        DiscrepancyKind.ROLE_DIFFERS,
+        Severity.INFO,
+        summary,
+        member=member,
+        source=Source.MEMBERS_TABLE,
+        evidence=_holdings(member, ref),
+    )
+
+
+# --- findings about one node --------------------------------------------------------------------------------------
+
+
+def _node_findings(node: str, node_view: NodeView, ref: _Reference) -> list[Discrepancy]:
+    found = []
+    for source in Source:
+        report = node_view.report(source)
+        if report is None or source.cluster_wide:
+            continue
+        if report.error:
+            # Without its truststore nobody knows whom a node trusts; the other per-node sources only lag or inform.
+            severity = Severity.BLOCKING if source is Source.TRUSTSTORE else Severity.WARNING
+            found.append(_unreadable(source, node, report.error, severity))
+            continue
+        found += _invalid_entries(source, node, report.invalid_entries)
+        if source is Source.TRUSTSTORE:
+            found += _truststore(node, report, ref)
+        elif source in _LAGGING:
+            found += _raft_view(node, node_view, report, ref)
+        elif source is Source.NODE_INFO:
+            found += _node_info(node, node_view, report, ref)
+    return found + _agent_certificate(node, node_view, ref)
+
+
+def _truststore(node: str, report: SourceReport, ref: _Reference) -> list[Discrepancy]:
+    """Compare one node's truststore with the members table (S4, S7, S8, S9, S10)."""
+    if ref.rows is None:
+        return []
+    records = _sorted(report.records)
+    found = []
+    if ref.raft is not None:
+        # Only members in both records must be trusted everywhere: a join in flight legitimately leaves truststores
+        # partial, and a row that is not in Raft has its own MISSING already.
+        held = {record.name for record in records}
+        for joined in ref.joined:
+            if joined.row is not None and joined.entry is not None and joined.member.name not in held:
+                found.append(_missing_from_truststore(node, joined.member, ref))
+    rows = _first_by(ref.rows, lambda row: row.name)
+    owners = _first_by(
+        (row for row in ref.rows if row.certificate_fingerprint), lambda row: row.certificate_fingerprint
+    )
+    raft_only = {joined.member.address for joined in ref.joined if joined.row is None}
+    misnamed: dict[str, list[MemberRecord]] = {}
+    orphans: dict[Member, None] = {}
+    for name, named in _group(records, lambda record: record.name).items():
+        row = rows.get(name)
+        if row is not None:
+            found += _record_mismatches(node, row, named, ref)
+            continue
+        for record in named:
+            owner = owners.get(record.certificate_fingerprint)
+            if owner is not None:
+                misnamed.setdefault(owner.name, []).append(record)
+            # A Raft member without a row is still a member; its record here is evidence, not an orphan.
+            elif ref.raft is not None and record.address not in raft_only:
+                orphan = Member(record.name, record.certificate_fingerprint, record.address, record.node_id)
+                orphans[orphan] = None
+    found += [_name_mismatch(node, ref.member_of(rows[owner]), held, ref) for owner, held in misnamed.items()]
+    return found + [_orphan(node, orphan, ref) for orphan in orphans]
+
+
+def _missing_from_truststore(node: str, member: Member, ref: _Reference) -> Discrepancy:
+    return _discrepancy(
+        DiscrepancyKind.MISSING,
+        Severity.BLOCKING,
+        f"{node}'s truststore has no record of {member.name}, which the members table and Raft both hold.",
+        member=member,
+        source=Source.TRUSTSTORE,
+        node=node,
+        evidence=_holdings(member, ref),
+        remedies=(
+            Remedy(f"Restore {member.name}'s record in {node}'s truststore from the members table.", _SAFE),
+            Remedy(f"Treating {member.name} as removed and shrinking the Raft configuration.", _UNSAFE),
+        ),
+    )
+
+
+def _record_mismatches(node: str, row: MemberRecord, held: list[MemberRecord], ref: _Reference) -> list[Discrepancy]:
+    member = ref.member_of(row)
+    rewrite = Remedy(f"Rewrite {row.name}'s record in {node}'s truststore from the members table.", _SAFE)
+    found = []
+    addresses = sorted({record.address for record in held if record.address != row.address})
+    if addresses:
+        summary = (
+            f"{node}'s truststore records {row.name} at {', '.join(addresses)}, but the members table at {row.address}."
+        )
+        found.append(
+            _discrepancy(
+                DiscrepancyKind.ADDRESS_MISMATCH,
+                Severity.BLOCKING,
+                summary,
+                member=member,
+                source=Source.TRUSTSTORE,
+                node=node,
+                evidence=_holdings(member, ref),
+                remedies=(rewrite,),
+            )
+        )
+    if any(record.certificate_fingerprint != row.certificate_fingerprint for record in held):
+        found.append(
+            _discrepancy(
+                DiscrepancyKind.CERTIFICATE_MISMATCH,
+                Severity.BLOCKING,
+                f"{node}'s truststore holds another certificate for {row.name} than the members table does.",
+                member=member,
+                source=Source.TRUSTSTORE,
+                node=node,
+                evidence=_holdings(member, ref),
+                remedies=(rewrite,),
+            )
+        )
+    return found
+
+
+def _name_mismatch(node: str, member: Member, held: list[MemberRecord], ref: _Reference) -> Discrepancy:
+    names = _labels(held)
+    return _discrepancy(
+        DiscrepancyKind.NAME_MISMATCH,
+        Severity.BLOCKING,
+        f"{node}'s truststore holds {member.name}'s certificate under the name {names}.",
+        member=member,
+        source=Source.TRUSTSTORE,
+        node=node,
+        evidence=_holdings(member, ref),
+        remedies=(
+            Remedy(
+                f"Remove {names} from {node}'s truststore and restore {member.name}'s record from the members table.",
+                _CONFIRM,
+            ),
+        ),
+    )
+
+
+def _orphan(node: str, member: Member, ref: _Reference) -> Discrepancy:
+    name = _label(member)
+    return _discrepancy(
+        DiscrepancyKind.ORPHAN,
+        Severity.BLOCKING,
+        f"{node}'s truststore holds {name} ({member.address}), which neither the members table nor Raft holds.",
+        member=member,
+        source=Source.TRUSTSTORE,
+        node=node,
+        evidence=_holdings(member, ref),
+        remedies=(
+            Remedy(f"Remove {name}'s record from {node}'s truststore once no join for {name} is in flight.", _CONFIRM),
+            # A removed node keeps the cluster key and its own files; until it is wiped it can come back as a zombie.
+            Remedy(f"Reset {name} (wipe its state) before it is added again.", _CONFIRM),
+            Remedy(f"Re-adding a members-table row or truststore record for {name} from its own files.", _UNSAFE),
+        ),
+    )
+
+
+def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Reference) -> list[Discrepancy]:
+    """Compare a node's live or cached Raft configuration with the leader's.
+
+    Both lag by design, so membership lag is only a warning once it is older than two role-adjustment ticks, and
+    never for a spare, which gets no log at all. Roles alone are the role adjuster at work: never more than INFO.
+    """
+    if ref.raft is None:
+        return []
+    records = _sorted(report.records)
+    lacks = [entry for entry in ref.raft if not any(_same_entry(record, entry) for record in records)]
+    extra = [record for record in records if not any(_same_entry(record, entry) for entry in ref.raft)]
+    roles = [
+        f"{_entry_label(record)} as {_role_name(record.role)} (Raft: {_role_name(entry.role)})"
+        for record in records
+        for entry in ref.raft
+        if _same_entry(record, entry) and record.role is not None and record.role is not entry.role
+    ]
+    where = f"{node}'s {_NOUNS[report.source]}"
+    if lacks or extra:
+        interval = node_view.role_adjustment_interval
+        young = report.age is not None and interval is not None and report.age < 2 * interval
+        member = ref.member_named(node)
+        spare = member is not None and member.role is Role.SPARE
+        severity = Severity.INFO if young or spare else Severity.WARNING
+        summary = (
+            f"{where} lacks {', '.join(map(_entry_label, lacks)) or 'nothing'} and has "
+            f"{', '.join(map(_entry_label, extra)) or 'nothing'} extra, compared with the leader's."
+        )
+    elif roles:
+        severity = Severity.INFO
+        summary = f"{where} lists {', '.join(roles)}: the role adjuster moves roles on its own."
+    else:
+        return []
+    remedies = (
+        (
+            Remedy(
+                f"If it does not catch up, restart {node}'s dqlite engine so that it reloads from the leader.", _CONFIRM
+            ),
+        )
+        if severity is Severity.WARNING
+        else ()
+    )
+    age = "" if report.age is None else f"last changed {report.age:.0f}s ago"
+    return [
+        _discrepancy(
+            DiscrepancyKind.VIEW_DIFFERS,
+            severity,
+            summary,
+            source=report.source,
+            node=node,
+            evidence=(Evidence(Source.RAFT_CONFIG, "", ref.raft), Evidence(report.source, node, records, age)),
+            remedies=remedies,
+            age=report.age,
+        )
+    ]
+
+
+def _node_info(node: str, node_view: NodeView, report: SourceReport, ref: _Reference) -> list[Discrepancy]:
+    """A node's info.yaml must name a Raft member at the address the table records for it. A node removed from Raft
+    whose files were not wiped still believes it is a member and keeps dialling its peers (S7, S8)."""
+    records = _sorted(report.records)
+    row = ref.row_named(node)
+    wrong = [
+        record
+        for record in records
+        if (ref.raft is not None and not any(_same_entry(record, entry) for entry in ref.raft))
+        or (row is not None and row.address != record.address)
+    ]
+    member = ref.member_named(node)
+    if wrong:
+        summary = (
+            f"{node}'s info.yaml says it is {', '.join(map(_entry_label, wrong))}, which is not its Raft entry or "
+            "members-table address: it may still believe it is a member."
+        )
+        member = member or Member(node, node_view.certificate_fingerprint, wrong[0].address, wrong[0].node_id)
+    elif member is not None and not records:
+        summary = f"{node}'s info.yaml holds no identity, though {node} is a member."
+    else:
+        return []
+    evidence = (Evidence(Source.NODE_INFO, node, records), *_holdings(member, ref))
+    return [
+        _discrepancy(
+            DiscrepancyKind.NODE_INFO_MISMATCH,
+            Severity.BLOCKING,
+            summary,
+            member=member,
+            source=Source.NODE_INFO,
+            node=node,
+            evidence=evidence,
+            remedies=(
+                Remedy(f"Reset {node} (wipe its state) before it joins again.", _CONFIRM),
+                Remedy(f"Re-adding a members-table row or truststore record for {node} from its own files.", _UNSAFE),
+            ),
+        )
+    ]
+
+
+def _agent_certificate(node: str, node_view: NodeView, ref: _Reference) -> list[Discrepancy]:
+    row = ref.row_named(node)
+    if row is None or row.certificate_fingerprint == node_view.certificate_fingerprint:
+        return []
+    return [
+        _discrepancy(
+            DiscrepancyKind.AGENT_CERTIFICATE_MISMATCH,
+            Severity.BLOCKING,
+            f"{node}'s agent serves another certificate than the members table records for {node}.",
+            member=ref.member_of(row),
+            source=Source.AGENT,
+            node=node,
+            evidence=(
+                Evidence(Source.AGENT, node, detail=f"serves certificate {node_view.certificate_fingerprint}"),
+                Evidence(Source.MEMBERS_TABLE, "", (row,)),
+            ),
+            remedies=(Remedy(f"Make {node}'s agent serve the certificate its members-table row records.", _CONFIRM),),
+        )
+    ]
+
+
+def _unreadable(source: Source, node: str, error: str, severity: Severity) -> Discrepancy:
+    return _discrepancy(
+        DiscrepancyKind.SOURCE_UNREADABLE,
+        severity,
+        f"{node}'s {_NOUNS[source]} could not be read: {error}",
+        source=source,
+        node=node,
+        evidence=(Evidence(source, node, detail=error),),
+    )
+
+
+def _invalid_entries(source: Source, node: str, entries: Iterable[InvalidEntry]) -> list[Discrepancy]:
+    """One discrepancy per entry, so that each can be acknowledged or repaired on its own."""
+    reasons: dict[str, list[str]] = {}
+    for invalid in sorted(set(entries), key=lambda e: (e.entry, e.reason)):
+        reasons.setdefault(invalid.entry, []).append(invalid.reason)
+    where = f"{node}'s {_NOUNS[source]}" if node else f"the {_NOUNS[source]}"
+    return [
+        _discrepancy(
+            DiscrepancyKind.INVALID_ENTRY,
+            Severity.WARNING,
+            f"{entry} in {where} is not a valid record: {'; '.join(why)}.",
+            source=source,
+            node=node,
+            evidence=(Evidence(source, node, detail=f"{entry}: {'; '.join(why)}"),),
+            remedies=(Remedy(f"Repair {entry} in {where}, or move it out of the way.", _CONFIRM),),
+            entry=entry,
+        )
+        for entry, why in reasons.items()
+    ]
+
+
+# --- building blocks ----------------------------------------------------------------------------------------------
+
+
+def _discrepancy(
+    kind: DiscrepancyKind,
+    severity: Severity,
+    summary: str,
+    *,
+    member: Member | None = None,
+    source: Source | None = None,
+    node: str = "",
+    evidence: tuple[Evidence, ...] = (),
+    remedies: tuple[Remedy, ...] = (),
+    age: float | None = None,
+    entry: str = "",
+) -> Discrepancy:
+    return Discrepancy(
+        id=discrepancy_id(kind, member, source, node, entry=entry),
+        kind=kind,
+        severity=severity,
+        member=member,
+        source=source,
+        node=node,
+        summary=summary,
+        evidence=evidence,
+        remedies=remedies,
+        age=age,
+    )
+
+
+def _holdings(member: Member, ref: _Reference) -> tuple[Evidence, ...]:
+    """What the members table, Raft and every readable truststore hold about a member: the evidence for most facts.
+    A source that could not be read is left out, since an empty tuple would claim it holds nothing."""
+    evidence = [
+        Evidence(source, "", _about(member, records))
+        for source, records in ((Source.MEMBERS_TABLE, ref.rows), (Source.RAFT_CONFIG, ref.raft))
+        if records is not None
+    ]
+    for node, node_view in ref.views:
+        report = node_view.report(Source.TRUSTSTORE)
+        if report is not None and not report.error:
+            evidence.append(Evidence(Source.TRUSTSTORE, node, _about(member, _sorted(report.records))))
+    return tuple(evidence)
+
+
+def _about(member: Member, records: Iterable[MemberRecord]) -> tuple[MemberRecord, ...]:
+    return tuple(
+        record
+        for record in records
+        if (member.name and record.name == member.name)
+        or (member.certificate_fingerprint and record.certificate_fingerprint == member.certificate_fingerprint)
+        or (member.address and record.address == member.address)
+        or (member.node_id and record.node_id == member.node_id)
+    )
+
+
+def _same_entry(record: MemberRecord, entry: MemberRecord) -> bool:
+    # Node ID 0 means the record carries none: go-dqlite seeds cluster.yaml with bare join addresses.
+    return record.address == entry.address and (record.node_id == entry.node_id or 0 in (record.node_id, entry.node_id))
+
+
+def _row_role(row: MemberRecord) -> Role | None:
+    return _ROLE_TEXTS.get(row.role_text, row.role)
+
+
+def _readable_records(node_view: NodeView, source: Source) -> tuple[MemberRecord, ...]:
+    """For looking a member up: a source that is absent or unreadable contributes nothing to find."""
+    report = node_view.report(source)
+    return () if report is None or report.error else _sorted(report.records)
+
+
+def _sorted(records: Iterable[MemberRecord]) -> tuple[MemberRecord, ...]:
+    return tuple(sorted(records, key=_record_key))
+
+
+def _record_key(record: MemberRecord) -> tuple[str, str, str, int, int, str, str]:
+    role = 0 if record.role is None else record.role.value
+    return (
+        record.name,
+        record.address,
+        record.certificate_fingerprint,
+        record.node_id,
+        role,
+        record.role_text,
+        record.entry,
+    )
+
+
+def _first_by(records: Iterable[MemberRecord], key: Callable[[MemberRecord], str]) -> dict[str, MemberRecord]:
+    first: dict[str, MemberRecord] = {}
+    for record in records:
+        first.setdefault(key(record), record)
+    return first
+
+
+def _group(records: Iterable[MemberRecord], key: Callable[[MemberRecord], str]) -> dict[str, list[MemberRecord]]:
+    groups: dict[str, list[MemberRecord]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
+def _identity(member: Member) -> _Identity:
+    return member.name, member.certificate_fingerprint, member.address, member.node_id
+
+
+def _record_identity(record: MemberRecord) -> _Identity:
+    return record.name, record.certificate_fingerprint, record.address, record.node_id
+
+
+def _label(member: Member) -> str:
+    return member.name or member.address or f"node {member.node_id}"
+
+
+def _labels(records: Iterable[MemberRecord]) -> str:
+    return ", ".join(record.name or _entry_label(record) for record in records)
+
+
+def _entry_label(record: MemberRecord) -> str:
+    return f"node {record.node_id} at {record.address}" if record.node_id else record.address
+
+
+def _role_name(role: Role | None) -> str:
+    return "unknown" if role is None else role.name.lower().replace("_", "-")
+
+
+def _discrepancy_order(d: Discrepancy) -> tuple[int, int, str, str, str, str]:
+    member = d.member or Member()
+    return -d.severity, d.kind, d.node, member.name, member.address, d.id
+
+
+def _node_facts(observation: NodeObservation) -> tuple[str, str, str, tuple[_SourceFacts, ...]]:
+    if observation.view is None:
+        failure = observation.failure or AgentFailure.UNREACHABLE
+        return observation.node, failure.name.lower(), "", ()
+    sources = []
+    for source in Source:
+        report = observation.view.report(source)
+        if report is not None and source not in _LAGGING:
+            sources.append(_source_facts(report))
+    # The certificate the agent serves is the node's identity as the coordinator sees it.
+    return observation.node, "view", observation.view.certificate_fingerprint, tuple(sources)
+
+
+def _source_facts(report: SourceReport) -> _SourceFacts:
+    if report.error:
+        return report.source.value, False, (), ()
+    identities = tuple(sorted(_record_identity(record) for record in report.records))
+    return report.source.value, True, identities, tuple(sorted(e.entry for e in report.invalid_entries))
+
+
+def _digest(value: object) -> str:
+    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(encoded.encode()).hexdigest()

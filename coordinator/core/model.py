@@ -1,0 +1,207 @@
+"""The values the pure core works on: what agents report, and the diff computed from it.
+
+Everything here is a frozen value with no I/O. Enum numbers equal the protobuf enum numbers in
+protos/memberguard/v1/membership.proto, so the adapters convert by number (coordinator/messages.py)
+and tests/test_messages.py checks that the two stay in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Role(IntEnum):
+    """A member's Raft role, or PENDING while it joins."""
+
+    VOTER = 1
+    STAND_BY = 2
+    SPARE = 3
+    PENDING = 4
+
+    @property
+    def votes(self) -> bool:
+        return self is Role.VOTER
+
+
+class Source(IntEnum):
+    """One record of membership, as read on one node."""
+
+    MEMBERS_TABLE = 1
+    TRUSTSTORE = 2
+    RAFT_CONFIG = 3
+    RAFT_NODE_VIEW = 4
+    RAFT_CACHE = 5
+    NODE_INFO = 6
+    AGENT = 7
+
+    @property
+    def cluster_wide(self) -> bool:
+        """The members table and the authoritative Raft configuration are one record for the whole cluster,
+        however many nodes read them; the other sources are each node's own."""
+        return self in (Source.MEMBERS_TABLE, Source.RAFT_CONFIG)
+
+
+class Severity(IntEnum):
+    INFO = 1
+    WARNING = 2
+    BLOCKING = 3
+
+
+class DiscrepancyKind(IntEnum):
+    MISSING = 1
+    ORPHAN = 2
+    ADDRESS_MISMATCH = 3
+    CERTIFICATE_MISMATCH = 4
+    NAME_MISMATCH = 5
+    DUPLICATE_ADDRESS = 6
+    VIEW_DIFFERS = 7
+    ROLE_DIFFERS = 8
+    INVALID_ENTRY = 9
+    SOURCE_UNREADABLE = 10
+    AGENT_UNREACHABLE = 11
+    AGENT_UNTRUSTED = 12
+    AGENT_CERTIFICATE_MISMATCH = 13
+    NO_LEADER = 14
+    NODE_INFO_MISMATCH = 15
+
+
+class RemedySafety(IntEnum):
+    SAFE = 1
+    NEEDS_CONFIRMATION = 2
+    UNSAFE = 3
+
+
+# --- what agents report ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One record of one member in one source. Empty strings and 0 mean "this source carries no such field"."""
+
+    name: str = ""
+    address: str = ""
+    certificate_fingerprint: str = ""
+    node_id: int = 0
+    role: Role | None = None
+    role_text: str = ""
+    entry: str = ""
+    # The PEM travels only when asked for (repair needs it, the diff does not); it is not part of equality.
+    certificate_pem: str = field(default="", compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class InvalidEntry:
+    entry: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """What one source holds on one node. A non-empty error means the records are unknown, not empty."""
+
+    source: Source
+    records: tuple[MemberRecord, ...] = ()
+    invalid_entries: tuple[InvalidEntry, ...] = ()
+    error: str = ""
+    age: float | None = None  # seconds since the source last changed, when it can tell
+    leader_address: str = ""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """Everything one node's agent sees."""
+
+    node: str
+    backend: str
+    certificate_fingerprint: str
+    sources: tuple[SourceReport, ...]
+    role_adjustment_interval: float | None = None  # seconds; None when nothing rewrites the cache
+
+    def report(self, source: Source) -> SourceReport | None:
+        for report in self.sources:
+            if report.source is source:
+                return report
+        return None
+
+
+class AgentFailure(IntEnum):
+    """Why the coordinator holds no view for a node."""
+
+    UNREACHABLE = 1
+    UNTRUSTED = 2
+
+
+@dataclass(frozen=True)
+class NodeObservation:
+    """The outcome of asking one node's agent: a view, or the reason there is none."""
+
+    node: str
+    address: str
+    view: NodeView | None = None
+    failure: AgentFailure | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The core's only input: every node's observation from one gather, plus the clock reading."""
+
+    nodes: tuple[NodeObservation, ...]
+    now: float  # seconds since the epoch when the gather finished
+
+
+# --- what the core computes -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member's identity (name, certificate fingerprint, address, dqlite node ID) and its role."""
+
+    name: str = ""
+    certificate_fingerprint: str = ""
+    address: str = ""
+    node_id: int = 0
+    role: Role | None = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    source: Source
+    node: str = ""
+    records: tuple[MemberRecord, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Remedy:
+    action: str
+    safety: RemedySafety
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    id: str
+    kind: DiscrepancyKind
+    severity: Severity
+    member: Member | None
+    source: Source | None
+    node: str
+    summary: str
+    evidence: tuple[Evidence, ...] = ()
+    remedies: tuple[Remedy, ...] = ()
+    age: float | None = None
+
+
+@dataclass(frozen=True)
+class MembershipDiff:
+    fingerprint: str
+    discrepancies: tuple[Discrepancy, ...]
+    members: tuple[Member, ...]
+    nodes: tuple[str, ...]
+    observed_at: float
+
+    @property
+    def consistent(self) -> bool:
+        """True when nothing would block or warn: INFO-level lag alone still counts as consistent."""
+        return all(d.severity is Severity.INFO for d in self.discrepancies)

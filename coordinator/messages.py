@@ -1,0 +1,152 @@
+"""Converts between the core's values (coordinator/core/model.py) and the protobuf messages of the contract.
+
+Enums convert by number: the core's IntEnums carry the protobuf numbers, and 0 (UNSPECIFIED) is None.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from memberguard.v1 import membership_pb2 as pb
+
+from coordinator.core import model
+
+
+def _duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def _seconds(message: duration_pb2.Duration, present: bool) -> float | None:
+    return message.ToNanoseconds() / 1e9 if present else None
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    value = timestamp_pb2.Timestamp()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def _role(value: int) -> model.Role | None:
+    return model.Role(value) if value else None
+
+
+def record_to_proto(record: model.MemberRecord) -> pb.MemberRecord:
+    return pb.MemberRecord(
+        name=record.name,
+        address=record.address,
+        certificate_fingerprint=record.certificate_fingerprint,
+        certificate_pem=record.certificate_pem,
+        node_id=record.node_id,
+        role=pb.Role.ValueType(record.role or 0),
+        role_text=record.role_text,
+        entry=record.entry,
+    )
+
+
+def record_from_proto(message: pb.MemberRecord) -> model.MemberRecord:
+    return model.MemberRecord(
+        name=message.name,
+        address=message.address,
+        certificate_fingerprint=message.certificate_fingerprint,
+        certificate_pem=message.certificate_pem,
+        node_id=message.node_id,
+        role=_role(message.role),
+        role_text=message.role_text,
+        entry=message.entry,
+    )
+
+
+def view_to_proto(view: model.NodeView, observed_at: float) -> pb.NodeView:
+    return pb.NodeView(
+        node=view.node,
+        backend=view.backend,
+        certificate_fingerprint=view.certificate_fingerprint,
+        observed_at=_timestamp(observed_at),
+        role_adjustment_interval=_duration(view.role_adjustment_interval),
+        sources=[
+            pb.SourceReport(
+                source=pb.Source.ValueType(report.source),
+                error=report.error,
+                records=[record_to_proto(r) for r in report.records],
+                invalid_entries=[pb.InvalidEntry(entry=e.entry, reason=e.reason) for e in report.invalid_entries],
+                age=_duration(report.age),
+                leader_address=report.leader_address,
+            )
+            for report in view.sources
+        ],
+    )
+
+
+def view_from_proto(message: pb.NodeView) -> model.NodeView:
+    return model.NodeView(
+        node=message.node,
+        backend=message.backend,
+        certificate_fingerprint=message.certificate_fingerprint,
+        role_adjustment_interval=_seconds(
+            message.role_adjustment_interval, message.HasField("role_adjustment_interval")
+        ),
+        sources=tuple(
+            model.SourceReport(
+                source=model.Source(report.source),
+                error=report.error,
+                records=tuple(record_from_proto(r) for r in report.records),
+                invalid_entries=tuple(
+                    model.InvalidEntry(entry=e.entry, reason=e.reason) for e in report.invalid_entries
+                ),
+                age=_seconds(report.age, report.HasField("age")),
+                leader_address=report.leader_address,
+            )
+            for report in message.sources
+            # A source this coordinator does not know (a newer agent) cannot be compared; skip it.
+            if report.source in model.Source._value2member_map_
+        ),
+    )
+
+
+def member_to_proto(member: model.Member) -> pb.Member:
+    return pb.Member(
+        name=member.name,
+        certificate_fingerprint=member.certificate_fingerprint,
+        address=member.address,
+        node_id=member.node_id,
+        role=pb.Role.ValueType(member.role or 0),
+    )
+
+
+def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
+    message = pb.Discrepancy(
+        id=discrepancy.id,
+        kind=pb.DiscrepancyKind.ValueType(discrepancy.kind),
+        severity=pb.Severity.ValueType(discrepancy.severity),
+        source=pb.Source.ValueType(discrepancy.source or 0),
+        node=discrepancy.node,
+        summary=discrepancy.summary,
+        evidence=[
+            pb.Evidence(
+                source=pb.Source.ValueType(e.source),
+                node=e.node,
+                records=[record_to_proto(r) for r in e.records],
+                detail=e.detail,
+            )
+            for e in discrepancy.evidence
+        ],
+        remedies=[pb.Remedy(action=r.action, safety=pb.RemedySafety.ValueType(r.safety)) for r in discrepancy.remedies],
+        age=_duration(discrepancy.age),
+    )
+    if discrepancy.member is not None:
+        message.member.CopyFrom(member_to_proto(discrepancy.member))
+    return message
+
+
+def diff_to_proto(diff: model.MembershipDiff, minimum: model.Severity | None = None) -> pb.MembershipDiff:
+    """The diff as a message; discrepancies below `minimum` are left out (the fingerprint still covers them)."""
+    return pb.MembershipDiff(
+        fingerprint=diff.fingerprint,
+        discrepancies=[discrepancy_to_proto(d) for d in diff.discrepancies if minimum is None or d.severity >= minimum],
+        members=[member_to_proto(m) for m in diff.members],
+        nodes=list(diff.nodes),
+        observed_at=_timestamp(diff.observed_at),
+    )

@@ -1,0 +1,137 @@
+"""The coordinator process: CoordinatorService over mutual TLS.
+
+`python -m coordinator.service CONFIG` runs it; CONFIG is a JSON file:
+    {"coordinator_id": "...", "listen": "127.0.0.1:0", "cert": PATH, "key": PATH, "registry": PATH,
+     "port_file": PATH (optional: the bound port is written there once serving)}
+The servicer only parses, calls the pure core and renders: gather → diff → response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
+
+from coordinator.auth import Principal
+from coordinator.core.diff import compute_diff
+from coordinator.core.model import Severity
+from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotImplementedYet
+from coordinator.files import write_atomically
+from coordinator.gather import Agents
+from coordinator.messages import diff_to_proto
+from coordinator.pki import read_identity
+from coordinator.registry import Registry
+from coordinator.serving import start_server
+from coordinator.status import abort_with
+
+log = logging.getLogger("memberguard.coordinator")
+
+DEFAULT_AGENT_TIMEOUT = 1.0
+MAX_AGENT_TIMEOUT = 60.0
+# Left for the diff and the answer when the caller's deadline cuts the agents' time.
+_RESPONSE_MARGIN = 0.05
+
+_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+RULES = {
+    f"/{_SERVICE}/CheckMembership": frozenset({Principal.OPERATOR}),
+    f"/{_SERVICE}/GuardedOperation": frozenset({Principal.OPERATOR}),
+}
+
+
+def _agent_timeout(request: coordinator_pb2.CheckMembershipRequest) -> float:
+    """The per-agent timeout the request asks for, or InvalidRequest listing every bad field."""
+    violations = []
+    timeout = DEFAULT_AGENT_TIMEOUT
+    if request.HasField("agent_timeout"):
+        duration = request.agent_timeout
+        if duration.nanos < 0 or duration.nanos >= 1_000_000_000:
+            violations.append(FieldViolation("agent_timeout.nanos", "must be in [0, 999999999]"))
+        else:
+            seconds = duration.ToNanoseconds() / 1e9
+            if seconds < 0 or seconds > MAX_AGENT_TIMEOUT:
+                violations.append(FieldViolation("agent_timeout", f"must be between 0 and {MAX_AGENT_TIMEOUT:g} s"))
+            elif seconds > 0:
+                timeout = seconds
+    if request.minimum_severity not in membership_pb2.Severity.values():
+        violations.append(FieldViolation("minimum_severity", "is not a Severity value"))
+    if violations:
+        raise InvalidRequest(violations)
+    return timeout
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, coordinator_id: str, agents: Agents) -> None:
+        self._id = coordinator_id
+        self._agents = agents
+
+    def _header(self) -> coordinator_pb2.ResponseHeader:
+        header = coordinator_pb2.ResponseHeader(coordinator_id=self._id)
+        header.served_at.GetCurrentTime()
+        return header
+
+    async def CheckMembership(
+        self, request: coordinator_pb2.CheckMembershipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.CheckMembershipResponse:
+        try:
+            timeout = _agent_timeout(request)
+        except MemberguardError as error:
+            await abort_with(context, error)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.0, min(timeout, remaining - _RESPONSE_MARGIN))
+        view = await self._agents.gather(timeout)
+        diff = compute_diff(view)
+        minimum = Severity(request.minimum_severity) if request.minimum_severity else None
+        return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
+
+    async def GuardedOperation(
+        self, request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GuardedOperationResponse:
+        await abort_with(context, NotImplementedYet("GuardedOperation is not implemented yet"))
+
+
+async def serve(config: dict[str, Any]) -> None:
+    identity = read_identity(Path(config["cert"]), Path(config["key"]))
+    registry = Registry(Path(config["registry"]))
+    agents = Agents(identity, registry)
+    servicer = CoordinatorServicer(config["coordinator_id"], agents)
+    server, port = await start_server(
+        address=config["listen"],
+        identity=identity,
+        trust=registry,
+        rules=RULES,
+        services=[(_SERVICE, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s))],
+    )
+    log.info("coordinator %s serving on port %d", config["coordinator_id"], port)
+    if config.get("port_file"):
+        write_atomically(Path(config["port_file"]), str(port).encode())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+    await agents.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m coordinator.service CONFIG.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.Formatter.converter = time.gmtime
+    asyncio.run(serve(json.loads(Path(args[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
