@@ -106,5 +106,5 @@ def restore(lab: Lab, saved: Snapshot) -> None:
     for node in lab.document["nodes"]:
         for part in ("truststore", "database"):
             target = Path(node["state_dir"]) / part
-            shutil.rmtree(target)
+            shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(saved.directory / node["name"] / part, target)

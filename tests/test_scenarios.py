@@ -92,6 +92,27 @@ def _stale_cluster_cache(lab: Lab) -> None:
     d.age(cache, 3600)
 
 
+def _row_with_another_certificate(lab: Lab) -> None:
+    """n2's row holds a certificate that is neither in any truststore nor the one n2's agent serves."""
+    _, _, certificate = d.new_member("n2", "")
+    d.add_row(lab, "n2", lab.node("n2")["address"], certificate, "voter")
+
+
+def _junk_in_a_truststore(lab: Lab) -> None:
+    """A stray file, a file that is not YAML, and a misnamed record in n1's truststore."""
+    store = d.truststore(lab, "n1")
+    (store / "notes.txt").write_text("not a record")
+    (store / "broken.yaml").write_text("name: [unclosed")
+    (store / "n2.yaml").rename(store / "old-n2.yaml")
+
+
+def _truststore_gone(lab: Lab) -> None:
+    """n3's truststore directory cannot be read at all."""
+    import shutil
+
+    shutil.rmtree(d.truststore(lab, "n3"))
+
+
 SCENARIOS: dict[str, tuple[Callable[[Lab], None], Expected]] = {
     "S1 ghost Raft member": (_ghost_raft_member, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")]),
     "S2 PENDING row only": (_pending_row_only, [("MISSING", "BLOCKING", "RAFT_CONFIG", "")]),
@@ -122,6 +143,24 @@ SCENARIOS: dict[str, tuple[Callable[[Lab], None], Expected]] = {
     "S12 duplicate address": (_duplicate_address, [("DUPLICATE_ADDRESS", "BLOCKING", "MEMBERS_TABLE", "")]),
     "S15 ghost row": (_ghost_row, [("MISSING", "BLOCKING", "RAFT_CONFIG", "")]),
     "stale cluster.yaml": (_stale_cluster_cache, [("VIEW_DIFFERS", "WARNING", "RAFT_CACHE", "n2")]),
+    "row with another certificate": (
+        _row_with_another_certificate,
+        [
+            ("CERTIFICATE_MISMATCH", "BLOCKING", "TRUSTSTORE", "n1"),
+            ("CERTIFICATE_MISMATCH", "BLOCKING", "TRUSTSTORE", "n2"),
+            ("CERTIFICATE_MISMATCH", "BLOCKING", "TRUSTSTORE", "n3"),
+            ("AGENT_CERTIFICATE_MISMATCH", "BLOCKING", "AGENT", "n2"),
+        ],
+    ),
+    "junk in a truststore": (
+        _junk_in_a_truststore,
+        [
+            ("INVALID_ENTRY", "WARNING", "TRUSTSTORE", "n1"),
+            ("INVALID_ENTRY", "WARNING", "TRUSTSTORE", "n1"),
+            ("INVALID_ENTRY", "WARNING", "TRUSTSTORE", "n1"),
+        ],
+    ),
+    "truststore unreadable": (_truststore_gone, [("SOURCE_UNREADABLE", "BLOCKING", "TRUSTSTORE", "n3")]),
 }
 
 
