@@ -47,6 +47,22 @@ class Trust(Protocol):
         ...
 
 
+class UnionTrust:
+    """Accepts what any of its trusts accepts."""
+
+    def __init__(self, *trusts: Trust) -> None:
+        self._trusts = trusts
+
+    def peers(self) -> Mapping[str, Peer]:
+        merged: dict[str, Peer] = {}
+        for trust in reversed(self._trusts):  # the first trust's word on a fingerprint wins
+            merged.update(trust.peers())
+        return merged
+
+    def bundle(self) -> bytes:
+        return b"".join(trust.bundle() for trust in self._trusts)
+
+
 # Methods every trusted peer may call: they reveal nothing about membership.
 OPEN_METHODS = frozenset(
     {

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
-from coordinator.core.model import AgentFailure, ClusterView, NodeObservation
+from coordinator.auth import Peer, Principal
+from coordinator.core.model import AgentFailure, ClusterView, MemberRecord, NodeObservation, Source
 from coordinator.messages import view_from_proto
 from coordinator.pki import Identity
 from coordinator.registry import RegisteredMember, Registry
@@ -32,27 +34,44 @@ _CHANNEL_OPTIONS = [
 @dataclass
 class _Link:
     member: RegisteredMember
+    roots: bytes
     channel: grpc.aio.Channel
     stub: agent_pb2_grpc.AgentServiceAsyncStub
 
 
 class Agents:
-    """Persistent channels to the agents of the registered members, kept in step with the registry."""
+    """Persistent channels to the agents of the registered members, kept in step with the registry.
+
+    A member's agent is trusted if it serves a certificate the registry pins for it, or one that a
+    reachable node's truststore records under its name. The second set is what the cluster itself trusts,
+    re-learned at every gather, so a certificate removed from every truststore stops being trusted at the
+    next gather. The same set is offered to the coordinator's own server (see `peers` and `bundle`).
+    """
 
     def __init__(self, identity: Identity, registry: Registry) -> None:
         self._identity = identity
         self._registry = registry
         self._links: dict[str, _Link] = {}
+        self._pems: dict[str, str] = {}  # fingerprint → PEM, as truststores reported them
+        self._vouched: dict[str, frozenset[str]] = {}  # member name → fingerprints truststores hold for it
 
-    def _link(self, member: RegisteredMember) -> _Link:
+    def _roots(self, member: RegisteredMember) -> bytes:
+        pems = [member.certificate_pem] if member.certificate_pem else []
+        pems += sorted(self._pems[fp] for fp in self._vouched.get(member.name, ()) if fp in self._pems)
+        return "".join(dict.fromkeys(pems)).encode()
+
+    def _link(self, member: RegisteredMember) -> _Link | None:
+        roots = self._roots(member)
         link = self._links.get(member.name)
-        if link is not None and link.member == member:
+        if link is not None and link.member == member and link.roots == roots:
             return link
         if link is not None:
-            # The member moved or its pinned certificate changed: the old channel trusts the wrong thing.
-            asyncio.get_running_loop().create_task(link.channel.close(None))
+            # The member moved or its trusted certificates changed: the old channel trusts the wrong thing.
+            asyncio.get_running_loop().create_task(self._links.pop(member.name).channel.close(None))
+        if not roots:
+            return None
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=member.certificate_pem.encode(),
+            root_certificates=roots,
             private_key=self._identity.key_pem,
             certificate_chain=self._identity.certificate_pem,
         )
@@ -61,7 +80,7 @@ class Agents:
             credentials,
             options=[*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", member.name)],
         )
-        link = _Link(member, channel, agent_pb2_grpc.AgentServiceStub(channel))
+        link = _Link(member, roots, channel, agent_pb2_grpc.AgentServiceStub(channel))
         self._links[member.name] = link
         return link
 
@@ -70,13 +89,67 @@ class Agents:
         members = self._registry.members()
         for gone in set(self._links) - {m.name for m in members}:
             await self._links.pop(gone).channel.close(None)
-        observations = await asyncio.gather(*(self._observe(self._link(m), timeout) for m in members))
+        started = time.monotonic()
+        roots = {m.name: self._roots(m) for m in members}
+        observations = list(await asyncio.gather(*(self._observe(m, timeout) for m in members)))
+        if self._learn(observations) or any(self._roots(m) != roots[m.name] for m in members):
+            # Truststores hold a certificate not seen before: fetch its PEM once, from the nodes that hold it,
+            # and ask again the agents whose trusted certificates just changed.
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            observations = list(
+                await asyncio.gather(
+                    *(
+                        self._observe(m, remaining, include_certificates=self._unknown(o))
+                        if self._unknown(o) or self._roots(m) != roots[m.name]
+                        else _same(o)
+                        for m, o in zip(members, observations, strict=True)
+                    )
+                )
+            )
+            self._learn(observations)
         return ClusterView(nodes=tuple(observations), now=time.time())
 
-    async def _observe(self, link: _Link, timeout: float) -> NodeObservation:
-        member = link.member
+    def _learn(self, observations: list[NodeObservation]) -> bool:
+        """Records which certificates the reachable truststores hold; True if some PEM is still unknown."""
+        vouched: dict[str, set[str]] = {}
+        pems = dict(self._pems)
+        for observation in observations:
+            for record in _truststore_records(observation):
+                vouched.setdefault(record.name, set()).add(record.certificate_fingerprint)
+                if record.certificate_pem:
+                    pems[record.certificate_fingerprint] = record.certificate_pem
+        # Replaced whole, never mutated: the TLS stack reads them from its own threads (peers, bundle).
+        self._pems = pems
+        self._vouched = {name: frozenset(fps) for name, fps in vouched.items()}
+        return any(self._unknown(o) for o in observations)
+
+    def _unknown(self, observation: NodeObservation) -> bool:
+        return any(r.certificate_fingerprint not in self._pems for r in _truststore_records(observation))
+
+    def peers(self) -> Mapping[str, Peer]:
+        """Trust for the coordinator's own server: the member certificates the truststores vouch for."""
+        return {
+            fp: Peer(Principal.MEMBER, name, fp)
+            for name, fps in self._vouched.items()
+            for fp in fps
+            if fp in self._pems
+        }
+
+    def bundle(self) -> bytes:
+        return "".join(
+            sorted(self._pems[fp] for fps in self._vouched.values() for fp in fps if fp in self._pems)
+        ).encode()
+
+    async def _observe(
+        self, member: RegisteredMember, timeout: float, *, include_certificates: bool = False
+    ) -> NodeObservation:
+        link = self._link(member)
+        if link is None:
+            detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
+            return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
+        request = agent_pb2.GetNodeViewRequest(include_certificates=include_certificates)
         try:
-            response = await link.stub.GetNodeView(agent_pb2.GetNodeViewRequest(), timeout=timeout)
+            response = await link.stub.GetNodeView(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             failure, detail = _classify(error)
             return NodeObservation(member.name, member.agent_address, failure=failure, detail=detail)
@@ -94,6 +167,15 @@ class Agents:
         for link in self._links.values():
             await link.channel.close(None)
         self._links.clear()
+
+
+async def _same(observation: NodeObservation) -> NodeObservation:
+    return observation
+
+
+def _truststore_records(observation: NodeObservation) -> tuple[MemberRecord, ...]:
+    report = observation.view.report(Source.TRUSTSTORE) if observation.view else None
+    return report.records if report and not report.error else ()
 
 
 def _classify(error: grpc.aio.AioRpcError) -> tuple[AgentFailure, str]:

@@ -22,7 +22,8 @@ from coordinator.pki import fingerprint
 
 @dataclass(frozen=True)
 class RegisteredMember:
-    """A member whose certificate the coordinator pins, and the address of its agent."""
+    """A member, the address of its agent, and the certificate the coordinator pins for it ("" when it pins
+    none and trusts what the cluster's truststores record under the member's name)."""
 
     name: str
     agent_address: str
@@ -80,7 +81,7 @@ class Registry:
 
 def _parse(document: dict[str, list[dict[str, str]]]) -> _Contents:
     members = tuple(
-        RegisteredMember(m["name"], m["agent_address"], m["certificate"]) for m in document.get("members", [])
+        RegisteredMember(m["name"], m["agent_address"], m.get("certificate", "")) for m in document.get("members", [])
     )
     identities = tuple(
         RegisteredIdentity(i["name"], Principal(i["principal"]), i["certificate"])
@@ -88,7 +89,8 @@ def _parse(document: dict[str, list[dict[str, str]]]) -> _Contents:
     )
     peers: dict[str, Peer] = {}
     for member in members:
-        peers[member.fingerprint] = Peer(Principal.MEMBER, member.name, member.fingerprint)
+        if member.certificate_pem:
+            peers[member.fingerprint] = Peer(Principal.MEMBER, member.name, member.fingerprint)
     for identity in identities:
         fp = fingerprint(identity.certificate_pem)
         peers[fp] = Peer(identity.principal, identity.name, fp)

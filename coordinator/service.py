@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
-from coordinator.auth import Principal
+from coordinator.auth import Principal, UnionTrust
 from coordinator.core.diff import compute_diff
 from coordinator.core.model import Severity
 from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotImplementedYet
@@ -106,7 +106,7 @@ async def serve(config: dict[str, Any]) -> None:
     server, port = await start_server(
         address=config["listen"],
         identity=identity,
-        trust=registry,
+        trust=UnionTrust(registry, agents),
         rules=RULES,
         services=[(_SERVICE, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s))],
     )

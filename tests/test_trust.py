@@ -99,3 +99,24 @@ def test_an_agent_serving_another_certificate_is_not_trusted(own_lab: labs.Lab) 
     with Client(own_lab.endpoint) as client:
         diff = client.check_membership(timeout=5).diff
     assert [(x.kind, x.node) for x in diff.discrepancies] == [(pb.DISCREPANCY_KIND_AGENT_UNTRUSTED, "n3")]
+
+
+def test_agents_are_trusted_by_what_the_truststores_record(own_lab: labs.Lab) -> None:
+    """With no member certificate pinned in the registry, the coordinator trusts what the cluster trusts."""
+    registry = own_lab.dir / "coordinator" / "registry.json"
+    document = json.loads(registry.read_text())
+    for member in document["members"]:
+        del member["certificate"]
+    registry.write_text(json.dumps(document))
+    with Client(own_lab.endpoint) as client:
+        assert list(client.check_membership(timeout=5).diff.discrepancies) == []
+        # n2 disappears from every truststore: its agent's certificate is no longer vouched for by anyone.
+        for node in ("n1", "n2", "n3"):
+            (Path(own_lab.node(node)["state_dir"]) / "truststore" / "n2.yaml").unlink()
+        diff = client.check_membership(timeout=5).diff
+    found = sorted((pb.DiscrepancyKind.Name(x.kind), x.node) for x in diff.discrepancies)
+    assert found == [
+        ("DISCREPANCY_KIND_AGENT_UNTRUSTED", "n2"),
+        ("DISCREPANCY_KIND_MISSING", "n1"),
+        ("DISCREPANCY_KIND_MISSING", "n3"),
+    ]

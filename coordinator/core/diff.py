@@ -157,9 +157,6 @@ class _Reference:
     def row_named(self, name: str) -> MemberRecord | None:
         return next((row for row in self.rows or () if row.name == name), None)
 
-    def has_view(self, node: str) -> bool:
-        return any(view_node == node for view_node, _ in self.views)
-
 
 def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None, list[Discrepancy]]:
     """The reading of a cluster-wide source that most nodes agree on, and how the other nodes' readings differ.
@@ -174,8 +171,7 @@ def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None,
         if report is not None and report.error:
             errors[node] = report.error
         elif report is not None:
-            invalid = tuple(sorted(set(report.invalid_entries), key=lambda e: (e.entry, e.reason)))
-            readings[node] = _Reading(_sorted(report.records), invalid)
+            readings[node] = _Reading(_sorted(report.records), _sorted_invalid(report.invalid_entries))
     if not readings:
         return None, [_nobody_could_read(source, errors)]
     counts = Counter(readings.values())
@@ -184,11 +180,11 @@ def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None,
     found = [_unreadable(source, node, error, Severity.WARNING) for node, error in errors.items()]
     for node, reading in readings.items():
         if reading != agreed:
-            lacks = _labels(r for r in agreed.records if r not in reading.records) or "nothing"
-            extra = _labels(r for r in reading.records if r not in agreed.records) or "nothing"
+            agreed_records, node_records = Counter(agreed.records), Counter(reading.records)
+            differing = (agreed_records - node_records) + (node_records - agreed_records)
             summary = (
-                f"{node} read the {_NOUNS[source]} differently from {counts[agreed]} of {len(readings)} nodes: "
-                f"it lacks {lacks} and has {extra} extra."
+                f"{node} read the {_NOUNS[source]} differently from {counts[agreed]} of {len(readings)} nodes, "
+                f"on {_labels(_sorted(differing)) or 'its invalid entries'}."
             )
             evidence = (Evidence(source, "", agreed.records), Evidence(source, node, reading.records))
             found.append(
@@ -217,7 +213,7 @@ def _nobody_could_read(source: Source, errors: dict[str, str]) -> Discrepancy:
                 ),
                 Remedy(
                     "Reconfiguring on more than one node, or more than once: that splits the cluster.",
-                    RemedySafety.UNSAFE,
+                    _UNSAFE,
                 ),
             ),
         )
@@ -267,16 +263,26 @@ def _table_only_member(row: MemberRecord) -> Member:
 
 
 def _raft_only_member(entry: MemberRecord, views: _NodeViews) -> Member:
-    """Raft entries carry no name or certificate. The member's own agent knows best who it is (its info.yaml holds
-    the entry, and the coordinator checked the certificate it serves); failing that, a truststore may still hold it."""
-    for node, node_view in views:
-        if any(_same_entry(record, entry) for record in _readable_records(node_view, Source.NODE_INFO)):
-            return Member(node, node_view.certificate_fingerprint, entry.address, entry.node_id, entry.role)
+    """Raft entries carry no name or certificate. The member's own agent knows best who it is; failing that, a
+    truststore may still hold it."""
+    agent = _own_agent(entry, views)
+    if agent is not None:
+        node, node_view = agent
+        return Member(node, node_view.certificate_fingerprint, entry.address, entry.node_id, entry.role)
     for _, node_view in views:
         for record in _readable_records(node_view, Source.TRUSTSTORE):
             if record.address == entry.address:
                 return Member(record.name, record.certificate_fingerprint, entry.address, entry.node_id, entry.role)
     return Member(address=entry.address, node_id=entry.node_id, role=entry.role)
+
+
+def _own_agent(entry: MemberRecord, views: _NodeViews) -> tuple[str, NodeView] | None:
+    """The node whose info.yaml holds this Raft entry. Its agent speaks for the member: the coordinator checked the
+    certificate it serves."""
+    for node, node_view in views:
+        if any(_same_entry(record, entry) for record in _readable_records(node_view, Source.NODE_INFO)):
+            return node, node_view
+    return None
 
 
 # --- findings about the cluster as a whole ------------------------------------------------------------------------
@@ -335,7 +341,7 @@ def _membership(ref: _Reference) -> list[Discrepancy]:
         elif row is not None and ref.raft is not None:
             found.append(_missing_from_raft(member, row, ref))
         elif entry is not None and ref.rows is not None:
-            found.append(_missing_from_table(member, ref))
+            found.append(_missing_from_table(member, entry, ref))
     return found
 
 
@@ -347,7 +353,7 @@ def _duplicate_address(address: str, ref: _Reference) -> Discrepancy:
     return _discrepancy(
         DiscrepancyKind.DUPLICATE_ADDRESS,
         Severity.BLOCKING,
-        f"{_labels(claims)} all claim {address} in the {_NOUNS[source]}.",
+        f"{_labels(claims)} each claim {address} in the {_NOUNS[source]}.",
         member=member,
         source=source,
         evidence=_holdings(member, ref),
@@ -395,12 +401,12 @@ def _missing_from_raft(member: Member, row: MemberRecord, ref: _Reference) -> Di
     )
 
 
-def _missing_from_table(member: Member, ref: _Reference) -> Discrepancy:
+def _missing_from_table(member: Member, entry: MemberRecord, ref: _Reference) -> Discrepancy:
     label = _label(member)
     # A row can be rebuilt only from what the member proves about itself, that is from its own agent's report.
     restore = (
         (Remedy(f"Restore {label}'s members-table row from its own agent's report.", _CONFIRM),)
-        if member.name and ref.has_view(member.name)
+        if _own_agent(entry, ref.views) is not None
         else ()
     )
     return _discrepancy(
@@ -529,7 +535,7 @@ def _record_mismatches(node: str, row: MemberRecord, held: list[MemberRecord], r
     addresses = sorted({record.address for record in held if record.address != row.address})
     if addresses:
         summary = (
-            f"{node}'s truststore records {row.name} at {', '.join(addresses)}, but the members table at {row.address}."
+            f"{node}'s truststore records {row.name} at {_words(addresses)}, but the members table at {row.address}."
         )
         found.append(
             _discrepancy(
@@ -621,13 +627,12 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
         member = ref.member_named(node)
         spare = member is not None and member.role is Role.SPARE
         severity = Severity.INFO if young or spare else Severity.WARNING
-        summary = (
-            f"{where} lacks {', '.join(map(_entry_label, lacks)) or 'nothing'} and has "
-            f"{', '.join(map(_entry_label, extra)) or 'nothing'} extra, compared with the leader's."
-        )
+        differences = [f"lacks {_labels(lacks)}"] if lacks else []
+        differences += [f"still holds {_labels(extra)}, which the leader's does not"] if extra else []
+        summary = f"{where} {' and '.join(differences)}."
     elif roles:
         severity = Severity.INFO
-        summary = f"{where} lists {', '.join(roles)}: the role adjuster moves roles on its own."
+        summary = f"{where} lists {_words(roles)}: the role adjuster moves roles on its own."
     else:
         return []
     remedies = (
@@ -668,7 +673,7 @@ def _node_info(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
     member = ref.member_named(node)
     if wrong:
         summary = (
-            f"{node}'s info.yaml says it is {', '.join(map(_entry_label, wrong))}, which is not its Raft entry or "
+            f"{node}'s info.yaml says it is {_labels(wrong)}, which is not its Raft entry or "
             "members-table address: it may still believe it is a member."
         )
         member = member or Member(node, node_view.certificate_fingerprint, wrong[0].address, wrong[0].node_id)
@@ -729,7 +734,7 @@ def _unreadable(source: Source, node: str, error: str, severity: Severity) -> Di
 def _invalid_entries(source: Source, node: str, entries: Iterable[InvalidEntry]) -> list[Discrepancy]:
     """One discrepancy per entry, so that each can be acknowledged or repaired on its own."""
     reasons: dict[str, list[str]] = {}
-    for invalid in sorted(set(entries), key=lambda e: (e.entry, e.reason)):
+    for invalid in _sorted_invalid(entries):
         reasons.setdefault(invalid.entry, []).append(invalid.reason)
     where = f"{node}'s {_NOUNS[source]}" if node else f"the {_NOUNS[source]}"
     return [
@@ -835,6 +840,10 @@ def _record_key(record: MemberRecord) -> tuple[str, str, str, int, int, str, str
     )
 
 
+def _sorted_invalid(entries: Iterable[InvalidEntry]) -> tuple[InvalidEntry, ...]:
+    return tuple(sorted(set(entries), key=lambda invalid: (invalid.entry, invalid.reason)))
+
+
 def _first_by(records: Iterable[MemberRecord], key: Callable[[MemberRecord], str]) -> dict[str, MemberRecord]:
     first: dict[str, MemberRecord] = {}
     for record in records:
@@ -862,7 +871,12 @@ def _label(member: Member) -> str:
 
 
 def _labels(records: Iterable[MemberRecord]) -> str:
-    return ", ".join(record.name or _entry_label(record) for record in records)
+    return _words(dict.fromkeys(record.name or _entry_label(record) for record in records))
+
+
+def _words(items: Iterable[str]) -> str:
+    *rest, last = list(items) or [""]
+    return f"{', '.join(rest)} and {last}" if rest else last
 
 
 def _entry_label(record: MemberRecord) -> str:
