@@ -16,7 +16,7 @@ import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
 from coordinator.auth import Peer, Principal
-from coordinator.core.model import AgentFailure, ClusterView, MemberRecord, NodeObservation, Source
+from coordinator.core.model import AgentFailure, ClusterView, MemberRecord, NodeObservation, NodeView, Source
 from coordinator.messages import view_from_proto
 from coordinator.pki import Identity
 from coordinator.registry import RegisteredMember, Registry
@@ -35,8 +35,22 @@ _CHANNEL_OPTIONS = [
 class _Link:
     member: RegisteredMember
     roots: bytes
-    channel: grpc.aio.Channel
     stub: agent_pb2_grpc.AgentServiceAsyncStub
+    channel: grpc.aio.Channel
+    # The last view and its digest: the agent leaves out a view the coordinator already holds, and the same
+    # NodeView object coming back lets the coordinator skip the diff of an unchanged cluster (service.py).
+    view: NodeView | None = None
+    digest: str = ""
+
+    async def get_node_view(self, timeout: float, include_certificates: bool) -> NodeView:
+        request = agent_pb2.GetNodeViewRequest(
+            include_certificates=include_certificates, known_digest="" if include_certificates else self.digest
+        )
+        response = await self.stub.GetNodeView(request, timeout=timeout)
+        if self.view is None or not response.unchanged:
+            self.view = view_from_proto(response.view)
+            self.digest = "" if include_certificates else response.view_digest
+        return self.view
 
 
 class Agents:
@@ -54,6 +68,7 @@ class Agents:
         self._links: dict[str, _Link] = {}
         self._pems: dict[str, str] = {}  # fingerprint → PEM, as truststores reported them
         self._vouched: dict[str, frozenset[str]] = {}  # member name → fingerprints truststores hold for it
+        self._learned_from: tuple[NodeView | None, ...] = ()  # the views _vouched was learned from
 
     def _roots(self, member: RegisteredMember) -> bytes:
         pems = [member.certificate_pem] if member.certificate_pem else []
@@ -80,7 +95,7 @@ class Agents:
             credentials,
             options=[*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", member.name)],
         )
-        link = _Link(member, roots, channel, agent_pb2_grpc.AgentServiceStub(channel))
+        link = _Link(member, roots, agent_pb2_grpc.AgentServiceStub(channel), channel)
         self._links[member.name] = link
         return link
 
@@ -92,6 +107,10 @@ class Agents:
         started = time.monotonic()
         roots = {m.name: self._roots(m) for m in members}
         observations = list(await asyncio.gather(*(self._observe(m, timeout) for m in members)))
+        views = tuple(o.view for o in observations)
+        if views == self._learned_from:
+            # Every agent answered with the view it gave last time (the same objects): nothing new to trust.
+            return ClusterView(nodes=tuple(observations), now=time.time())
         if self._learn(observations) or any(self._roots(m) != roots[m.name] for m in members):
             # Truststores hold a certificate not seen before: fetch its PEM once, from the nodes that hold it,
             # and ask again the agents whose trusted certificates just changed.
@@ -107,6 +126,7 @@ class Agents:
                 )
             )
             self._learn(observations)
+        self._learned_from = tuple(o.view for o in observations)
         return ClusterView(nodes=tuple(observations), now=time.time())
 
     def _learn(self, observations: list[NodeObservation]) -> bool:
@@ -147,13 +167,11 @@ class Agents:
         if link is None:
             detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
             return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
-        request = agent_pb2.GetNodeViewRequest(include_certificates=include_certificates)
         try:
-            response = await link.stub.GetNodeView(request, timeout=timeout)
+            view = await link.get_node_view(timeout, include_certificates)
         except grpc.aio.AioRpcError as error:
             failure, detail = _classify(error)
             return NodeObservation(member.name, member.agent_address, failure=failure, detail=detail)
-        view = view_from_proto(response.view)
         if view.node != member.name:
             return NodeObservation(
                 member.name,

@@ -59,12 +59,11 @@ def record_from_proto(message: pb.MemberRecord) -> model.MemberRecord:
     )
 
 
-def view_to_proto(view: model.NodeView, observed_at: float) -> pb.NodeView:
+def view_to_proto(view: model.NodeView) -> pb.NodeView:
     return pb.NodeView(
         node=view.node,
         backend=view.backend,
         certificate_fingerprint=view.certificate_fingerprint,
-        observed_at=_timestamp(observed_at),
         role_adjustment_interval=_duration(view.role_adjustment_interval),
         sources=[
             pb.SourceReport(
@@ -72,7 +71,7 @@ def view_to_proto(view: model.NodeView, observed_at: float) -> pb.NodeView:
                 error=report.error,
                 records=[record_to_proto(r) for r in report.records],
                 invalid_entries=[pb.InvalidEntry(entry=e.entry, reason=e.reason) for e in report.invalid_entries],
-                age=_duration(report.age),
+                changed_at=_timestamp(report.changed_at) if report.changed_at is not None else None,
                 leader_address=report.leader_address,
             )
             for report in view.sources
@@ -96,7 +95,7 @@ def view_from_proto(message: pb.NodeView) -> model.NodeView:
                 invalid_entries=tuple(
                     model.InvalidEntry(entry=e.entry, reason=e.reason) for e in report.invalid_entries
                 ),
-                age=_seconds(report.age, report.HasField("age")),
+                changed_at=report.changed_at.ToNanoseconds() / 1e9 if report.HasField("changed_at") else None,
                 leader_address=report.leader_address,
             )
             for report in message.sources

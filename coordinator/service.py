@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
 from coordinator.auth import Principal, UnionTrust
 from coordinator.core.diff import compute_diff
-from coordinator.core.model import Severity
+from coordinator.core.model import ClusterView, MembershipDiff, Severity
 from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotImplementedYet
 from coordinator.files import write_atomically
 from coordinator.gather import Agents
@@ -71,6 +72,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, coordinator_id: str, agents: Agents) -> None:
         self._id = coordinator_id
         self._agents = agents
+        self._consistent: tuple[tuple[object, ...], MembershipDiff] | None = None
+
+    def _diff(self, view: ClusterView) -> MembershipDiff:
+        """compute_diff(view), skipped when every node answered exactly as when the cluster was last consistent.
+
+        The gather hands back the same NodeView objects for unchanged answers, so the check is a comparison by
+        identity. Only an empty diff is reused: time enters a diff only through the ages of lagging views, and an
+        empty diff has none, so it is the same diff at any later time.
+        """
+        key = tuple((o.node, o.view, o.failure) for o in view.nodes)
+        if self._consistent is not None and self._consistent[0] == key:
+            return replace(self._consistent[1], observed_at=view.now)
+        diff = compute_diff(view)
+        self._consistent = (key, diff) if not diff.discrepancies else None
+        return diff
 
     def _header(self) -> coordinator_pb2.ResponseHeader:
         header = coordinator_pb2.ResponseHeader(coordinator_id=self._id)
@@ -87,8 +103,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - _RESPONSE_MARGIN))
-        view = await self._agents.gather(timeout)
-        diff = compute_diff(view)
+        diff = self._diff(await self._agents.gather(timeout))
         minimum = Severity(request.minimum_severity) if request.minimum_severity else None
         return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
 

@@ -9,7 +9,6 @@ by rename, which gives each version a new inode: a rewrite cannot hide behind an
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -34,15 +33,6 @@ class CachedFile(Generic[T]):
 
     content: T | MalformedFile
     mtime: float
-
-    @property
-    def age(self) -> float:
-        return age_since(self.mtime)
-
-
-def age_since(mtime: float) -> float:
-    """Seconds since mtime; a clock set back or a future mtime reads as 0, not as a negative age."""
-    return max(0.0, time.time() - mtime)
 
 
 _Identity = tuple[int, int, int]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
 
 from coordinator import pki
-from coordinator.agent.filecache import age_since
 from coordinator.core.model import InvalidEntry, MemberRecord, Role, Source, SourceReport
 
 _SCHEMA = """
@@ -36,26 +36,17 @@ CREATE TABLE IF NOT EXISTS core_cluster_members (
 _ROLES = {"voter": Role.VOTER, "stand-by": Role.STAND_BY, "spare": Role.SPARE, "PENDING": Role.PENDING}
 
 
-class MembersTableReader:
-    """Reads the table over one kept read-only connection (a SELECT of 100 rows then costs ~0.1 ms)."""
+class MemberRows:
+    """Turns `core_cluster_members` rows (id, name, address, certificate, role) into records, for the local and
+    the dqlite backend alike. Parsing and hashing a certificate costs ~50 us; rows rarely change, so
+    fingerprints are kept by PEM from one call to the next."""
 
-    source = Source.MEMBERS_TABLE
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._connection: sqlite3.Connection | None = None
-        self._opened: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection holds
-        # Parsing and hashing a certificate costs ~50 us; rows rarely change, so fingerprints are kept by PEM.
+    def __init__(self) -> None:
         self._fingerprints: dict[str, tuple[str, str]] = {}
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
-        try:
-            rows, mtime = self._select()
-        except (OSError, sqlite3.Error) as exc:
-            self._close()  # whatever went wrong, the next read starts from a fresh connection
-            # An OSError names the file itself; SQLite's errors do not.
-            reason = str(exc) if isinstance(exc, OSError) else f"{self._path}: {exc}"
-            return SourceReport(self.source, error=reason)
+    def records(
+        self, rows: Iterable[Sequence[object]], *, include_certificates: bool
+    ) -> tuple[tuple[MemberRecord, ...], tuple[InvalidEntry, ...]]:
         records: list[MemberRecord] = []
         invalid: list[InvalidEntry] = []
         fingerprints: dict[str, tuple[str, str]] = {}
@@ -87,21 +78,7 @@ class MembersTableReader:
                 )
             )
         self._fingerprints = fingerprints
-        return SourceReport(self.source, records=tuple(records), invalid_entries=tuple(invalid), age=age_since(mtime))
-
-    def _select(self) -> tuple[list[tuple[object, ...]], float]:
-        # A kept connection would go on reading a file that was deleted or replaced: reopen when the
-        # path's identity changes. The stat also turns a missing file into a clear error, where opening
-        # read-only would only say "unable to open database file".
-        st = os.stat(self._path)
-        if self._connection is None or self._opened != (st.st_dev, st.st_ino):
-            self._close()
-            self._connection = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True)
-            self._opened = (st.st_dev, st.st_ino)
-        rows = self._connection.execute(
-            "SELECT id, name, address, certificate, role FROM core_cluster_members ORDER BY id"
-        ).fetchall()
-        return rows, st.st_mtime
+        return tuple(records), tuple(invalid)
 
     def _fingerprint(self, certificate: str) -> tuple[str, str]:
         """(fingerprint, "") or ("", why the certificate does not parse)."""
@@ -112,6 +89,62 @@ class MembersTableReader:
             except ValueError as exc:
                 known = ("", f"certificate does not parse: {exc}")
         return known
+
+
+class MembersTableReader:
+    """Reads the table over one kept read-only connection (a SELECT of 100 rows then costs ~0.1 ms)."""
+
+    source = Source.MEMBERS_TABLE
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._connection: sqlite3.Connection | None = None
+        self._opened: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection holds
+        self._rows = MemberRows()
+        self._last: tuple[tuple[int, int, bool], SourceReport] | None = None
+
+    async def read(self, *, include_certificates: bool) -> SourceReport:
+        try:
+            version = self._version()
+            if self._last is not None and self._last[0] == (*version, include_certificates):
+                # Nothing was committed since: the same report, as the same object, which the agent compares by
+                # identity before it reuses its last answer.
+                return self._last[1]
+            rows, mtime = self._select()
+        except (OSError, sqlite3.Error) as exc:
+            self._close()  # whatever went wrong, the next read starts from a fresh connection
+            # An OSError names the file itself; SQLite's errors do not.
+            reason = str(exc) if isinstance(exc, OSError) else f"{self._path}: {exc}"
+            return SourceReport(self.source, error=reason)
+        records, invalid = self._rows.records(rows, include_certificates=include_certificates)
+        report = SourceReport(self.source, records=records, invalid_entries=invalid, changed_at=mtime)
+        self._last = ((*version, include_certificates), report)
+        return report
+
+    def _version(self) -> tuple[int, int]:
+        """(the file's inode, SQLite's data_version): the pair changes whenever the table may have changed."""
+        connection = self._connect()
+        (version,) = connection.execute("PRAGMA data_version").fetchone()
+        return self._opened[1] if self._opened else 0, int(version)
+
+    def _connect(self) -> sqlite3.Connection:
+        # A kept connection would go on reading a file that was deleted or replaced: reopen when the
+        # path's identity changes. The stat also turns a missing file into a clear error, where opening
+        # read-only would only say "unable to open database file".
+        st = os.stat(self._path)
+        if self._connection is None or self._opened != (st.st_dev, st.st_ino):
+            self._close()
+            self._connection = sqlite3.connect(f"{self._path.resolve().as_uri()}?mode=ro", uri=True)
+            self._opened = (st.st_dev, st.st_ino)
+        return self._connection
+
+    def _select(self) -> tuple[list[tuple[object, ...]], float]:
+        rows = (
+            self._connect()
+            .execute("SELECT id, name, address, certificate, role FROM core_cluster_members ORDER BY id")
+            .fetchall()
+        )
+        return rows, os.stat(self._path).st_mtime
 
     def _close(self) -> None:
         if self._connection is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeGuard
 
-from coordinator.agent.filecache import FileCache, MalformedFile, dump_yaml, load_yaml
+from coordinator.agent.filecache import CachedFile, FileCache, MalformedFile, dump_yaml, load_yaml
 from coordinator.core.model import InvalidEntry, MemberRecord, Role, Source, SourceReport
 from coordinator.files import write_atomically
 
@@ -81,14 +81,22 @@ class _NodeFileReader:
         self.source = source
         self._path = str(path)
         self._cache = FileCache(parse)
+        self._last: tuple[object, SourceReport] | None = None
 
     async def read(self, *, include_certificates: bool) -> SourceReport:
         try:
             cached = self._cache.load(self._path)
         except OSError as exc:
             return SourceReport(self.source, error=str(exc))
+        if self._last is not None and self._last[0] is cached:
+            return self._last[1]  # an unchanged file: the same report object (see MembersTableReader.read)
+        report = self._report(cached)
+        self._last = (cached, report)
+        return report
+
+    def _report(self, cached: CachedFile[_Nodes]) -> SourceReport:
         if isinstance(cached.content, MalformedFile):
-            return SourceReport(self.source, error=f"{self._path}: {cached.content}", age=cached.age)
+            return SourceReport(self.source, error=f"{self._path}: {cached.content}", changed_at=cached.mtime)
         records, invalid = cached.content
         leader = ""
         if self.source is Source.RAFT_CONFIG:
@@ -96,7 +104,7 @@ class _NodeFileReader:
             # configuration without voters is a cluster without a leader, as it would be for real.
             leader = next((record.address for record in records if record.role is Role.VOTER), "")
         return SourceReport(
-            self.source, records=records, invalid_entries=invalid, age=cached.age, leader_address=leader
+            self.source, records=records, invalid_entries=invalid, changed_at=cached.mtime, leader_address=leader
         )
 
 

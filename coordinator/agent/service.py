@@ -12,23 +12,23 @@ packs many agents into few processes; each is the same code, on its own port). C
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from memberguard.v1 import agent_pb2, agent_pb2_grpc
+from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.auth import Peer, Principal
-from coordinator.core.model import NodeView
+from coordinator.core.model import NodeView, SourceReport
 from coordinator.files import write_atomically
 from coordinator.messages import view_to_proto
 from coordinator.pki import Identity, dns_names, fingerprint, read_identity
@@ -109,24 +109,35 @@ class AgentConfig:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Serves GetNodeView. The view is rebuilt and re-serialized only when a source changed (readers return the
+    same report objects for unchanged sources), and left out when the caller already holds it."""
+
     def __init__(self, config: AgentConfig, identity: Identity) -> None:
         self._config = config
         self._fingerprint = identity.fingerprint
+        self._built: dict[bool, tuple[tuple[SourceReport, ...], membership_pb2.NodeView, str]] = {}
 
     async def GetNodeView(
         self, request: agent_pb2.GetNodeViewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.GetNodeViewResponse:
-        reports = await asyncio.gather(
-            *(r.read(include_certificates=request.include_certificates) for r in self._config.readers)
-        )
-        view = NodeView(
-            node=self._config.name,
-            backend=self._config.backend,
-            certificate_fingerprint=self._fingerprint,
-            sources=tuple(reports),
-            role_adjustment_interval=self._config.role_adjustment_interval,
-        )
-        return agent_pb2.GetNodeViewResponse(view=view_to_proto(view, time.time()))
+        asked = request.include_certificates
+        reports = tuple(await asyncio.gather(*(r.read(include_certificates=asked) for r in self._config.readers)))
+        built = self._built.get(asked)
+        if built is None or built[0] != reports:
+            view = view_to_proto(
+                NodeView(
+                    node=self._config.name,
+                    backend=self._config.backend,
+                    certificate_fingerprint=self._fingerprint,
+                    sources=reports,
+                    role_adjustment_interval=self._config.role_adjustment_interval,
+                )
+            )
+            built = self._built[asked] = (reports, view, hashlib.sha256(view.SerializeToString()).hexdigest())
+        _, view, digest = built
+        if request.known_digest == digest:
+            return agent_pb2.GetNodeViewResponse(view_digest=digest, unchanged=True)
+        return agent_pb2.GetNodeViewResponse(view=view, view_digest=digest)
 
 
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:

@@ -16,7 +16,6 @@ from coordinator import pki
 from coordinator.agent.filecache import (
     FileCache,
     MalformedFile,
-    age_since,
     dump_yaml,
     load_yaml,
 )
@@ -75,6 +74,7 @@ class TruststoreReader:
     def __init__(self, directory: Path) -> None:
         self._directory = str(directory)
         self._cache = FileCache(_parse_entry)
+        self._last: tuple[tuple[object, ...], SourceReport] | None = None
 
     async def read(self, *, include_certificates: bool) -> SourceReport:
         try:
@@ -86,8 +86,12 @@ class TruststoreReader:
             return SourceReport(self.source, error=str(exc))
         records: list[MemberRecord] = []
         invalid: list[InvalidEntry] = []
+        # What this read saw, entry by entry; the cache returns the same objects for unchanged files, so an
+        # unchanged truststore yields an equal key and the same report object (see MembersTableReader.read).
+        seen: list[object] = [mtime, include_certificates]
         for entry in entries:
             if not entry.name.endswith(_SUFFIX) or not entry.is_file():
+                seen.append(entry.name)
                 invalid.append(InvalidEntry(entry.name, "not a .yaml file"))
                 continue
             try:
@@ -95,8 +99,10 @@ class TruststoreReader:
             except FileNotFoundError:
                 continue  # removed since the listing: it is no longer part of the truststore
             except OSError as exc:
+                seen.append(f"{entry.name}: {exc}")
                 invalid.append(InvalidEntry(entry.name, f"unreadable: {exc}"))
                 continue
+            seen.append(content)
             if isinstance(content, MalformedFile):
                 invalid.append(InvalidEntry(entry.name, str(content)))
                 continue
@@ -104,12 +110,11 @@ class TruststoreReader:
             if content.misnamed is not None:
                 invalid.append(content.misnamed)
         self._cache.retain({entry.path for entry in entries})
-        return SourceReport(
-            self.source,
-            records=tuple(records),
-            invalid_entries=tuple(invalid),
-            age=age_since(mtime),
-        )
+        key = tuple(seen)
+        if self._last is None or self._last[0] != key:
+            report = SourceReport(self.source, records=tuple(records), invalid_entries=tuple(invalid), changed_at=mtime)
+            self._last = (key, report)
+        return self._last[1]
 
 
 def _entry_path(directory: Path, name: str) -> Path:

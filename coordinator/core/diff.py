@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from coordinator.core.model import (
     AgentFailure,
@@ -82,7 +83,7 @@ def compute_diff(view: ClusterView) -> MembershipDiff:
     views = tuple((o.node, o.view) for o in observations if o.view is not None)
     table, table_found = _agreed_reading(views, Source.MEMBERS_TABLE)
     raft, raft_found = _agreed_reading(views, Source.RAFT_CONFIG)
-    ref = _reference(views, table, raft)
+    ref = _reference(views, table, raft, view.now)
     found = table_found + raft_found + _agent_failures(observations, ref) + _membership(ref)
     for node, node_view in views:
         found += _node_findings(node, node_view, ref)
@@ -141,21 +142,35 @@ class _Joined:
 class _Reference:
     """What each node's own sources are compared with. rows or raft is None when no node could read that source."""
 
+    now: float  # when the gather finished: ages are measured to it
     views: _NodeViews
     rows: tuple[MemberRecord, ...] | None
     raft: tuple[MemberRecord, ...] | None
     joined: tuple[_Joined, ...]
     duplicated: frozenset[str]  # addresses claimed by two rows or by two Raft entries
 
+    # Looked up once per record of every node: indexes keep a check of N nodes' views of N members O(N²).
+    @cached_property
+    def _members_by_name(self) -> dict[str, Member]:
+        return {j.member.name: j.member for j in reversed(self.joined)}
+
+    @cached_property
+    def _members_by_row_name(self) -> dict[str, Member]:
+        return {j.row.name: j.member for j in reversed(self.joined) if j.row is not None}
+
+    @cached_property
+    def _rows_by_name(self) -> dict[str, MemberRecord]:
+        return {row.name: row for row in reversed(self.rows or ())}
+
     def member_named(self, name: str) -> Member | None:
-        return next((joined.member for joined in self.joined if joined.member.name == name), None)
+        return self._members_by_name.get(name)
 
     def member_of(self, row: MemberRecord) -> Member:
         # Every row of the reference was merged into at least one member, so this always finds one.
-        return next(joined.member for joined in self.joined if joined.row is not None and joined.row.name == row.name)
+        return self._members_by_row_name[row.name]
 
     def row_named(self, name: str) -> MemberRecord | None:
-        return next((row for row in self.rows or () if row.name == name), None)
+        return self._rows_by_name.get(name)
 
 
 def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None, list[Discrepancy]]:
@@ -226,7 +241,7 @@ def _nobody_could_read(source: Source, errors: dict[str, str]) -> Discrepancy:
     )
 
 
-def _reference(views: _NodeViews, table: _Reading | None, raft: _Reading | None) -> _Reference:
+def _reference(views: _NodeViews, table: _Reading | None, raft: _Reading | None, now: float) -> _Reference:
     rows = _group(table.records if table else (), lambda record: record.address)
     entries = _group(raft.records if raft else (), lambda record: record.address)
     addresses = sorted(rows.keys() | entries.keys())
@@ -236,6 +251,7 @@ def _reference(views: _NodeViews, table: _Reading | None, raft: _Reading | None)
             # Records that differ only in role make one member: the role is not part of who it is.
             joined.setdefault(_identity(candidate.member), candidate)
     return _Reference(
+        now=now,
         views=views,
         rows=table.records if table else None,
         raft=raft.records if raft else None,
@@ -529,6 +545,8 @@ def _missing_from_truststore(node: str, member: Member, ref: _Reference) -> Disc
 
 
 def _record_mismatches(node: str, row: MemberRecord, held: list[MemberRecord], ref: _Reference) -> list[Discrepancy]:
+    if all(r.address == row.address and r.certificate_fingerprint == row.certificate_fingerprint for r in held):
+        return []
     member = ref.member_of(row)
     rewrite = Remedy(f"Rewrite {row.name}'s record in {node}'s truststore from the members table.", _SAFE)
     found = []
@@ -612,18 +630,25 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
     if ref.raft is None:
         return []
     records = _sorted(report.records)
-    lacks = [entry for entry in ref.raft if not any(_same_entry(record, entry) for record in records)]
-    extra = [record for record in records if not any(_same_entry(record, entry) for entry in ref.raft)]
+    age = report.age(ref.now)
+    # Matched through an index by address: a check of N nodes' views of N members must stay O(N²), not O(N³).
+    by_address: dict[str, list[MemberRecord]] = defaultdict(list)
+    for entry in ref.raft:
+        by_address[entry.address].append(entry)
+    matches = {record: [e for e in by_address.get(record.address, ()) if _same_entry(record, e)] for record in records}
+    matched = {id(entry) for found in matches.values() for entry in found}
+    lacks = [entry for entry in ref.raft if id(entry) not in matched]
+    extra = [record for record in records if not matches[record]]
     roles = [
         f"{_entry_label(record)} as {_role_name(record.role)} (Raft: {_role_name(entry.role)})"
         for record in records
-        for entry in ref.raft
-        if _same_entry(record, entry) and record.role is not None and record.role is not entry.role
+        for entry in matches[record]
+        if record.role is not None and record.role is not entry.role
     ]
     where = f"{node}'s {_NOUNS[report.source]}"
     if lacks or extra:
         interval = node_view.role_adjustment_interval
-        young = report.age is not None and interval is not None and report.age < 2 * interval
+        young = age is not None and interval is not None and age < 2 * interval
         member = ref.member_named(node)
         spare = member is not None and member.role is Role.SPARE
         severity = Severity.INFO if young or spare else Severity.WARNING
@@ -644,7 +669,7 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
         if severity is Severity.WARNING
         else ()
     )
-    age = "" if report.age is None else f"last changed {report.age:.0f}s ago"
+    changed = "" if age is None else f"last changed {age:.0f}s ago"
     return [
         _discrepancy(
             DiscrepancyKind.VIEW_DIFFERS,
@@ -652,9 +677,9 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
             summary,
             source=report.source,
             node=node,
-            evidence=(Evidence(Source.RAFT_CONFIG, "", ref.raft), Evidence(report.source, node, records, age)),
+            evidence=(Evidence(Source.RAFT_CONFIG, "", ref.raft), Evidence(report.source, node, records, changed)),
             remedies=remedies,
-            age=report.age,
+            age=age,
         )
     ]
 

@@ -104,8 +104,12 @@ class SourceReport:
     records: tuple[MemberRecord, ...] = ()
     invalid_entries: tuple[InvalidEntry, ...] = ()
     error: str = ""
-    age: float | None = None  # seconds since the source last changed, when it can tell
+    changed_at: float | None = None  # seconds since the epoch when the source last changed, when it can tell
     leader_address: str = ""
+
+    def age(self, now: float) -> float | None:
+        """Seconds since the source last changed; a clock set back reads as 0, not as a negative age."""
+        return None if self.changed_at is None else max(0.0, now - self.changed_at)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def consistent_view(n_members: int = 3, roles: Sequence[Role] | None = None, cac
             SourceReport(Source.TRUSTSTORE, truststore),
             SourceReport(Source.RAFT_CONFIG, raft, leader_address=address(1)),
             SourceReport(Source.RAFT_NODE_VIEW, raft),
-            SourceReport(Source.RAFT_CACHE, raft, age=cache_age),
+            SourceReport(Source.RAFT_CACHE, raft, changed_at=NOW - cache_age),
             SourceReport(Source.NODE_INFO, (raft_entry(i, roles[i - 1]),)),
         )
         node_view = NodeView(name(i), "dqlite", fingerprint_of(name(i)), sources, ROLE_ADJUSTMENT_INTERVAL)
@@ -135,7 +135,9 @@ def replace_records(
 
 
 def set_report(view: ClusterView, source: Source, nodes: Iterable[str] | None = None, **changes: object) -> ClusterView:
-    """Change fields of a report, e.g. error="permission denied" or age=600.0."""
+    """Change fields of a report, e.g. error="permission denied", or age=600.0 (last changed 600 s before now)."""
+    if "age" in changes:
+        changes["changed_at"] = view.now - float(changes.pop("age"))  # type: ignore[arg-type]
     return edit_reports(view, source, lambda report: replace(report, **changes), nodes)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from memberguard.v1 import membership_pb2 as memberguard_dot_v1_dot_membership__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemberguard/v1/agent.proto\x12\x0ememberguard.v1\x1a\x1fmemberguard/v1/membership.proto\"2\n\x12GetNodeViewRequest\x12\x1c\n\x14include_certificates\x18\x01 \x01(\x08\"=\n\x13GetNodeViewResponse\x12&\n\x04view\x18\x01 \x01(\x0b\x32\x18.memberguard.v1.NodeView2f\n\x0c\x41gentService\x12V\n\x0bGetNodeView\x12\".memberguard.v1.GetNodeViewRequest\x1a#.memberguard.v1.GetNodeViewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemberguard/v1/agent.proto\x12\x0ememberguard.v1\x1a\x1fmemberguard/v1/membership.proto\"H\n\x12GetNodeViewRequest\x12\x1c\n\x14include_certificates\x18\x01 \x01(\x08\x12\x14\n\x0cknown_digest\x18\x02 \x01(\t\"e\n\x13GetNodeViewResponse\x12&\n\x04view\x18\x01 \x01(\x0b\x32\x18.memberguard.v1.NodeView\x12\x13\n\x0bview_digest\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\x32\x66\n\x0c\x41gentService\x12V\n\x0bGetNodeView\x12\".memberguard.v1.GetNodeViewRequest\x1a#.memberguard.v1.GetNodeViewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memberguard.v1.agent_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETNODEVIEWREQUEST']._serialized_start=79
-  _globals['_GETNODEVIEWREQUEST']._serialized_end=129
-  _globals['_GETNODEVIEWRESPONSE']._serialized_start=131
-  _globals['_GETNODEVIEWRESPONSE']._serialized_end=192
-  _globals['_AGENTSERVICE']._serialized_start=194
-  _globals['_AGENTSERVICE']._serialized_end=296
+  _globals['_GETNODEVIEWREQUEST']._serialized_end=151
+  _globals['_GETNODEVIEWRESPONSE']._serialized_start=153
+  _globals['_GETNODEVIEWRESPONSE']._serialized_end=254
+  _globals['_AGENTSERVICE']._serialized_start=256
+  _globals['_AGENTSERVICE']._serialized_end=358
 # @@protoc_insertion_point(module_scope)

@@ -24,18 +24,25 @@ class GetNodeViewRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    KNOWN_DIGEST_FIELD_NUMBER: _builtins.int
     include_certificates: _builtins.bool
     """include_certificates, when true, fills each record's certificate_pem; when false (the default) records carry
     only fingerprints, which is all the diff needs and a fraction of the bytes.
+    """
+    known_digest: _builtins.str
+    """known_digest is the view_digest of the view the caller already holds; if the node's view still has that digest,
+    the answer carries no view. Empty means "send the view". A large cluster's view is tens of kilobytes and rarely
+    changes; this keeps a check of an unchanged cluster to a few bytes per node.
     """
     def __init__(
         self,
         *,
         include_certificates: _builtins.bool = ...,
+        known_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_certificates", b"include_certificates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_certificates", b"include_certificates", "known_digest", b"known_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -48,18 +55,26 @@ class GetNodeViewResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VIEW_FIELD_NUMBER: _builtins.int
+    VIEW_DIGEST_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    view_digest: _builtins.str
+    """view_digest is the lowercase hex SHA-256 of the serialized view (with certificates if they were asked for)."""
+    unchanged: _builtins.bool
+    """unchanged is true when view_digest equals the request's known_digest, and the view is then left out."""
     @_builtins.property
     def view(self) -> _membership_pb2.NodeView:
-        """view is what the node sees."""
+        """view is what the node sees; unset when unchanged is true."""
 
     def __init__(
         self,
         *,
         view: _membership_pb2.NodeView | None = ...,
+        view_digest: _builtins.str = ...,
+        unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["view", b"view"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unchanged", b"unchanged", "view", b"view", "view_digest", b"view_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,23 +26,23 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmemberguard/v1/membership.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\x04\x12\"\n\x04role\x18\x05 \x01(\x0e\x32\x14.memberguard.v1.Role\"\xbe\x01\n\x0cMemberRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\x04\x12\"\n\x04role\x18\x06 \x01(\x0e\x32\x14.memberguard.v1.Role\x12\x11\n\trole_text\x18\x07 \x01(\t\x12\r\n\x05\x65ntry\x18\x08 \x01(\t\"-\n\x0cInvalidEntry\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xeb\x01\n\x0cSourceReport\x12&\n\x06source\x18\x01 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12-\n\x07records\x18\x03 \x03(\x0b\x32\x1c.memberguard.v1.MemberRecord\x12\x35\n\x0finvalid_entries\x18\x04 \x03(\x0b\x32\x1c.memberguard.v1.InvalidEntry\x12&\n\x03\x61ge\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eleader_address\x18\x06 \x01(\t\"\xe7\x01\n\x08NodeView\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x03 \x01(\t\x12-\n\x07sources\x18\x04 \x03(\x0b\x32\x1c.memberguard.v1.SourceReport\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x18role_adjustment_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"F\n\x06Remedy\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12,\n\x06safety\x18\x02 \x01(\x0e\x32\x1c.memberguard.v1.RemedySafety\"\x7f\n\x08\x45vidence\x12&\n\x06source\x18\x01 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\x0c\n\x04node\x18\x02 \x01(\t\x12-\n\x07records\x18\x03 \x03(\x0b\x32\x1c.memberguard.v1.MemberRecord\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xe1\x02\n\x0b\x44iscrepancy\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.memberguard.v1.DiscrepancyKind\x12*\n\x08severity\x18\x03 \x01(\x0e\x32\x18.memberguard.v1.Severity\x12&\n\x06member\x18\x04 \x01(\x0b\x32\x16.memberguard.v1.Member\x12&\n\x06source\x18\x05 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12*\n\x08\x65vidence\x18\x08 \x03(\x0b\x32\x18.memberguard.v1.Evidence\x12(\n\x08remedies\x18\t \x03(\x0b\x32\x16.memberguard.v1.Remedy\x12&\n\x03\x61ge\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc2\x01\n\x0eMembershipDiff\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x32\n\rdiscrepancies\x18\x02 \x03(\x0b\x32\x1b.memberguard.v1.Discrepancy\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.memberguard.v1.Member\x12\r\n\x05nodes\x18\x04 \x03(\t\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*a\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_VOTER\x10\x01\x12\x11\n\rROLE_STAND_BY\x10\x02\x12\x0e\n\nROLE_SPARE\x10\x03\x12\x10\n\x0cROLE_PENDING\x10\x04*\xc3\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14SOURCE_MEMBERS_TABLE\x10\x01\x12\x15\n\x11SOURCE_TRUSTSTORE\x10\x02\x12\x16\n\x12SOURCE_RAFT_CONFIG\x10\x03\x12\x19\n\x15SOURCE_RAFT_NODE_VIEW\x10\x04\x12\x15\n\x11SOURCE_RAFT_CACHE\x10\x05\x12\x14\n\x10SOURCE_NODE_INFO\x10\x06\x12\x10\n\x0cSOURCE_AGENT\x10\x07*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_BLOCKING\x10\x03*\xe6\x04\n\x0f\x44iscrepancyKind\x12 \n\x1c\x44ISCREPANCY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44ISCREPANCY_KIND_MISSING\x10\x01\x12\x1b\n\x17\x44ISCREPANCY_KIND_ORPHAN\x10\x02\x12%\n!DISCREPANCY_KIND_ADDRESS_MISMATCH\x10\x03\x12)\n%DISCREPANCY_KIND_CERTIFICATE_MISMATCH\x10\x04\x12\"\n\x1e\x44ISCREPANCY_KIND_NAME_MISMATCH\x10\x05\x12&\n\"DISCREPANCY_KIND_DUPLICATE_ADDRESS\x10\x06\x12!\n\x1d\x44ISCREPANCY_KIND_VIEW_DIFFERS\x10\x07\x12!\n\x1d\x44ISCREPANCY_KIND_ROLE_DIFFERS\x10\x08\x12\"\n\x1e\x44ISCREPANCY_KIND_INVALID_ENTRY\x10\t\x12&\n\"DISCREPANCY_KIND_SOURCE_UNREADABLE\x10\n\x12&\n\"DISCREPANCY_KIND_AGENT_UNREACHABLE\x10\x0b\x12$\n DISCREPANCY_KIND_AGENT_UNTRUSTED\x10\x0c\x12/\n+DISCREPANCY_KIND_AGENT_CERTIFICATE_MISMATCH\x10\r\x12\x1e\n\x1a\x44ISCREPANCY_KIND_NO_LEADER\x10\x0e\x12\'\n#DISCREPANCY_KIND_NODE_INFO_MISMATCH\x10\x0f*\x85\x01\n\x0cRemedySafety\x12\x1d\n\x19REMEDY_SAFETY_UNSPECIFIED\x10\x00\x12\x16\n\x12REMEDY_SAFETY_SAFE\x10\x01\x12$\n REMEDY_SAFETY_NEEDS_CONFIRMATION\x10\x02\x12\x18\n\x14REMEDY_SAFETY_UNSAFE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmemberguard/v1/membership.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\x04\x12\"\n\x04role\x18\x05 \x01(\x0e\x32\x14.memberguard.v1.Role\"\xbe\x01\n\x0cMemberRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\x04\x12\"\n\x04role\x18\x06 \x01(\x0e\x32\x14.memberguard.v1.Role\x12\x11\n\trole_text\x18\x07 \x01(\t\x12\r\n\x05\x65ntry\x18\x08 \x01(\t\"-\n\x0cInvalidEntry\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf3\x01\n\x0cSourceReport\x12&\n\x06source\x18\x01 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12-\n\x07records\x18\x03 \x03(\x0b\x32\x1c.memberguard.v1.MemberRecord\x12\x35\n\x0finvalid_entries\x18\x04 \x03(\x0b\x32\x1c.memberguard.v1.InvalidEntry\x12.\n\nchanged_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eleader_address\x18\x06 \x01(\t\"\xbc\x01\n\x08NodeView\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x03 \x01(\t\x12-\n\x07sources\x18\x04 \x03(\x0b\x32\x1c.memberguard.v1.SourceReport\x12;\n\x18role_adjustment_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationJ\x04\x08\x05\x10\x06\"F\n\x06Remedy\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12,\n\x06safety\x18\x02 \x01(\x0e\x32\x1c.memberguard.v1.RemedySafety\"\x7f\n\x08\x45vidence\x12&\n\x06source\x18\x01 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\x0c\n\x04node\x18\x02 \x01(\t\x12-\n\x07records\x18\x03 \x03(\x0b\x32\x1c.memberguard.v1.MemberRecord\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xe1\x02\n\x0b\x44iscrepancy\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.memberguard.v1.DiscrepancyKind\x12*\n\x08severity\x18\x03 \x01(\x0e\x32\x18.memberguard.v1.Severity\x12&\n\x06member\x18\x04 \x01(\x0b\x32\x16.memberguard.v1.Member\x12&\n\x06source\x18\x05 \x01(\x0e\x32\x16.memberguard.v1.Source\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12*\n\x08\x65vidence\x18\x08 \x03(\x0b\x32\x18.memberguard.v1.Evidence\x12(\n\x08remedies\x18\t \x03(\x0b\x32\x16.memberguard.v1.Remedy\x12&\n\x03\x61ge\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc2\x01\n\x0eMembershipDiff\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x32\n\rdiscrepancies\x18\x02 \x03(\x0b\x32\x1b.memberguard.v1.Discrepancy\x12\'\n\x07members\x18\x03 \x03(\x0b\x32\x16.memberguard.v1.Member\x12\r\n\x05nodes\x18\x04 \x03(\t\x12/\n\x0bobserved_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*a\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_VOTER\x10\x01\x12\x11\n\rROLE_STAND_BY\x10\x02\x12\x0e\n\nROLE_SPARE\x10\x03\x12\x10\n\x0cROLE_PENDING\x10\x04*\xc3\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14SOURCE_MEMBERS_TABLE\x10\x01\x12\x15\n\x11SOURCE_TRUSTSTORE\x10\x02\x12\x16\n\x12SOURCE_RAFT_CONFIG\x10\x03\x12\x19\n\x15SOURCE_RAFT_NODE_VIEW\x10\x04\x12\x15\n\x11SOURCE_RAFT_CACHE\x10\x05\x12\x14\n\x10SOURCE_NODE_INFO\x10\x06\x12\x10\n\x0cSOURCE_AGENT\x10\x07*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_BLOCKING\x10\x03*\xe6\x04\n\x0f\x44iscrepancyKind\x12 \n\x1c\x44ISCREPANCY_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44ISCREPANCY_KIND_MISSING\x10\x01\x12\x1b\n\x17\x44ISCREPANCY_KIND_ORPHAN\x10\x02\x12%\n!DISCREPANCY_KIND_ADDRESS_MISMATCH\x10\x03\x12)\n%DISCREPANCY_KIND_CERTIFICATE_MISMATCH\x10\x04\x12\"\n\x1e\x44ISCREPANCY_KIND_NAME_MISMATCH\x10\x05\x12&\n\"DISCREPANCY_KIND_DUPLICATE_ADDRESS\x10\x06\x12!\n\x1d\x44ISCREPANCY_KIND_VIEW_DIFFERS\x10\x07\x12!\n\x1d\x44ISCREPANCY_KIND_ROLE_DIFFERS\x10\x08\x12\"\n\x1e\x44ISCREPANCY_KIND_INVALID_ENTRY\x10\t\x12&\n\"DISCREPANCY_KIND_SOURCE_UNREADABLE\x10\n\x12&\n\"DISCREPANCY_KIND_AGENT_UNREACHABLE\x10\x0b\x12$\n DISCREPANCY_KIND_AGENT_UNTRUSTED\x10\x0c\x12/\n+DISCREPANCY_KIND_AGENT_CERTIFICATE_MISMATCH\x10\r\x12\x1e\n\x1a\x44ISCREPANCY_KIND_NO_LEADER\x10\x0e\x12\'\n#DISCREPANCY_KIND_NODE_INFO_MISMATCH\x10\x0f*\x85\x01\n\x0cRemedySafety\x12\x1d\n\x19REMEDY_SAFETY_UNSPECIFIED\x10\x00\x12\x16\n\x12REMEDY_SAFETY_SAFE\x10\x01\x12$\n REMEDY_SAFETY_NEEDS_CONFIRMATION\x10\x02\x12\x18\n\x14REMEDY_SAFETY_UNSAFE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memberguard.v1.membership_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1709
-  _globals['_ROLE']._serialized_end=1806
-  _globals['_SOURCE']._serialized_start=1809
-  _globals['_SOURCE']._serialized_end=2004
-  _globals['_SEVERITY']._serialized_start=2006
-  _globals['_SEVERITY']._serialized_end=2106
-  _globals['_DISCREPANCYKIND']._serialized_start=2109
-  _globals['_DISCREPANCYKIND']._serialized_end=2723
-  _globals['_REMEDYSAFETY']._serialized_start=2726
-  _globals['_REMEDYSAFETY']._serialized_end=2859
+  _globals['_ROLE']._serialized_start=1674
+  _globals['_ROLE']._serialized_end=1771
+  _globals['_SOURCE']._serialized_start=1774
+  _globals['_SOURCE']._serialized_end=1969
+  _globals['_SEVERITY']._serialized_start=1971
+  _globals['_SEVERITY']._serialized_end=2071
+  _globals['_DISCREPANCYKIND']._serialized_start=2074
+  _globals['_DISCREPANCYKIND']._serialized_end=2688
+  _globals['_REMEDYSAFETY']._serialized_start=2691
+  _globals['_REMEDYSAFETY']._serialized_end=2824
   _globals['_MEMBER']._serialized_start=116
   _globals['_MEMBER']._serialized_end=241
   _globals['_MEMBERRECORD']._serialized_start=244
@@ -50,15 +50,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVALIDENTRY']._serialized_start=436
   _globals['_INVALIDENTRY']._serialized_end=481
   _globals['_SOURCEREPORT']._serialized_start=484
-  _globals['_SOURCEREPORT']._serialized_end=719
-  _globals['_NODEVIEW']._serialized_start=722
-  _globals['_NODEVIEW']._serialized_end=953
-  _globals['_REMEDY']._serialized_start=955
-  _globals['_REMEDY']._serialized_end=1025
-  _globals['_EVIDENCE']._serialized_start=1027
-  _globals['_EVIDENCE']._serialized_end=1154
-  _globals['_DISCREPANCY']._serialized_start=1157
-  _globals['_DISCREPANCY']._serialized_end=1510
-  _globals['_MEMBERSHIPDIFF']._serialized_start=1513
-  _globals['_MEMBERSHIPDIFF']._serialized_end=1707
+  _globals['_SOURCEREPORT']._serialized_end=727
+  _globals['_NODEVIEW']._serialized_start=730
+  _globals['_NODEVIEW']._serialized_end=918
+  _globals['_REMEDY']._serialized_start=920
+  _globals['_REMEDY']._serialized_end=990
+  _globals['_EVIDENCE']._serialized_start=992
+  _globals['_EVIDENCE']._serialized_end=1119
+  _globals['_DISCREPANCY']._serialized_start=1122
+  _globals['_DISCREPANCY']._serialized_end=1475
+  _globals['_MEMBERSHIPDIFF']._serialized_start=1478
+  _globals['_MEMBERSHIPDIFF']._serialized_end=1672
 # @@protoc_insertion_point(module_scope)

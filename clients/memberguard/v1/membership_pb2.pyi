@@ -359,7 +359,7 @@ class SourceReport(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
     INVALID_ENTRIES_FIELD_NUMBER: _builtins.int
-    AGE_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
     LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
     source: Global___Source.ValueType
     """source is which record of membership this is."""
@@ -376,8 +376,10 @@ class SourceReport(_message.Message):
         """invalid_entries are entries that could not be read as records; empty when all could."""
 
     @_builtins.property
-    def age(self) -> _duration_pb2.Duration:
-        """age is how long ago the source last changed (a file's mtime); unset when the source cannot tell."""
+    def changed_at(self) -> _timestamp_pb2.Timestamp:
+        """changed_at is when the source last changed (a file's mtime); unset when the source cannot tell. A time, not an
+        age, so that an unchanged source reports the same bytes on every read.
+        """
 
     def __init__(
         self,
@@ -386,12 +388,12 @@ class SourceReport(_message.Message):
         error: _builtins.str = ...,
         records: _abc.Iterable[Global___MemberRecord] | None = ...,
         invalid_entries: _abc.Iterable[Global___InvalidEntry] | None = ...,
-        age: _duration_pb2.Duration | None = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
         leader_address: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "error", b"error", "invalid_entries", b"invalid_entries", "leader_address", b"leader_address", "records", b"records", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "error", b"error", "invalid_entries", b"invalid_entries", "leader_address", b"leader_address", "records", b"records", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,7 +409,6 @@ class NodeView(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
-    OBSERVED_AT_FIELD_NUMBER: _builtins.int
     ROLE_ADJUSTMENT_INTERVAL_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """node is the name of the member the agent runs for (its certificate's name)."""
@@ -420,10 +421,6 @@ class NodeView(_message.Message):
         """sources holds one report per source this backend can read; a source the backend lacks is absent."""
 
     @_builtins.property
-    def observed_at(self) -> _timestamp_pb2.Timestamp:
-        """observed_at is when the agent finished reading its sources."""
-
-    @_builtins.property
     def role_adjustment_interval(self) -> _duration_pb2.Duration:
         """role_adjustment_interval is how often the node's engine rewrites its cached Raft configuration; unset if it never does."""
 
@@ -434,12 +431,11 @@ class NodeView(_message.Message):
         backend: _builtins.str = ...,
         certificate_fingerprint: _builtins.str = ...,
         sources: _abc.Iterable[Global___SourceReport] | None = ...,
-        observed_at: _timestamp_pb2.Timestamp | None = ...,
         role_adjustment_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at", "role_adjustment_interval", b"role_adjustment_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["role_adjustment_interval", b"role_adjustment_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "certificate_fingerprint", b"certificate_fingerprint", "node", b"node", "observed_at", b"observed_at", "role_adjustment_interval", b"role_adjustment_interval", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "certificate_fingerprint", b"certificate_fingerprint", "node", b"node", "role_adjustment_interval", b"role_adjustment_interval", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
