@@ -12,6 +12,7 @@ DIR/lab.json is a contract other tools read (absolute paths; later backends add 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -32,14 +33,18 @@ from coordinator.agent.node_state import LaidOutMember, lay_out_node
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.auth import Principal
 from coordinator.core.model import Role
+from coordinator.dqlite import Role as WireRole
+from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, record_members, start_members
 from coordinator.files import write_atomically
-from coordinator.pki import Identity, make_identity, write_identity
+from coordinator.pki import make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
 
 # Every dqlite bootstrap node has this ID (research/microcluster.md §1.3); joiners get random ones.
 BOOTSTRAP_ID = 0x2DC171858C3155BE
 COORDINATOR_NAME = "memberguard-coordinator"
 STARTUP_TIMEOUT = 30.0
+BACKENDS = ("local", "dqlite")
+_ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.SPARE: Role.SPARE}
 
 
 class LabError(Exception):
@@ -82,7 +87,7 @@ def _is_ours(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"coordinator" in command
+    return b"coordinator" in command or b"memberguard-dqlite-node" in command
 
 
 def _free_port() -> int:
@@ -125,26 +130,23 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Everything `lab up` writes before it starts a process."""
+class _Cluster:
+    """A backend's cluster, laid out (and for dqlite, running) before any agent starts."""
 
-    directory: Path
-    members: list[LaidOutMember]
-    identities: dict[str, Identity]
-    operator: Identity
-    coordinator_cert: Path
-    coordinator_key: Path
-    operator_cert: Path
-    operator_key: Path
-    members_table: Path
-    raft_config: Path
-    agent_configs: list[Path]
+    members: list[LaidOutMember]  # (name, address, certificate PEM, dqlite node ID, role)
+    state_dirs: dict[str, Path]
+    agent_settings: dict[str, dict[str, Any]]  # per node: the backend's part of its agent.json
+    node_entries: dict[str, dict[str, Any]]  # per node: the backend's keys in lab.json's node entry
+    document: dict[str, Any]  # the backend's top-level keys in lab.json
+    role_adjustment_interval: float | None
 
 
-def up(directory: Path, nodes: int, *, agents_per_process: int = 1, backend: str = "local") -> Lab:
+def up(
+    directory: Path, nodes: int, *, agents_per_process: int = 1, backend: str = "local", roles_interval: float = 1.0
+) -> Lab:
     """Brings a consistent lab up in directory and returns once CheckMembership answers."""
-    if backend != "local":
-        raise LabError(f"backend {backend!r} is not available yet (only 'local')")
+    if backend not in BACKENDS:
+        raise LabError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if nodes < 1 or agents_per_process < 1:
         raise LabError("--nodes and --agents-per-process must be at least 1")
     directory = directory.resolve()
@@ -154,10 +156,21 @@ def up(directory: Path, nodes: int, *, agents_per_process: int = 1, backend: str
             raise LabError(
                 f"a lab is running in {directory} (pids {running}); run `memberguard lab down --dir {directory}`"
             )
-    layout = _lay_out(directory, nodes)
+    for part in ("coordinator", "operator", "sources", "nodes", "logs", "lab.json"):
+        target = directory / part
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    (directory / "logs").mkdir(parents=True)
+    names = [f"n{i}" for i in range(1, nodes + 1)]
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        return _start(layout, agents_per_process, backend, processes)
+        if backend == "local":
+            cluster = _local_cluster(directory, names)
+        else:
+            cluster = _dqlite_cluster(directory, names, roles_interval, processes)
+        return _start(directory, backend, cluster, agents_per_process, processes)
     except BaseException:
         # Half a lab is worse than none: nothing may keep running that lab.json does not list.
         for process in processes:
@@ -167,20 +180,8 @@ def up(directory: Path, nodes: int, *, agents_per_process: int = 1, backend: str
         raise
 
 
-def _lay_out(directory: Path, nodes: int) -> _Layout:
-    for part in ("coordinator", "operator", "sources", "nodes", "logs", "lab.json"):
-        target = directory / part
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-    (directory / "logs").mkdir(parents=True)
-
-    coordinator_cert, coordinator_key = write_identity(directory / "coordinator", make_identity(COORDINATOR_NAME))
-    operator = make_identity("operator")
-    operator_cert, operator_key = write_identity(directory / "operator", operator, stem="operator")
-
-    names = [f"n{i}" for i in range(1, nodes + 1)]
+def _local_cluster(directory: Path, names: list[str]) -> _Cluster:
+    """The `local` backend: a SQLite members table and a YAML Raft configuration that every node shares."""
     identities = {name: make_identity(name) for name in names}
     rng = random.SystemRandom()
     members: list[LaidOutMember] = [
@@ -193,7 +194,6 @@ def _lay_out(directory: Path, nodes: int) -> _Layout:
         )
         for i, name in enumerate(names)
     ]
-
     sources = directory / "sources"
     sources.mkdir()
     members_table, raft_config = sources / "members.db", sources / "raft.yaml"
@@ -201,11 +201,78 @@ def _lay_out(directory: Path, nodes: int) -> _Layout:
     for name, address, certificate, _, _ in members:
         upsert_member(members_table, name, address, certificate, "voter")
     write_raft_config(raft_config, [(node_id, address, role) for _, address, _, node_id, role in members])
-
-    agent_configs = []
+    state_dirs = {name: directory / "nodes" / name for name in names}
     for name, address, _, node_id, _ in members:
-        state_dir = directory / "nodes" / name
-        lay_out_node(state_dir, identities[name], name, address, node_id, members)
+        lay_out_node(state_dirs[name], identities[name], name, address, node_id, members)
+    settings = {"backend": "local", "members_table": str(members_table), "raft_config": str(raft_config)}
+    return _Cluster(
+        members=members,
+        state_dirs=state_dirs,
+        agent_settings={name: settings for name in names},
+        node_entries={name: {} for name in names},
+        document={"sources": {"members_table": str(members_table), "raft_config": str(raft_config)}},
+        role_adjustment_interval=None,
+    )
+
+
+def _dqlite_cluster(
+    directory: Path, names: list[str], roles_interval: float, processes: list[subprocess.Popen[bytes]]
+) -> _Cluster:
+    """The `dqlite` backend: real dqlite nodes speaking TLS with their members' certificates."""
+    specs = [MemberSpec(name, f"127.0.0.1:{_free_port()}", directory / "nodes" / name) for name in names]
+    tls = lay_out_members(specs, directory / "nodes" / "members.pem")
+    engines = start_members(specs, tls, roles_interval=roles_interval)
+    for engine in engines:
+        # The node writes nothing after its ready line; the lab outlives this process, so let go of the pipe.
+        assert engine.process.stdout is not None
+        engine.process.stdout.close()
+        _children[engine.process.pid] = engine.process
+        processes.append(engine.process)
+    certificates = {spec.name: (spec.state_dir / "server.crt").read_text() for spec in specs}
+    roles = asyncio.run(record_members(engines, certificates))
+    members: list[LaidOutMember] = [
+        (e.name, e.address, certificates[e.name], e.node_id, _ROLES[roles[e.address]]) for e in engines
+    ]
+    return _Cluster(
+        members=members,
+        state_dirs={spec.name: spec.state_dir for spec in specs},
+        agent_settings={
+            e.name: {
+                "backend": "dqlite",
+                "dqlite": {
+                    "address": e.address,
+                    "data_dir": str(e.data_dir),
+                    "database": DATABASE,
+                    "cert": str(tls[e.name].cert),
+                    "key": str(tls[e.name].key),
+                    "ca": str(tls[e.name].ca),
+                },
+            }
+            for e in engines
+        },
+        node_entries={
+            e.name: {"dqlite": {"address": e.address, "data_dir": str(e.data_dir), "pid": e.process.pid}}
+            for e in engines
+        },
+        document={"sources": {}, "dqlite_database": DATABASE},
+        role_adjustment_interval=roles_interval,
+    )
+
+
+def _start(
+    directory: Path,
+    backend: str,
+    cluster: _Cluster,
+    agents_per_process: int,
+    processes: list[subprocess.Popen[bytes]],
+) -> Lab:
+    logs = directory / "logs"
+    coordinator_cert, coordinator_key = write_identity(directory / "coordinator", make_identity(COORDINATOR_NAME))
+    operator = make_identity("operator")
+    operator_cert, operator_key = write_identity(directory / "operator", operator, stem="operator")
+    configs = []
+    for name, _, _, _, _ in cluster.members:
+        state_dir = cluster.state_dirs[name]
         # Each node pins the coordinators it answers in a file of its own, as a real node would.
         pins = state_dir / "coordinators.pem"
         pins.write_bytes(coordinator_cert.read_bytes())
@@ -216,45 +283,28 @@ def _lay_out(directory: Path, nodes: int) -> _Layout:
                 "name": name,
                 "listen": "127.0.0.1:0",
                 "state_dir": str(state_dir),
-                "backend": "local",
-                "members_table": str(members_table),
-                "raft_config": str(raft_config),
+                **cluster.agent_settings[name],
                 "trusted_coordinators": str(pins),
+                "role_adjustment_interval": cluster.role_adjustment_interval,
                 "port_file": str(state_dir / "agent.port"),
             },
         )
-        agent_configs.append(config)
-    return _Layout(
-        directory,
-        members,
-        identities,
-        operator,
-        coordinator_cert,
-        coordinator_key,
-        operator_cert,
-        operator_key,
-        members_table,
-        raft_config,
-        agent_configs,
-    )
+        configs.append(config)
 
-
-def _start(layout: _Layout, agents_per_process: int, backend: str, processes: list[subprocess.Popen[bytes]]) -> Lab:
-    directory, logs = layout.directory, layout.directory / "logs"
     # Start every agent process first and only then wait: they import and bind in parallel.
     batches = []
-    for start in range(0, len(layout.members), agents_per_process):
-        batch = layout.members[start : start + agents_per_process]
-        configs = layout.agent_configs[start : start + agents_per_process]
-        log = logs / f"agents-{batch[0][0]}.log"
-        process = _spawn(["-m", "coordinator.agent", *map(str, configs)], log)
+    for start in range(0, len(cluster.members), agents_per_process):
+        batch = [member[0] for member in cluster.members[start : start + agents_per_process]]
+        log = logs / f"agents-{batch[0]}.log"
+        process = _spawn(["-m", "coordinator.agent", *map(str, configs[start : start + agents_per_process])], log)
         processes.append(process)
         batches.append((batch, process, log))
     node_entries: list[dict[str, Any]] = []
     for batch, process, log in batches:
-        for name, address, _, _, _ in batch:
-            state_dir = directory / "nodes" / name
+        for name in batch:
+            state_dir = cluster.state_dirs[name]
             port = _wait_for_port(state_dir / "agent.port", process, log)
+            address = next(member[1] for member in cluster.members if member[0] == name)
             node_entries.append(
                 {
                     "name": name,
@@ -262,17 +312,16 @@ def _start(layout: _Layout, agents_per_process: int, backend: str, processes: li
                     "agent_address": f"127.0.0.1:{port}",
                     "pid": process.pid,
                     "state_dir": str(state_dir),
+                    **cluster.node_entries[name],
                 }
             )
 
     registry = directory / "coordinator" / "registry.json"
+    certificates = {member[0]: member[2] for member in cluster.members}
     write_registry(
         registry,
-        [
-            RegisteredMember(n["name"], n["agent_address"], layout.identities[n["name"]].certificate_pem.decode())
-            for n in node_entries
-        ],
-        [RegisteredIdentity("operator", Principal.OPERATOR, layout.operator.certificate_pem.decode())],
+        [RegisteredMember(n["name"], n["agent_address"], certificates[n["name"]]) for n in node_entries],
+        [RegisteredIdentity("operator", Principal.OPERATOR, operator.certificate_pem.decode())],
     )
     coordinator_config = directory / "coordinator" / "coordinator.json"
     _write_json(
@@ -280,8 +329,8 @@ def _start(layout: _Layout, agents_per_process: int, backend: str, processes: li
         {
             "coordinator_id": COORDINATOR_NAME,
             "listen": "127.0.0.1:0",
-            "cert": str(layout.coordinator_cert),
-            "key": str(layout.coordinator_key),
+            "cert": str(coordinator_cert),
+            "key": str(coordinator_key),
             "registry": str(registry),
             "port_file": str(directory / "coordinator" / "coordinator.port"),
         },
@@ -295,12 +344,12 @@ def _start(layout: _Layout, agents_per_process: int, backend: str, processes: li
         "backend": backend,
         "coordinator": {
             "address": f"127.0.0.1:{port}",
-            "ca": str(layout.coordinator_cert),
+            "ca": str(coordinator_cert),
             "server_name": COORDINATOR_NAME,
             "pid": process.pid,
         },
-        "operator": {"cert": str(layout.operator_cert), "key": str(layout.operator_key)},
-        "sources": {"members_table": str(layout.members_table), "raft_config": str(layout.raft_config)},
+        "operator": {"cert": str(operator_cert), "key": str(operator_key)},
+        **cluster.document,
         "nodes": node_entries,
     }
     _write_json(directory / "lab.json", document)
@@ -323,22 +372,29 @@ def _wait_until_answering(lab: Lab) -> None:
 
 
 def down(directory: Path) -> list[int]:
-    """Stops every process of the lab (coordinator first); returns the pids that were running."""
+    """Stops every process of the lab: the coordinator and the agents, then the dqlite nodes one at a time (all at
+    once would leave a leader handing over to nodes that are going away). Returns the pids that were running."""
     lab = Lab.load(directory)
+    engines = [n["dqlite"]["pid"] for n in lab.document["nodes"] if "dqlite" in n]
     running = lab.running()
-    for pid in running:
+    _stop([pid for pid in running if pid not in engines])
+    for pid in reversed([pid for pid in engines if pid in running]):
+        _stop([pid], timeout=10.0)
+    return running
+
+
+def _stop(pids: list[int], timeout: float = 5.0) -> None:
+    for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and any(_is_ours(pid) for pid in running):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
         time.sleep(0.02)
-    for pid in running:
+    for pid in pids:
         if _is_ours(pid):
             os.kill(pid, signal.SIGKILL)
-    for pid in lab.pids():
         child = _children.pop(pid, None)
         if child is not None:
             child.wait()
-    return running
 
 
 def register(subparsers: Any) -> None:
@@ -348,7 +404,10 @@ def register(subparsers: Any) -> None:
     up_parser = commands.add_parser("up", help="start a coordinator and N agents with a consistent cluster")
     up_parser.add_argument("--dir", required=True, type=Path, help="the lab directory")
     up_parser.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
-    up_parser.add_argument("--backend", default="local", choices=["local"], help="source backend")
+    up_parser.add_argument("--backend", default="local", choices=BACKENDS, help="source backend (default local)")
+    up_parser.add_argument(
+        "--roles-interval", type=float, default=1.0, help="dqlite: the nodes' role-adjustment interval in seconds"
+    )
     up_parser.add_argument("--agents-per-process", type=int, default=1, help="agents sharing one process (large labs)")
     up_parser.set_defaults(handler=_run_up)
     down_parser = commands.add_parser("down", help="stop every process of a lab")
@@ -358,7 +417,13 @@ def register(subparsers: Any) -> None:
 
 def _run_up(args: argparse.Namespace) -> int:
     try:
-        lab = up(args.dir, args.nodes, agents_per_process=args.agents_per_process, backend=args.backend)
+        lab = up(
+            args.dir,
+            args.nodes,
+            agents_per_process=args.agents_per_process,
+            backend=args.backend,
+            roles_interval=args.roles_interval,
+        )
     except LabError as error:
         print(f"memberguard: {error}", file=sys.stderr)
         return 1

@@ -26,9 +26,11 @@ from typing import Any
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
+from coordinator.agent.dqlite_sources import dqlite_backend
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import NodeView, SourceReport
+from coordinator.dqlite.nodes import client_ssl_context
 from coordinator.files import write_atomically
 from coordinator.messages import view_to_proto
 from coordinator.pki import Identity, dns_names, fingerprint, read_identity
@@ -92,9 +94,19 @@ class AgentConfig:
         raw: dict[str, Any] = json.loads(path.read_text())
         state_dir = Path(raw["state_dir"])
         backend = raw.get("backend", "local")
-        if backend != "local":
+        if backend == "local":
+            readers = local_backend(state_dir, Path(raw["members_table"]), Path(raw["raft_config"]))
+        elif backend == "dqlite":
+            engine = raw["dqlite"]
+            readers = dqlite_backend(
+                state_dir=state_dir,
+                data_dir=Path(engine["data_dir"]),
+                address=engine["address"],
+                database=engine["database"],
+                ssl=client_ssl_context(Path(engine["cert"]), Path(engine["key"]), Path(engine["ca"])),
+            )
+        else:
             raise ValueError(f"{path}: unknown backend {backend!r}")
-        readers = local_backend(state_dir, Path(raw["members_table"]), Path(raw["raft_config"]))
         interval = raw.get("role_adjustment_interval")
         return cls(
             name=raw["name"],

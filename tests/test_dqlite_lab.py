@@ -1,0 +1,188 @@
+"""Scenarios on the real engine: a dqlite lab (real dqlite nodes over TLS, agents on the `dqlite` backend, the
+coordinator), made to diverge for real, checked through the coordinator.
+
+The engine moves on its own (go-dqlite's role adjuster, cache rewrites every tick), so each test waits until
+the BLOCKING and WARNING discrepancies are exactly the expected ones; INFO-level lag may come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from memberguard import Client
+from memberguard.v1 import membership_pb2 as pb
+
+from coordinator import lab as labs
+from coordinator.dqlite import Connection, connect_leader
+from coordinator.dqlite.cluster import DATABASE, MemberSpec, start_members
+from coordinator.dqlite.nodes import NodeTls, client_ssl_context, stop_node
+
+pytestmark = pytest.mark.dqlite
+
+Fact = tuple[str, str, str, str]  # (kind, severity, source, node) with the enum prefixes dropped
+
+
+@pytest.fixture
+def dqlite_lab(tmp_path: Path) -> Iterator[labs.Lab]:
+    running = labs.up(tmp_path / "lab", 3, backend="dqlite")
+    yield running
+    labs.down(running.dir)
+
+
+async def _leader(lab: labs.Lab, *, timeout: float = 10.0) -> Connection:
+    state = Path(lab.node("n1")["state_dir"])
+    context = client_ssl_context(state / "server.crt", state / "server.key", lab.dir / "nodes" / "members.pem")
+    live = [n["dqlite"]["address"] for n in lab.document["nodes"] if _alive(n["dqlite"]["pid"])]
+    return await connect_leader(live, timeout=timeout, ssl=context)
+
+
+def _sql(lab: labs.Lab, sql: str, *params: Any) -> None:
+    async def run() -> None:
+        async with await _leader(lab) as connection:
+            await connection.open(DATABASE)
+            await connection.exec(sql, params)
+
+    asyncio.run(run())
+
+
+def _leader_address(lab: labs.Lab) -> str:
+    async def run() -> str:
+        async with await _leader(lab) as connection:
+            return (await connection.leader()).address
+
+    return asyncio.run(run())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _serious(diff: pb.MembershipDiff) -> list[Fact]:
+    return sorted(
+        (
+            pb.DiscrepancyKind.Name(x.kind).removeprefix("DISCREPANCY_KIND_"),
+            pb.Severity.Name(x.severity).removeprefix("SEVERITY_"),
+            pb.Source.Name(x.source).removeprefix("SOURCE_"),
+            x.node,
+        )
+        for x in diff.discrepancies
+        if x.severity != pb.SEVERITY_INFO
+    )
+
+
+def _settles_on(client: Client, expected: list[Fact], *, within: float = 15.0) -> pb.MembershipDiff:
+    """Checks until the non-INFO discrepancies are exactly `expected`; fails with the last ones seen."""
+    deadline = time.monotonic() + within
+    while True:
+        diff = client.check_membership(timeout=10).diff
+        if _serious(diff) == sorted(expected):
+            return diff
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {within:g} s the diff still has {_serious(diff)}, not {sorted(expected)}")
+        time.sleep(0.2)
+
+
+def test_a_dqlite_lab_is_consistent_and_reads_the_engine(dqlite_lab: labs.Lab) -> None:
+    with Client(dqlite_lab.endpoint) as client:
+        diff = _settles_on(client, [])
+    assert dqlite_lab.document["dqlite_database"] == DATABASE
+    members = {m.name: m for m in diff.members}
+    assert sorted(members) == ["n1", "n2", "n3"]
+    assert members["n1"].node_id == labs.BOOTSTRAP_ID, "the bootstrap node has dqlite's fixed bootstrap ID"
+    assert len({m.node_id for m in diff.members}) == 3
+    for node in dqlite_lab.document["nodes"]:
+        assert members[node["name"]].address == node["dqlite"]["address"]
+        assert (Path(node["dqlite"]["data_dir"]) / "info.yaml").exists()
+
+
+def test_s6_a_deleted_row_of_a_raft_member(dqlite_lab: labs.Lab) -> None:
+    _sql(dqlite_lab, "DELETE FROM core_cluster_members WHERE name = ?", "n2")
+    with Client(dqlite_lab.endpoint) as client:
+        diff = _settles_on(client, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")])
+    missing = next(x for x in diff.discrepancies if x.kind == pb.DISCREPANCY_KIND_MISSING)
+    assert missing.member.name == "n2", "the Raft-only member is named by its own agent"
+    assert missing.member.address == dqlite_lab.node("n2")["dqlite"]["address"]
+
+
+def test_s1_a_ghost_raft_member_added_then_wiped(dqlite_lab: labs.Lab, tmp_path: Path) -> None:
+    """A fourth node joins the engine (it adds itself, as go-dqlite's joiners do), then dies and is wiped: Raft
+    keeps it, and no members-table row or truststore record ever named it."""
+    spec = MemberSpec("ghost", f"127.0.0.1:{_free_port()}", tmp_path / "ghost")
+    # The engine only needs a certificate its peers trust; which member's it is does not matter to Raft.
+    n1 = Path(dqlite_lab.node("n1")["state_dir"])
+    tls = NodeTls(n1 / "server.crt", n1 / "server.key", dqlite_lab.dir / "nodes" / "members.pem")
+    ghost = start_members([spec], {"ghost": tls}, join=[dqlite_lab.node("n1")["dqlite"]["address"]])[0]
+    with Client(dqlite_lab.endpoint) as client:
+        _settles_on(client, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")])
+        ghost.process.kill()
+        stop_node(ghost)
+        shutil.rmtree(spec.state_dir)
+        diff = _settles_on(client, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")])
+    missing = next(x for x in diff.discrepancies if x.kind == pb.DISCREPANCY_KIND_MISSING)
+    assert (missing.member.address, missing.member.node_id) == (spec.address, ghost.node_id)
+    assert missing.member.name == "", "nothing that carries names knows the ghost"
+
+
+def test_s7_a_node_removed_from_raft_that_still_lists_itself(dqlite_lab: labs.Lab) -> None:
+    n3 = dqlite_lab.node("n3")
+
+    async def remove_n3() -> None:
+        async with await _leader(dqlite_lab) as connection:
+            node_id = next(n.id for n in await connection.cluster() if n.address == n3["dqlite"]["address"])
+            await connection.remove(node_id)
+
+    asyncio.run(remove_n3())
+    _sql(dqlite_lab, "DELETE FROM core_cluster_members WHERE name = ?", "n3")
+    expected = [
+        ("ORPHAN", "BLOCKING", "TRUSTSTORE", "n1"),
+        ("ORPHAN", "BLOCKING", "TRUSTSTORE", "n2"),
+        ("ORPHAN", "BLOCKING", "TRUSTSTORE", "n3"),
+        ("NODE_INFO_MISMATCH", "BLOCKING", "NODE_INFO", "n3"),
+        ("VIEW_DIFFERS", "WARNING", "RAFT_NODE_VIEW", "n3"),
+    ]
+    with Client(dqlite_lab.endpoint) as client:
+        diff = _settles_on(client, expected, within=20.0)
+    stale = next(x for x in diff.discrepancies if x.source == pb.SOURCE_RAFT_NODE_VIEW and x.node == "n3")
+    assert "still holds" in stale.summary, "n3's own configuration still lists n3"
+
+
+def test_a_killed_follower_is_a_dead_engine_not_a_missing_member(dqlite_lab: labs.Lab) -> None:
+    leader = _leader_address(dqlite_lab)
+    follower = next(n for n in dqlite_lab.document["nodes"] if n["dqlite"]["address"] != leader)
+    os.kill(follower["dqlite"]["pid"], signal.SIGKILL)
+    with Client(dqlite_lab.endpoint) as client:
+        _settles_on(client, [("SOURCE_UNREADABLE", "WARNING", "RAFT_NODE_VIEW", follower["name"])])
+
+
+def test_a_killed_leader_gives_no_leader_or_the_new_leaders_view_within_the_deadline(dqlite_lab: labs.Lab) -> None:
+    leader = _leader_address(dqlite_lab)
+    node = next(n for n in dqlite_lab.document["nodes"] if n["dqlite"]["address"] == leader)
+    os.kill(node["dqlite"]["pid"], signal.SIGKILL)
+    no_leader: list[Fact] = [("NO_LEADER", "BLOCKING", "RAFT_CONFIG", "")]
+    with Client(dqlite_lab.endpoint) as client:
+        started = time.monotonic()
+        diff = client.check_membership(agent_timeout=1.0, timeout=5).diff
+        assert time.monotonic() - started < 3.0, "the check outlived its agents' deadline"
+        seen = _serious(diff)
+        # Right after the kill, nobody may lead yet; any answer must be one of the two truths.
+        dead_engine: list[Fact] = [("SOURCE_UNREADABLE", "WARNING", "RAFT_NODE_VIEW", node["name"])]
+        assert all(fact in no_leader + dead_engine or fact[0] == "SOURCE_UNREADABLE" for fact in seen), seen
+        _settles_on(client, dead_engine)
