@@ -1,15 +1,24 @@
-"""The benchmark: what a fresh CheckMembership costs against the floor of a trivial call, from one run.
+"""The benchmarks, each printing figures from one run with a same-run baseline (`make bench` runs them all).
 
-`python -m coordinator.bench [--sizes 3,10,50,100] [--calls 200]` (or `make bench`) brings up a lab at each
-size (large labs pack several agents into one process: the same agent code), then interleaves a trivial
+`python -m coordinator.bench [--backend local|dqlite] [--sizes 3,10,50,100] [--calls 200]` brings up a lab at
+each size (large labs pack several agents into one process: the same agent code), then interleaves a trivial
 unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
 same machine noise, and prints p50/p99 of each and their ratio.
+
+`python -m coordinator.bench --dqlite-client [--calls 1000]` starts a 3-node TLS dqlite cluster and times
+CLUSTER and a primary-key SELECT on one kept connection to the leader, with go-dqlite's own client (the Go
+benchmark program, `make go`) and with memberguard's native client, on the same cluster in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import socket
+import ssl
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +28,9 @@ from pathlib import Path
 from memberguard import Client
 
 from coordinator import lab as labs
+from coordinator.dqlite import connect_leader
+from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, start_members
+from coordinator.dqlite.nodes import client_ssl_context, node_binary, stop_cluster
 
 
 @dataclass(frozen=True)
@@ -38,9 +50,9 @@ def _timed(call: Callable[[], object]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def measure(nodes: int, calls: int, directory: Path) -> tuple[Figures, Figures, int]:
+def measure(nodes: int, calls: int, directory: Path, backend: str = "local") -> tuple[Figures, Figures, int]:
     """(floor, check, discrepancies seen) for a consistent lab of `nodes` nodes."""
-    lab = labs.up(directory, nodes, agents_per_process=1 if nodes <= 10 else 25)
+    lab = labs.up(directory, nodes, agents_per_process=1 if nodes <= 10 else 25, backend=backend)
     try:
         with Client(lab.endpoint) as client:
             for _ in range(max(5, calls // 10)):  # warm the channels, caches and allocator
@@ -56,17 +68,76 @@ def measure(nodes: int, calls: int, directory: Path) -> tuple[Figures, Figures, 
     return Figures.of(floor), Figures.of(check), found
 
 
+async def _native(addresses: list[str], context: ssl.SSLContext, calls: int) -> tuple[Figures, Figures]:
+    async with await connect_leader(addresses, timeout=10, ssl=context) as connection:
+        await connection.open(DATABASE)
+        for _ in range(20):
+            await connection.cluster()
+            await connection.query("SELECT v FROM bench WHERE id = 1")
+        cluster, select = [], []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await connection.cluster()
+            cluster.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await connection.query("SELECT v FROM bench WHERE id = 1")
+            select.append((time.perf_counter() - started) * 1000)
+    return Figures.of(cluster), Figures.of(select)
+
+
+def dqlite_client(calls: int) -> None:
+    """go-dqlite's client and the native one, on the same TLS cluster, in the same run."""
+    with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
+        root = Path(scratch)
+        specs = [MemberSpec(name, f"127.0.0.1:{_free_port()}", root / name) for name in ("n1", "n2", "n3")]
+        tls = lay_out_members(specs, root / "members.pem")
+        nodes = start_members(specs, tls)
+        try:
+            addresses = [node.address for node in nodes]
+            own = tls["n1"]
+            # The Go program creates the table it reads (bench: one row) before it times anything.
+            command = [
+                str(node_binary().with_name("memberguard-dqlite-bench")),
+                *("--cluster", ",".join(addresses), "--db", DATABASE, "--n", str(calls)),
+                *("--tls-cert", str(own.cert), "--tls-key", str(own.key), "--tls-ca", str(own.ca)),
+            ]
+            go = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            context = client_ssl_context(own.cert, own.key, own.ca)
+            cluster, select = asyncio.run(_native(addresses, context, calls))
+        finally:
+            stop_cluster(nodes)
+    print(f"dqlite over TLS, one kept connection to the leader, {calls} calls each (ms)")
+    print(f"{'request':<22} {'go p50':>8} {'go p99':>8} {'native p50':>11} {'native p99':>11} {'ratio':>6}")
+    for label, key, native in (("CLUSTER", "cluster_ms", cluster), ("SELECT by primary key", "select_ms", select)):
+        p50, p99 = go[key]["p50"], go[key]["p99"]
+        print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coordinator.bench", description=__doc__)
+    parser.add_argument("--backend", default="local", choices=labs.BACKENDS, help="the lab's backend")
     parser.add_argument("--sizes", default="3,10,50,100", help="comma-separated lab sizes (default 3,10,50,100)")
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size")
+    parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     args = parser.parse_args(argv)
+    if args.dqlite_client:
+        dqlite_client(args.calls)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"CheckMembership vs a trivial unary call (health check), same mTLS channel, {args.calls} calls each")
+    print(
+        f"CheckMembership vs a trivial unary call (health check), same mTLS channel, {args.calls} calls each,"
+        f" {args.backend} backend"
+    )
     print(f"{'N':>4} {'floor p50':>10} {'floor p99':>10} {'check p50':>10} {'check p99':>10} {'p50 ratio':>10}")
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         for nodes in sizes:
-            floor, check, found = measure(nodes, args.calls, Path(scratch) / f"lab-{nodes}")
+            floor, check, found = measure(nodes, args.calls, Path(scratch) / f"lab-{nodes}", args.backend)
             note = "" if found == 0 else f"  ({found} discrepancies: the lab was not consistent)"
             print(
                 f"{nodes:>4} {floor.p50:>9.2f}ms {floor.p99:>9.2f}ms {check.p50:>9.2f}ms {check.p99:>9.2f}ms"
