@@ -71,7 +71,9 @@ class Lab:
         return Endpoint.from_lab(self.dir)
 
     def pids(self) -> list[int]:
+        """Every process of the lab: the coordinator, the agents and (dqlite backend) the engines."""
         pids = [self.document["coordinator"]["pid"]] + [n["pid"] for n in self.document["nodes"]]
+        pids += [n["dqlite"]["pid"] for n in self.document["nodes"] if "dqlite" in n]
         return list(dict.fromkeys(pids))
 
     def running(self) -> list[int]:

@@ -68,10 +68,11 @@ def dqlite_backend(
     nodes. The network readers keep connections: `close_readers` ends them.
     """
     cache = RaftConfigFileReader(data_dir / "cluster.yaml", Source.RAFT_CACHE)
-    leader = _Leader(address, cache, database, ssl)
+    truststore = TruststoreReader(state_dir / "truststore")
+    leader = _Leader(address, (cache, truststore), database, ssl)
     return (
         MembersTableReader(leader, timeout),
-        TruststoreReader(state_dir / "truststore"),
+        truststore,
         RaftConfigReader(leader, timeout),
         NodeViewReader(_Link(address, ssl), timeout),
         cache,
@@ -133,20 +134,30 @@ class _Link:
 class _Leader(_Link):
     """The kept connection to the cluster's leader, shared by the members-table and Raft-configuration readers.
 
-    Discovery asks the last leader, this node and every node in this node's cluster.yaml (go-dqlite keeps the
-    known nodes there), following redirects; it runs again only when the kept connection fails.
+    Discovery asks the last leader, this node, every node in this node's cluster.yaml (go-dqlite keeps the known
+    nodes there) and every member in its truststore (a member's address is its dqlite address, and a node whose
+    engine died right after it started has a cluster.yaml that names only itself), following redirects; it runs
+    again only when the kept connection fails.
     """
 
-    def __init__(self, address: str, cache: RaftConfigFileReader, database: str, ssl: _ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        address: str,
+        known: Sequence[RaftConfigFileReader | TruststoreReader],
+        database: str,
+        ssl: _ssl.SSLContext | None,
+    ) -> None:
         super().__init__(address, ssl)
-        self._cache = cache
+        self._known = known
         self._database = database
         self._leader = ""
         self._opened: Connection | None = None  # the connection on which the database is open
 
     async def _dial(self, timeout: float) -> Connection:
-        known = await self._cache.read(include_certificates=False)  # an unreadable file leaves just ourselves
-        candidates = dict.fromkeys([self._leader, self.address, *(record.address for record in known.records)])
+        # An unreadable source adds no candidate: at worst this node is asked alone.
+        reports = [await reader.read(include_certificates=False) for reader in self._known]
+        known = (record.address for report in reports for record in report.records)
+        candidates = dict.fromkeys([self._leader, self.address, *known])
         candidates.pop("", None)
         connection = await _find_leader(list(candidates), timeout, self._ssl)
         self._leader = connection.address

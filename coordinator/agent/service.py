@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
-from coordinator.agent.dqlite_sources import dqlite_backend
+from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import NodeView, SourceReport
@@ -176,3 +176,5 @@ async def serve(configs: list[AgentConfig]) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await asyncio.gather(*(s.stop(grace=1.0) for s in servers))
+    for config in configs:
+        await close_readers(config.readers)
