@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import ssl
 import statistics
 import subprocess
@@ -89,7 +88,8 @@ def dqlite_client(calls: int) -> None:
     """go-dqlite's client and the native one, on the same TLS cluster, in the same run."""
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         root = Path(scratch)
-        specs = [MemberSpec(name, f"127.0.0.1:{_free_port()}", root / name) for name in ("n1", "n2", "n3")]
+        names = ("n1", "n2", "n3")
+        specs = [MemberSpec(n, a, root / n) for n, a in zip(names, labs.loopback_addresses(3), strict=True)]
         tls = lay_out_members(specs, root / "members.pem")
         nodes = start_members(specs, tls)
         try:
@@ -111,12 +111,6 @@ def dqlite_client(calls: int) -> None:
     for label, key, native in (("CLUSTER", "cluster_ms", cluster), ("SELECT by primary key", "select_ms", select)):
         p50, p99 = go[key]["p50"], go[key]["p99"]
         print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -92,10 +93,14 @@ def _is_ours(pid: int) -> bool:
     return b"coordinator" in command or b"memberguard-dqlite-node" in command
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def loopback_addresses(count: int) -> list[str]:
+    """`count` distinct free "127.0.0.1:PORT" addresses. The probes stay bound until all are chosen: a port probed
+    and released at once may well be handed out again by the next probe (it was, in a lab of 100 members)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{probe.getsockname()[1]}" for probe in probes]
 
 
 # The processes this Python process started, so that `down` can reap them: an unreaped child would linger as a
@@ -189,12 +194,12 @@ def _local_cluster(directory: Path, names: list[str]) -> _Cluster:
     members: list[LaidOutMember] = [
         (
             name,
-            f"127.0.0.1:{_free_port()}",
+            address,
             identities[name].certificate_pem.decode(),
             BOOTSTRAP_ID if i == 0 else rng.getrandbits(63),
             Role.VOTER,
         )
-        for i, name in enumerate(names)
+        for i, (name, address) in enumerate(zip(names, loopback_addresses(len(names)), strict=True))
     ]
     sources = directory / "sources"
     sources.mkdir()
@@ -221,7 +226,10 @@ def _dqlite_cluster(
     directory: Path, names: list[str], roles_interval: float, processes: list[subprocess.Popen[bytes]]
 ) -> _Cluster:
     """The `dqlite` backend: real dqlite nodes speaking TLS with their members' certificates."""
-    specs = [MemberSpec(name, f"127.0.0.1:{_free_port()}", directory / "nodes" / name) for name in names]
+    addresses = loopback_addresses(len(names))
+    specs = [
+        MemberSpec(name, address, directory / "nodes" / name) for name, address in zip(names, addresses, strict=True)
+    ]
     tls = lay_out_members(specs, directory / "nodes" / "members.pem")
     engines = start_members(specs, tls, roles_interval=roles_interval)
     for engine in engines:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -32,14 +31,9 @@ from coordinator.dqlite.cluster import (
     start_members,
 )
 from coordinator.dqlite.nodes import DqliteNode, NodeTls, client_ssl_context, node_binary, stop_cluster, stop_node
+from coordinator.lab import loopback_addresses
 
 NAMES = ("n1", "n2", "n3")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -106,7 +100,7 @@ def start_cluster(root: Path, names: tuple[str, ...] = NAMES) -> Cluster:
         node_binary()
     except FileNotFoundError as exc:
         pytest.fail(str(exc))
-    specs = [MemberSpec(name, f"127.0.0.1:{free_port()}", root / name) for name in names]
+    specs = [MemberSpec(n, a, root / n) for n, a in zip(names, loopback_addresses(len(names)), strict=True)]
     bundle = root / "bundle.pem"
     tls = lay_out_members(specs, bundle)
     nodes = start_members(specs, tls)

@@ -67,12 +67,6 @@ def _leader_address(lab: labs.Lab) -> str:
     return asyncio.run(run())
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _alive(pid: int) -> bool:
     try:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
@@ -139,7 +133,7 @@ def test_s6_a_deleted_row_of_a_raft_member(dqlite_lab: labs.Lab) -> None:
 def test_s1_a_ghost_raft_member_added_then_wiped(dqlite_lab: labs.Lab, tmp_path: Path) -> None:
     """A fourth node joins the engine (it adds itself, as go-dqlite's joiners do), then dies and is wiped: Raft
     keeps it, and no members-table row or truststore record ever named it."""
-    spec = MemberSpec("ghost", f"127.0.0.1:{_free_port()}", tmp_path / "ghost")
+    spec = MemberSpec("ghost", labs.loopback_addresses(1)[0], tmp_path / "ghost")
     # The engine only needs a certificate its peers trust; which member's it is does not matter to Raft.
     n1 = Path(dqlite_lab.node("n1")["state_dir"])
     tls = NodeTls(n1 / "server.crt", n1 / "server.key", dqlite_lab.dir / "nodes" / "members.pem")

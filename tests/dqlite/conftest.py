@@ -18,18 +18,13 @@ from pathlib import Path
 import pytest
 
 from coordinator.dqlite import wire
+from coordinator.lab import loopback_addresses
 
 DEMO = "dqlite-demo"
 START_TIMEOUT = 20.0
 STOP_GRACE = 3.0
 # go-dqlite gives every bootstrapping node this fixed id.
 BOOTSTRAP_ID = 0x2DC171858C3155BE
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def converse(address: str, *requests: wire.Request, timeout: float = 2.0) -> list[list[wire.Response]]:
@@ -124,7 +119,8 @@ def start_cluster(base: Path, size: int) -> list[Node]:
             f"{DEMO} is not on PATH: the dqlite tests need real nodes. Install Debian's go-dqlite "
             "package (apt-get install go-dqlite), which provides dqlite-demo."
         )
-    nodes = [Node(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", base / f"n{i}") for i in range(size)]
+    addresses = loopback_addresses(2 * size)
+    nodes = [Node(addresses[2 * i], addresses[2 * i + 1], base / f"n{i}") for i in range(size)]
     first = nodes[0]
     try:
         first.start()
