@@ -48,8 +48,10 @@ demo: venv
 	echo; echo "== bring the lab down"; \
 	$(BIN)/memberguard lab down --dir $(LAB)
 
-bench: venv
+bench: venv go
 	$(BIN)/python -m coordinator.bench
+	$(BIN)/python -m coordinator.bench --backend dqlite --sizes 3,5
+	$(BIN)/python -m coordinator.bench --dqlite-client --calls 1000
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

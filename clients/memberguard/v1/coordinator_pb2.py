@@ -25,25 +25,46 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from memberguard.v1 import membership_pb2 as memberguard_dot_v1_dot_membership__pb2
+from memberguard.v1 import operation_pb2 as memberguard_dot_v1_dot_operation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memberguard/v1/coordinator.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\"W\n\x0eResponseHeader\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12-\n\tserved_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16\x43heckMembershipRequest\x12\x30\n\ragent_timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x10minimum_severity\x18\x02 \x01(\x0e\x32\x18.memberguard.v1.Severity\"w\n\x17\x43heckMembershipResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12,\n\x04\x64iff\x18\x02 \x01(\x0b\x32\x1e.memberguard.v1.MembershipDiff\"q\n\x17GuardedOperationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14\x65xpected_fingerprint\x18\x02 \x01(\t\x12$\n\x1c\x61\x63knowledged_discrepancy_ids\x18\x03 \x03(\t\"J\n\x18GuardedOperationResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader2\xdf\x01\n\x12\x43oordinatorService\x12\x62\n\x0f\x43heckMembership\x12&.memberguard.v1.CheckMembershipRequest\x1a\'.memberguard.v1.CheckMembershipResponse\x12\x65\n\x10GuardedOperation\x12\'.memberguard.v1.GuardedOperationRequest\x1a(.memberguard.v1.GuardedOperationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n memberguard/v1/coordinator.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\x1a\x1ememberguard/v1/operation.proto\"W\n\x0eResponseHeader\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12-\n\tserved_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x16\x43heckMembershipRequest\x12\x30\n\ragent_timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x10minimum_severity\x18\x02 \x01(\x0e\x32\x18.memberguard.v1.Severity\"w\n\x17\x43heckMembershipResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12,\n\x04\x64iff\x18\x02 \x01(\x0b\x32\x1e.memberguard.v1.MembershipDiff\"\xa9\x02\n\x17GuardedOperationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1c\n\x14\x65xpected_fingerprint\x18\x02 \x01(\t\x12$\n\x1c\x61\x63knowledged_discrepancy_ids\x18\x03 \x03(\t\x12:\n\x0bissue_token\x18\n \x01(\x0b\x32#.memberguard.v1.IssueTokenOperationH\x00\x12-\n\x04join\x18\x0b \x01(\x0b\x32\x1d.memberguard.v1.JoinOperationH\x00\x12>\n\rremove_member\x18\x0c \x01(\x0b\x32%.memberguard.v1.RemoveMemberOperationH\x00\x42\x0b\n\toperation\"x\n\x18GuardedOperationResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12,\n\toperation\x18\x02 \x01(\x0b\x32\x19.memberguard.v1.Operation\"!\n\x13GetOperationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"t\n\x14GetOperationResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12,\n\toperation\x18\x02 \x01(\x0b\x32\x19.memberguard.v1.Operation\"N\n\x14WaitOperationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x15WaitOperationResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12,\n\toperation\x18\x02 \x01(\x0b\x32\x19.memberguard.v1.Operation\">\n\x15ListOperationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x90\x01\n\x16ListOperationsResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12-\n\noperations\x18\x02 \x03(\x0b\x32\x19.memberguard.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x13\n\x11ListTokensRequest\"o\n\x12ListTokensResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12)\n\x06tokens\x18\x02 \x03(\x0b\x32\x19.memberguard.v1.TokenInfo\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"o\n\x13RevokeTokenResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.memberguard.v1.ResponseHeader\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x19.memberguard.v1.TokenInfo2\xa6\x05\n\x12\x43oordinatorService\x12\x62\n\x0f\x43heckMembership\x12&.memberguard.v1.CheckMembershipRequest\x1a\'.memberguard.v1.CheckMembershipResponse\x12\x65\n\x10GuardedOperation\x12\'.memberguard.v1.GuardedOperationRequest\x1a(.memberguard.v1.GuardedOperationResponse\x12Y\n\x0cGetOperation\x12#.memberguard.v1.GetOperationRequest\x1a$.memberguard.v1.GetOperationResponse\x12\\\n\rWaitOperation\x12$.memberguard.v1.WaitOperationRequest\x1a%.memberguard.v1.WaitOperationResponse\x12_\n\x0eListOperations\x12%.memberguard.v1.ListOperationsRequest\x1a&.memberguard.v1.ListOperationsResponse\x12S\n\nListTokens\x12!.memberguard.v1.ListTokensRequest\x1a\".memberguard.v1.ListTokensResponse\x12V\n\x0bRevokeToken\x12\".memberguard.v1.RevokeTokenRequest\x1a#.memberguard.v1.RevokeTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memberguard.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESPONSEHEADER']._serialized_start=150
-  _globals['_RESPONSEHEADER']._serialized_end=237
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=239
-  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=365
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=367
-  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=486
-  _globals['_GUARDEDOPERATIONREQUEST']._serialized_start=488
-  _globals['_GUARDEDOPERATIONREQUEST']._serialized_end=601
-  _globals['_GUARDEDOPERATIONRESPONSE']._serialized_start=603
-  _globals['_GUARDEDOPERATIONRESPONSE']._serialized_end=677
-  _globals['_COORDINATORSERVICE']._serialized_start=680
-  _globals['_COORDINATORSERVICE']._serialized_end=903
+  _globals['_RESPONSEHEADER']._serialized_start=182
+  _globals['_RESPONSEHEADER']._serialized_end=269
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_start=271
+  _globals['_CHECKMEMBERSHIPREQUEST']._serialized_end=397
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_start=399
+  _globals['_CHECKMEMBERSHIPRESPONSE']._serialized_end=518
+  _globals['_GUARDEDOPERATIONREQUEST']._serialized_start=521
+  _globals['_GUARDEDOPERATIONREQUEST']._serialized_end=818
+  _globals['_GUARDEDOPERATIONRESPONSE']._serialized_start=820
+  _globals['_GUARDEDOPERATIONRESPONSE']._serialized_end=940
+  _globals['_GETOPERATIONREQUEST']._serialized_start=942
+  _globals['_GETOPERATIONREQUEST']._serialized_end=975
+  _globals['_GETOPERATIONRESPONSE']._serialized_start=977
+  _globals['_GETOPERATIONRESPONSE']._serialized_end=1093
+  _globals['_WAITOPERATIONREQUEST']._serialized_start=1095
+  _globals['_WAITOPERATIONREQUEST']._serialized_end=1173
+  _globals['_WAITOPERATIONRESPONSE']._serialized_start=1175
+  _globals['_WAITOPERATIONRESPONSE']._serialized_end=1292
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1294
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1356
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1359
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1503
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1505
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1524
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1526
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1637
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1639
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1673
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1675
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1786
+  _globals['_COORDINATORSERVICE']._serialized_start=1789
+  _globals['_COORDINATORSERVICE']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,31 @@ class CoordinatorServiceStub:
                 request_serializer=memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationResponse.FromString,
                 _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/GetOperation',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.GetOperationResponse.FromString,
+                _registered_method=True)
+        self.WaitOperation = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/WaitOperation',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.WaitOperationRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.WaitOperationResponse.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/ListOperations',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/ListTokens',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/RevokeToken',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -59,9 +84,47 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GuardedOperation(self, request, context):
-        """GuardedOperation changes membership only if the diff is clear. Not implemented yet: answers UNIMPLEMENTED.
-        When refused it fails with FAILED_PRECONDITION (blocking discrepancies, details: PreconditionFailure and the
-        MembershipDiff) or ABORTED (the caller's fingerprint is stale, details: the new MembershipDiff).
+        """GuardedOperation changes membership only if the diff is clear: under the membership lock it gathers a fresh diff,
+        journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
+        with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
+        discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
+        MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """GetOperation returns an operation as the journal holds it now. Not implemented yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitOperation(self, request, context):
+        """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
+        the wait or the caller's deadline runs out. Not implemented yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """ListOperations lists operations, newest first, with their audit trail. Not implemented yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,6 +142,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GuardedOperation,
                     request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.GetOperationRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.GetOperationResponse.SerializeToString,
+            ),
+            'WaitOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitOperation,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.WaitOperationRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.WaitOperationResponse.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.ListOperationsRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.ListTokensRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +224,141 @@ class CoordinatorService:
             '/memberguard.v1.CoordinatorService/GuardedOperation',
             memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationRequest.SerializeToString,
             memberguard_dot_v1_dot_coordinator__pb2.GuardedOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/GetOperation',
+            memberguard_dot_v1_dot_coordinator__pb2.GetOperationRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.GetOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/WaitOperation',
+            memberguard_dot_v1_dot_coordinator__pb2.WaitOperationRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.WaitOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/ListOperations',
+            memberguard_dot_v1_dot_coordinator__pb2.ListOperationsRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/ListTokens',
+            memberguard_dot_v1_dot_coordinator__pb2.ListTokensRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/RevokeToken',
+            memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,10 +36,24 @@ class CoordinatorServiceStub:
     CheckMembership: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CheckMembershipRequest, _coordinator_pb2.CheckMembershipResponse]
     """CheckMembership gathers every agent's view now and returns the typed diff and its fingerprint."""
     GuardedOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GuardedOperationRequest, _coordinator_pb2.GuardedOperationResponse]
-    """GuardedOperation changes membership only if the diff is clear. Not implemented yet: answers UNIMPLEMENTED.
-    When refused it fails with FAILED_PRECONDITION (blocking discrepancies, details: PreconditionFailure and the
-    MembershipDiff) or ABORTED (the caller's fingerprint is stale, details: the new MembershipDiff).
+    """GuardedOperation changes membership only if the diff is clear: under the membership lock it gathers a fresh diff,
+    journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
+    with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
+    discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
+    MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
     """
+    GetOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetOperationRequest, _coordinator_pb2.GetOperationResponse]
+    """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+    WaitOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WaitOperationRequest, _coordinator_pb2.WaitOperationResponse]
+    """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
+    the wait or the caller's deadline runs out. Not implemented yet.
+    """
+    ListOperations: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListOperationsRequest, _coordinator_pb2.ListOperationsResponse]
+    """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]
+    """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.RevokeTokenResponse]
+    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -49,10 +63,24 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     CheckMembership: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CheckMembershipRequest, _coordinator_pb2.CheckMembershipResponse]  # type: ignore[assignment]
     """CheckMembership gathers every agent's view now and returns the typed diff and its fingerprint."""
     GuardedOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GuardedOperationRequest, _coordinator_pb2.GuardedOperationResponse]  # type: ignore[assignment]
-    """GuardedOperation changes membership only if the diff is clear. Not implemented yet: answers UNIMPLEMENTED.
-    When refused it fails with FAILED_PRECONDITION (blocking discrepancies, details: PreconditionFailure and the
-    MembershipDiff) or ABORTED (the caller's fingerprint is stale, details: the new MembershipDiff).
+    """GuardedOperation changes membership only if the diff is clear: under the membership lock it gathers a fresh diff,
+    journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
+    with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
+    discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
+    MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
     """
+    GetOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetOperationRequest, _coordinator_pb2.GetOperationResponse]  # type: ignore[assignment]
+    """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+    WaitOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WaitOperationRequest, _coordinator_pb2.WaitOperationResponse]  # type: ignore[assignment]
+    """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
+    the wait or the caller's deadline runs out. Not implemented yet.
+    """
+    ListOperations: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListOperationsRequest, _coordinator_pb2.ListOperationsResponse]  # type: ignore[assignment]
+    """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+    ListTokens: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]  # type: ignore[assignment]
+    """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator: compares every node's view of the membership records and guards every change to them."""
@@ -71,9 +99,53 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GuardedOperationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GuardedOperationResponse, _abc.Awaitable[_coordinator_pb2.GuardedOperationResponse]]:
-        """GuardedOperation changes membership only if the diff is clear. Not implemented yet: answers UNIMPLEMENTED.
-        When refused it fails with FAILED_PRECONDITION (blocking discrepancies, details: PreconditionFailure and the
-        MembershipDiff) or ABORTED (the caller's fingerprint is stale, details: the new MembershipDiff).
+        """GuardedOperation changes membership only if the diff is clear: under the membership lock it gathers a fresh diff,
+        journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
+        with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
+        discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
+        MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
         """
+
+    @_abc_1.abstractmethod
+    def GetOperation(
+        self,
+        request: _coordinator_pb2.GetOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetOperationResponse, _abc.Awaitable[_coordinator_pb2.GetOperationResponse]]:
+        """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+
+    @_abc_1.abstractmethod
+    def WaitOperation(
+        self,
+        request: _coordinator_pb2.WaitOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.WaitOperationResponse, _abc.Awaitable[_coordinator_pb2.WaitOperationResponse]]:
+        """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
+        the wait or the caller's deadline runs out. Not implemented yet.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOperations(
+        self,
+        request: _coordinator_pb2.ListOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListOperationsResponse, _abc.Awaitable[_coordinator_pb2.ListOperationsResponse]]:
+        """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _coordinator_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListTokensResponse, _abc.Awaitable[_coordinator_pb2.ListTokensResponse]]:
+        """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _coordinator_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RevokeTokenResponse, _abc.Awaitable[_coordinator_pb2.RevokeTokenResponse]]:
+        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
