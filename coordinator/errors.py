@@ -4,6 +4,13 @@ MemberguardError
 ├── InvalidRequest      a field is malformed (carries every field violation)
 ├── Unauthenticated     the peer's certificate is not trusted (any more)
 ├── PermissionDenied    the peer's role may not call this method
+├── NotFound            the operation, token or member named does not exist
+├── AlreadyExists       the name is taken
+├── MembershipRefused   the guard refused a membership change (carries the fresh diff)
+│   ├── DirtyMembership     blocking discrepancies remain (and their violations)
+│   └── StaleFingerprint    the caller decided on another diff than the current one
+├── StaleEpoch          a step from an older journal epoch than the agent has seen
+├── SourceNotRewritable a step's source holds what the agent cannot parse, so it is not rewritten
 └── NotImplementedYet   the RPC is declared in the contract but not built yet
 """
 
@@ -38,6 +45,56 @@ class Unauthenticated(MemberguardError):
 
 class PermissionDenied(MemberguardError):
     reason = "ROLE_NOT_ALLOWED"
+
+
+class NotFound(MemberguardError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(MemberguardError):
+    reason = "ALREADY_EXISTS"
+
+
+@dataclass(frozen=True)
+class PreconditionViolation:
+    """One reason a change may not proceed: type (the discrepancy kind, or QUORUM), subject (the discrepancy id
+    or member), description."""
+
+    type: str
+    subject: str
+    description: str
+
+
+class MembershipRefused(MemberguardError):
+    """The guard's refusal. `diff` is the fresh diff it decided on, as a memberguard.v1.MembershipDiff message
+    (status.py packs it into the status details)."""
+
+    def __init__(self, message: str, diff: object) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
+class DirtyMembership(MembershipRefused):
+    reason = "MEMBERSHIP_INCONSISTENT"
+
+    def __init__(self, message: str, diff: object, violations: list[PreconditionViolation]) -> None:
+        super().__init__(message, diff)
+        self.violations = violations
+
+
+class StaleFingerprint(MembershipRefused):
+    reason = "FINGERPRINT_STALE"
+
+
+class StaleEpoch(MemberguardError):
+    reason = "STALE_EPOCH"
+
+
+class SourceNotRewritable(MemberguardError):
+    """Rewriting the source would silently drop what the agent cannot parse in it, so the step is not applied;
+    the diff shows the source as it is."""
+
+    reason = "SOURCE_NOT_REWRITABLE"
 
 
 class NotImplementedYet(MemberguardError):

@@ -181,6 +181,16 @@ class Agents:
             )
         return NodeObservation(member.name, member.agent_address, view=view)
 
+    async def apply_step(self, node: str, request: agent_pb2.ApplyStepRequest, timeout: float) -> str:
+        """Has `node`'s agent apply one step; returns its detail. Raises grpc.aio.AioRpcError when it refuses or
+        does not answer, and KeyError for a node the registry does not hold."""
+        member = next(m for m in self._registry.members() if m.name == node)
+        link = self._link(member)
+        if link is None:
+            raise KeyError(f"{node}: no certificate to trust its agent with")
+        response = await link.stub.ApplyStep(request, timeout=timeout)
+        return response.detail
+
     async def close(self) -> None:
         for link in self._links.values():
             await link.channel.close(None)

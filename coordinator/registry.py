@@ -78,6 +78,19 @@ class Registry:
     def bundle(self) -> bytes:
         return self._current().bundle
 
+    def forget(self, name: str) -> bool:
+        """Drops member `name` (its agent address and pinned certificate) from the file; True if it was there.
+        Its agent is no longer asked, and its certificate is trusted only where a truststore still holds it."""
+        with self._lock:
+            document = json.loads(self._path.read_text())
+            members = document.get("members", [])
+            kept = [m for m in members if m["name"] != name]
+            if len(kept) == len(members):
+                return False
+            document["members"] = kept
+            write_atomically(self._path, json.dumps(document, indent=2).encode())
+            return True
+
 
 def _parse(document: dict[str, list[dict[str, str]]]) -> _Contents:
     members = tuple(

@@ -14,10 +14,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from coordinator.errors import (
+    AlreadyExists,
+    DirtyMembership,
     InvalidRequest,
     MemberguardError,
+    MembershipRefused,
+    NotFound,
     NotImplementedYet,
     PermissionDenied,
+    SourceNotRewritable,
+    StaleEpoch,
+    StaleFingerprint,
     Unauthenticated,
 )
 
@@ -28,6 +35,13 @@ _CODES: dict[type[MemberguardError], int] = {
     Unauthenticated: code_pb2.UNAUTHENTICATED,
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     NotImplementedYet: code_pb2.UNIMPLEMENTED,
+    NotFound: code_pb2.NOT_FOUND,
+    AlreadyExists: code_pb2.ALREADY_EXISTS,
+    # gRPC's status-code guide: the state must be fixed first → FAILED_PRECONDITION; a test-and-set lost → ABORTED.
+    DirtyMembership: code_pb2.FAILED_PRECONDITION,
+    StaleFingerprint: code_pb2.ABORTED,
+    StaleEpoch: code_pb2.FAILED_PRECONDITION,
+    SourceNotRewritable: code_pb2.FAILED_PRECONDITION,
 }
 
 
@@ -43,6 +57,19 @@ def to_status(error: MemberguardError) -> grpc.Status:
                 ]
             )
         )
+    if isinstance(error, DirtyMembership):
+        details.append(
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=v.type, subject=v.subject, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    if isinstance(error, MembershipRefused):
+        details.append(error.diff)
     packed = []
     for detail in details:
         holder = any_pb2.Any()

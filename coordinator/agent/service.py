@@ -28,18 +28,24 @@ from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
 from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
 from coordinator.agent.sources import SourceReader, local_backend
+from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier, UnbuiltSteps
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import NodeView, SourceReport
 from coordinator.dqlite.nodes import client_ssl_context
+from coordinator.errors import MemberguardError
 from coordinator.files import write_atomically
 from coordinator.messages import view_to_proto
 from coordinator.pki import Identity, dns_names, fingerprint, read_identity
 from coordinator.serving import start_server
+from coordinator.status import abort_with
 
 log = logging.getLogger("memberguard.agent")
 
 _SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-RULES = {f"/{_SERVICE}/GetNodeView": frozenset({Principal.COORDINATOR})}
+RULES = {
+    f"/{_SERVICE}/GetNodeView": frozenset({Principal.COORDINATOR}),
+    f"/{_SERVICE}/ApplyStep": frozenset({Principal.COORDINATOR}),
+}
 
 _PEM_END = b"-----END CERTIFICATE-----"
 
@@ -84,6 +90,7 @@ class AgentConfig:
     listen: str
     state_dir: Path
     readers: tuple[SourceReader, ...]
+    steps: StepApplier
     trusted_coordinators: Path
     backend: str
     role_adjustment_interval: float | None
@@ -94,8 +101,11 @@ class AgentConfig:
         raw: dict[str, Any] = json.loads(path.read_text())
         state_dir = Path(raw["state_dir"])
         backend = raw.get("backend", "local")
+        steps: StepApplier
         if backend == "local":
-            readers = local_backend(state_dir, Path(raw["members_table"]), Path(raw["raft_config"]))
+            members_table, raft_config = Path(raw["members_table"]), Path(raw["raft_config"])
+            readers = local_backend(state_dir, members_table, raft_config)
+            steps = LocalSteps(state_dir, members_table, raft_config)
         elif backend == "dqlite":
             engine = raw["dqlite"]
             readers = dqlite_backend(
@@ -105,6 +115,8 @@ class AgentConfig:
                 database=engine["database"],
                 ssl=client_ssl_context(Path(engine["cert"]), Path(engine["key"]), Path(engine["ca"])),
             )
+            # Its steps come with guarded operations on the real engine.
+            steps = UnbuiltSteps("dqlite")
         else:
             raise ValueError(f"{path}: unknown backend {backend!r}")
         interval = raw.get("role_adjustment_interval")
@@ -113,6 +125,7 @@ class AgentConfig:
             listen=raw["listen"],
             state_dir=state_dir,
             readers=readers,
+            steps=steps,
             trusted_coordinators=Path(raw["trusted_coordinators"]),
             backend=backend,
             role_adjustment_interval=float(interval) if interval is not None else None,
@@ -121,12 +134,14 @@ class AgentConfig:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """Serves GetNodeView. The view is rebuilt and re-serialized only when a source changed (readers return the
-    same report objects for unchanged sources), and left out when the caller already holds it."""
+    """Serves GetNodeView and ApplyStep. The view is rebuilt and re-serialized only when a source changed (readers
+    return the same report objects for unchanged sources), and left out when the caller already holds it. Steps run
+    one at a time, each under the epoch it was admitted with."""
 
     def __init__(self, config: AgentConfig, identity: Identity) -> None:
         self._config = config
         self._fingerprint = identity.fingerprint
+        self._epochs = EpochGuard(config.state_dir)
         self._built: dict[bool, tuple[tuple[SourceReport, ...], membership_pb2.NodeView, str]] = {}
 
     async def GetNodeView(
@@ -150,6 +165,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if request.known_digest == digest:
             return agent_pb2.GetNodeViewResponse(view_digest=digest, unchanged=True)
         return agent_pb2.GetNodeViewResponse(view=view, view_digest=digest)
+
+    async def ApplyStep(
+        self, request: agent_pb2.ApplyStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.ApplyStepResponse:
+        try:
+            async with self._epochs.admitted(request.epoch):
+                changed, detail = await self._config.steps.apply(request)
+        except MemberguardError as error:
+            log.info("step %d of %s refused: %s", request.step_index, request.operation_id, error)
+            await abort_with(context, error)
+        log.info("step %d of %s (epoch %d): %s", request.step_index, request.operation_id, request.epoch, detail)
+        return agent_pb2.ApplyStepResponse(changed=changed, detail=detail)
 
 
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:

@@ -117,10 +117,20 @@ class TruststoreReader:
         return self._last[1]
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a truststore file, or None: a member name becomes a file name, and nothing may land
+    outside the directory."""
+    if not name:
+        return "must not be empty"
+    if "/" in name or "\0" in name or name in (".", ".."):
+        return f"{name!r} is not usable as a file name"
+    return None
+
+
 def _entry_path(directory: Path, name: str) -> Path:
-    # A member name becomes a file name: refuse anything that would land outside the directory.
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"not a member name usable as a file name: {name!r}")
+    problem = file_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"not a member name usable as a file name: {problem}")
     return directory / f"{name}{_SUFFIX}"
 
 

@@ -18,6 +18,198 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class TruststoreRecord(_message.Message):
+    """A member's record in a truststore."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the member's name, and the record's file name without ".yaml"."""
+    address: _builtins.str
+    """address is the member's address, "ip:port"."""
+    certificate_pem: _builtins.str
+    """certificate_pem is the member's certificate."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        certificate_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate_pem", b"certificate_pem", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruststoreRecord: _TypeAlias = TruststoreRecord  # noqa: Y015
+
+@_typing.final
+class MemberRow(_message.Message):
+    """A member's row in core_cluster_members."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the member's name (the row's key)."""
+    address: _builtins.str
+    """address is the member's address, "ip:port"."""
+    certificate_pem: _builtins.str
+    """certificate_pem is the member's certificate."""
+    role: _builtins.str
+    """role is the role column's text: "PENDING", or go-dqlite's role name ("voter", "stand-by", "spare")."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        certificate_pem: _builtins.str = ...,
+        role: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate_pem", b"certificate_pem", "name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberRow: _TypeAlias = MemberRow  # noqa: Y015
+
+@_typing.final
+class RaftEntry(_message.Message):
+    """A member's entry in the Raft configuration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    """node_id is the member's dqlite node ID."""
+    address: _builtins.str
+    """address is the member's address, "ip:port"."""
+    role: _membership_pb2.Role.ValueType
+    """role is the entry's role; unset means voter."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        address: _builtins.str = ...,
+        role: _membership_pb2.Role.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftEntry: _TypeAlias = RaftEntry  # noqa: Y015
+
+@_typing.final
+class ApplyStepRequest(_message.Message):
+    """One step of an operation, for one node's agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ENSURE_TRUSTSTORE_RECORD_FIELD_NUMBER: _builtins.int
+    REMOVE_TRUSTSTORE_RECORD_FIELD_NUMBER: _builtins.int
+    ENSURE_MEMBER_ROW_FIELD_NUMBER: _builtins.int
+    REMOVE_MEMBER_ROW_FIELD_NUMBER: _builtins.int
+    ENSURE_RAFT_ENTRY_FIELD_NUMBER: _builtins.int
+    REMOVE_RAFT_ENTRY_FIELD_NUMBER: _builtins.int
+    FENCE_NODE_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """operation_id is the journaled operation the step belongs to."""
+    step_index: _builtins.int
+    """step_index is the step's position in the operation."""
+    epoch: _builtins.int
+    """epoch is the journal's epoch. The agent refuses an epoch older than the newest it has seen, and remembers a
+    newer one.
+    """
+    remove_truststore_record: _builtins.str
+    """remove_truststore_record removes the named member's record from this node's truststore; absent is fine."""
+    remove_member_row: _builtins.str
+    """remove_member_row deletes the row of that name; absent is fine."""
+    fence_node: _builtins.bool
+    """fence_node, set to true, stops this node from acting as a member: its Raft files (info.yaml, cluster.yaml, the
+    join flag) are cleared, so that it cannot come back as a zombie.
+    """
+    @_builtins.property
+    def ensure_truststore_record(self) -> Global___TruststoreRecord:
+        """ensure_truststore_record writes the record into this node's truststore unless it already holds it."""
+
+    @_builtins.property
+    def ensure_member_row(self) -> Global___MemberRow:
+        """ensure_member_row inserts the row, or updates the row of that name."""
+
+    @_builtins.property
+    def ensure_raft_entry(self) -> Global___RaftEntry:
+        """ensure_raft_entry puts the entry into the Raft configuration (local backend: its file)."""
+
+    @_builtins.property
+    def remove_raft_entry(self) -> Global___RaftEntry:
+        """remove_raft_entry takes the entry (node_id, address) out of the Raft configuration; absent is fine."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        step_index: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        ensure_truststore_record: Global___TruststoreRecord | None = ...,
+        remove_truststore_record: _builtins.str = ...,
+        ensure_member_row: Global___MemberRow | None = ...,
+        remove_member_row: _builtins.str = ...,
+        ensure_raft_entry: Global___RaftEntry | None = ...,
+        remove_raft_entry: Global___RaftEntry | None = ...,
+        fence_node: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_truststore_record", b"remove_truststore_record", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_truststore_record", b"remove_truststore_record", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___ApplyStepRequest: _TypeAlias = ApplyStepRequest  # noqa: Y015
+
+@_typing.final
+class ApplyStepResponse(_message.Message):
+    """The outcome of a step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """changed is false when the node already was as the step wants it (a repeated step)."""
+    detail: _builtins.str
+    """detail says what was done, in a few words."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyStepResponse: _TypeAlias = ApplyStepResponse  # noqa: Y015
+
+@_typing.final
 class GetNodeViewRequest(_message.Message):
     """Asks an agent for its node's view."""
 

@@ -40,6 +40,11 @@ class AgentServiceStub:
                 request_serializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.FromString,
                 _registered_method=True)
+        self.ApplyStep = channel.unary_unary(
+                '/memberguard.v1.AgentService/ApplyStep',
+                request_serializer=memberguard_dot_v1_dot_agent__pb2.ApplyStepRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_agent__pb2.ApplyStepResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -53,6 +58,16 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyStep(self, request, context):
+        """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
+        same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
+        is older than the newest this agent has seen, so that a coordinator that lost the journal cannot act; with
+        INVALID_ARGUMENT when the step is malformed or this backend cannot apply it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +75,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetNodeView,
                     request_deserializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.SerializeToString,
+            ),
+            'ApplyStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyStep,
+                    request_deserializer=memberguard_dot_v1_dot_agent__pb2.ApplyStepRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_agent__pb2.ApplyStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +110,33 @@ class AgentService:
             '/memberguard.v1.AgentService/GetNodeView',
             memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.SerializeToString,
             memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.AgentService/ApplyStep',
+            memberguard_dot_v1_dot_agent__pb2.ApplyStepRequest.SerializeToString,
+            memberguard_dot_v1_dot_agent__pb2.ApplyStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

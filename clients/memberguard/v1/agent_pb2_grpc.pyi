@@ -35,6 +35,12 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     GetNodeView: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetNodeViewRequest, _agent_pb2.GetNodeViewResponse]
     """GetNodeView reads every membership source on this node and returns what each holds."""
+    ApplyStep: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]
+    """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
+    same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
+    is older than the newest this agent has seen, so that a coordinator that lost the journal cannot act; with
+    INVALID_ARGUMENT when the step is malformed or this backend cannot apply it.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -43,6 +49,12 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetNodeView: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetNodeViewRequest, _agent_pb2.GetNodeViewResponse]  # type: ignore[assignment]
     """GetNodeView reads every membership source on this node and returns what each holds."""
+    ApplyStep: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]  # type: ignore[assignment]
+    """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
+    same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
+    is older than the newest this agent has seen, so that a coordinator that lost the journal cannot act; with
+    INVALID_ARGUMENT when the step is malformed or this backend cannot apply it.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """What a node's agent serves to the coordinator, over mutual TLS with the node's own member certificate."""
@@ -54,5 +66,17 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetNodeViewResponse, _abc.Awaitable[_agent_pb2.GetNodeViewResponse]]:
         """GetNodeView reads every membership source on this node and returns what each holds."""
+
+    @_abc_1.abstractmethod
+    def ApplyStep(
+        self,
+        request: _agent_pb2.ApplyStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ApplyStepResponse, _abc.Awaitable[_agent_pb2.ApplyStepResponse]]:
+        """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
+        same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
+        is older than the newest this agent has seen, so that a coordinator that lost the journal cannot act; with
+        INVALID_ARGUMENT when the step is malformed or this backend cannot apply it.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,150 @@
+"""Plans: a guarded operation, decided on a diff, becomes a list of idempotent steps, each for one node's agent
+(or for the coordinator itself), with the commit point marked.
+
+Pure: the plan is computed before anything runs and journaled whole (coordinator/journal.py); running it is the
+runner's business. Every action is idempotent, so a step re-sent after a crash is harmless.
+
+Removal (DESIGN.md "Operations"), on the local backend:
+1. the member leaves the Raft configuration — the commit point: from here on the removal rolls forward;
+2. its members-table row goes (after Raft: a row deleted first would de-trust a live Raft member, S6);
+3. its record leaves every reachable node's truststore (an unreachable node's copy is the remainder, reported);
+4. its own node, if reachable, is fenced (its Raft files cleared, so that it cannot come back as a zombie, S8);
+5. the coordinator forgets its certificate and deletes its tokens.
+A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
+the commit point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from coordinator.core.model import Member, MembershipDiff, Role
+
+
+@dataclass(frozen=True)
+class EnsureTruststoreRecord:
+    name: str
+    address: str
+    certificate_pem: str
+
+
+@dataclass(frozen=True)
+class RemoveTruststoreRecord:
+    name: str
+
+
+@dataclass(frozen=True)
+class EnsureMemberRow:
+    name: str
+    address: str
+    certificate_pem: str
+    role: str
+
+
+@dataclass(frozen=True)
+class RemoveMemberRow:
+    name: str
+
+
+@dataclass(frozen=True)
+class EnsureRaftEntry:
+    node_id: int
+    address: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class RemoveRaftEntry:
+    node_id: int
+    address: str
+
+
+@dataclass(frozen=True)
+class FenceNode:
+    pass
+
+
+@dataclass(frozen=True)
+class ForgetMember:
+    """The coordinator's own step: drop the member's pinned certificate from its registry, and its tokens."""
+
+    name: str
+
+
+Action = (
+    EnsureTruststoreRecord
+    | RemoveTruststoreRecord
+    | EnsureMemberRow
+    | RemoveMemberRow
+    | EnsureRaftEntry
+    | RemoveRaftEntry
+    | FenceNode
+    | ForgetMember
+)
+
+COORDINATOR = ""  # the target of a step the coordinator applies itself
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    name: str
+    target: str  # the node whose agent applies it; COORDINATOR for the coordinator's own steps
+    action: Action
+    commit_point: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[PlannedStep, ...]
+    remainder: str  # what the plan cannot reach now (unreachable nodes' copies), in one sentence; "" if nothing
+
+
+class CannotPlan(Exception):
+    """The operation has no plan on this diff (e.g. no reachable node to apply the cluster-wide steps)."""
+
+
+def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[str]) -> Plan:
+    """The steps that remove `member` (as the diff identifies it) from every source the reachable nodes hold.
+
+    `reachable` names the nodes whose agents answered; the cluster-wide steps (Raft configuration, members table)
+    go to the first of them in name order that is not the member itself. The first step is the commit point, so a
+    removal never rolls back: interrupted, it rolls forward.
+    """
+    others = sorted(node for node in reachable if node != member.name)
+    if not others:
+        raise CannotPlan(f"no reachable node other than {member.name or member.address} can apply the removal")
+    via = others[0]
+    in_raft = member.node_id != 0 and any(
+        m.address == member.address and m.node_id == member.node_id and m.role is not Role.PENDING for m in diff.members
+    )
+    in_table = bool(member.name) and any(m.name == member.name for m in diff.members)
+    label = member.name or f"node {member.node_id} at {member.address}"
+    steps: list[PlannedStep] = []
+    if in_raft:
+        steps.append(
+            PlannedStep(
+                f"remove {label} from the Raft configuration", via, RemoveRaftEntry(member.node_id, member.address)
+            )
+        )
+    if in_table:
+        steps.append(PlannedStep(f"delete {member.name}'s members-table row", via, RemoveMemberRow(member.name)))
+    if steps:
+        steps[0] = PlannedStep(steps[0].name, steps[0].target, steps[0].action, commit_point=True)
+    if member.name:
+        for node in sorted(reachable):
+            steps.append(
+                PlannedStep(f"remove {member.name} from {node}'s truststore", node, RemoveTruststoreRecord(member.name))
+            )
+        if member.name in reachable:
+            steps.append(PlannedStep(f"fence {member.name}", member.name, FenceNode()))
+        steps.append(
+            PlannedStep(f"forget {member.name}'s certificate and tokens", COORDINATOR, ForgetMember(member.name))
+        )
+    unreached = sorted(set(diff.nodes) - set(reachable) - {member.name})
+    remainder = []
+    if unreached and member.name:
+        remainder.append(f"the truststores of {', '.join(unreached)} (no answer) may still hold {label}")
+    if member.name and member.name not in reachable:
+        remainder.append(f"{label} did not answer and was not fenced: reset it before it comes back")
+    return Plan(tuple(steps), "; ".join(remainder))

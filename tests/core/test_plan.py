@@ -1,0 +1,77 @@
+"""Removal plans, computed from real diffs of plain views."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core.diff import compute_diff
+from coordinator.core.model import Member, Role, Source
+from coordinator.core.plan import (
+    COORDINATOR,
+    CannotPlan,
+    FenceNode,
+    ForgetMember,
+    RemoveMemberRow,
+    RemoveRaftEntry,
+    RemoveTruststoreRecord,
+    plan_removal,
+)
+
+from .views import address, consistent_view, drop_records, fail_agent, name, raft_entry
+
+
+def _member(diff_members: tuple[Member, ...], member_name: str) -> Member:
+    return next(m for m in diff_members if m.name == member_name)
+
+
+def test_a_healthy_members_removal_commits_in_raft_then_cleans_every_source() -> None:
+    diff = compute_diff(consistent_view(3))
+    n3 = _member(diff.members, "n3")
+    plan = plan_removal(diff, n3, reachable={"n1", "n2", "n3"})
+    assert [(step.target, step.action) for step in plan.steps] == [
+        ("n1", RemoveRaftEntry(n3.node_id, n3.address)),
+        ("n1", RemoveMemberRow("n3")),
+        ("n1", RemoveTruststoreRecord("n3")),
+        ("n2", RemoveTruststoreRecord("n3")),
+        ("n3", RemoveTruststoreRecord("n3")),
+        ("n3", FenceNode()),
+        (COORDINATOR, ForgetMember("n3")),
+    ]
+    assert [step.commit_point for step in plan.steps] == [True] + [False] * 6
+    assert plan.remainder == ""
+
+
+def test_a_dead_member_is_removed_from_what_answers_and_the_rest_is_the_remainder() -> None:
+    view = fail_agent(fail_agent(consistent_view(4), "n3"), "n4")
+    diff = compute_diff(view)
+    plan = plan_removal(diff, _member(diff.members, "n3"), reachable={"n1", "n2"})
+    assert [step.target for step in plan.steps] == ["n1", "n1", "n1", "n2", COORDINATOR]
+    assert not any(isinstance(step.action, FenceNode) for step in plan.steps)
+    assert "n4" in plan.remainder and "reset" in plan.remainder
+
+
+def test_a_member_outside_raft_commits_with_its_row() -> None:
+    """S15: a ghost row. There is no Raft entry to remove; deleting the row is the commit point."""
+    view = drop_records(consistent_view(3), Source.RAFT_CONFIG, address(3))
+    diff = compute_diff(view)
+    n3 = next(m for m in diff.members if m.name == name(3))
+    plan = plan_removal(diff, n3, reachable={"n1", "n2"})
+    assert isinstance(plan.steps[0].action, RemoveMemberRow) and plan.steps[0].commit_point
+    assert not any(isinstance(step.action, RemoveRaftEntry) for step in plan.steps)
+
+
+def test_a_ghost_raft_member_is_removed_by_address() -> None:
+    """S1: Raft holds a member no row names: only its Raft entry can go."""
+    view = drop_records(consistent_view(3), Source.MEMBERS_TABLE, address(3))
+    view = drop_records(view, Source.TRUSTSTORE, address(3))
+    view = fail_agent(view, "n3")
+    diff = compute_diff(view)
+    ghost = Member(address=raft_entry(3).address, node_id=raft_entry(3).node_id, role=Role.VOTER)
+    plan = plan_removal(diff, ghost, reachable={"n1", "n2"})
+    assert [step.action for step in plan.steps] == [RemoveRaftEntry(ghost.node_id, ghost.address)]
+
+
+def test_no_plan_without_another_reachable_node() -> None:
+    diff = compute_diff(consistent_view(2))
+    with pytest.raises(CannotPlan):
+        plan_removal(diff, _member(diff.members, "n2"), reachable={"n2"})
