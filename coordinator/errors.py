@@ -9,6 +9,7 @@ MemberguardError
 ├── MembershipRefused   the guard refused a membership change (carries the fresh diff)
 │   ├── DirtyMembership     blocking discrepancies remain (and their violations)
 │   └── StaleFingerprint    the caller decided on another diff than the current one
+├── OperationInFlight   an operation in flight holds what the request would change
 ├── StaleEpoch          a step from an older journal epoch than the agent has seen
 ├── SourceNotRewritable a step's source holds what the agent cannot parse, so it is not rewritten
 └── NotImplementedYet   the RPC is declared in the contract but not built yet
@@ -84,6 +85,10 @@ class DirtyMembership(MembershipRefused):
 
 class StaleFingerprint(MembershipRefused):
     reason = "FINGERPRINT_STALE"
+
+
+class OperationInFlight(MemberguardError):
+    reason = "OPERATION_IN_FLIGHT"
 
 
 class StaleEpoch(MemberguardError):

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,8 @@ def _start(
             "cert": str(coordinator_cert),
             "key": str(coordinator_key),
             "registry": str(registry),
+            "journal": str(directory / "coordinator" / "journal.db"),
+            "cluster_id": uuid.uuid4().hex,
             "port_file": str(directory / "coordinator" / "coordinator.port"),
         },
     )

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from memberguard.v1 import membership_pb2 as pb
+from memberguard.v1 import operation_pb2
 
 from coordinator.core import model
+from coordinator.core.operation import OperationRecord
+from coordinator.core.tokens import TokenRecord
 
 
 def _duration(seconds: float | None) -> duration_pb2.Duration | None:
@@ -138,6 +141,48 @@ def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
     if discrepancy.member is not None:
         message.member.CopyFrom(member_to_proto(discrepancy.member))
     return message
+
+
+def operation_to_proto(record: OperationRecord, token: str = "") -> operation_pb2.Operation:
+    """The journaled operation as a message; `token` is the issued token's text, for the one answer that carries it."""
+    return operation_pb2.Operation(
+        id=record.id,
+        kind=operation_pb2.OperationKind.ValueType(record.kind),
+        member=member_to_proto(record.member),
+        state=operation_pb2.OperationState.ValueType(record.state),
+        steps=[
+            operation_pb2.Step(
+                name=step.name,
+                state=operation_pb2.StepState.ValueType(step.state),
+                commit_point=step.commit_point,
+                finished_at=_timestamp(step.finished_at) if step.finished_at is not None else None,
+            )
+            for step in record.steps
+        ],
+        error=record.error,
+        token=token,
+        plan=record.plan,
+        audit=operation_pb2.Audit(
+            requested_by=record.audit.requested_by,
+            certificate_fingerprint=record.audit.certificate_fingerprint,
+            request_id=record.audit.request_id,
+            verdict=record.audit.verdict,
+            fingerprint=record.audit.fingerprint,
+            acknowledged_discrepancy_ids=list(record.audit.acknowledged),
+        ),
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
+    )
+
+
+def token_to_proto(record: TokenRecord) -> operation_pb2.TokenInfo:
+    """What ListTokens shows of a token: never its secret or digest."""
+    return operation_pb2.TokenInfo(
+        name=record.name,
+        expires_at=_timestamp(record.expires_at),
+        bound_certificate_fingerprint=record.bound_fingerprint,
+        issued_by=record.issued_by,
+    )
 
 
 def diff_to_proto(diff: model.MembershipDiff, minimum: model.Severity | None = None) -> pb.MembershipDiff:

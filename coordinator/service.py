@@ -2,8 +2,10 @@
 
 `python -m coordinator.service CONFIG` runs it; CONFIG is a JSON file:
     {"coordinator_id": "...", "listen": "127.0.0.1:0", "cert": PATH, "key": PATH, "registry": PATH,
+     "journal": PATH (the operations journal, SQLite; the coordinator holds its lock),
+     "cluster_id": "..." (what join tokens name the cluster by),
      "port_file": PATH (optional: the bound port is written there once serving)}
-The servicer only parses, calls the pure core and renders: gather → diff → response.
+The servicer only parses, calls the core (or operations.py for guarded operations) and renders.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from typing import Any
 import grpc
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
-from coordinator.auth import Principal, UnionTrust
+from coordinator.auth import Principal, Trust, UnionTrust, peer_fingerprint
+from coordinator.core import tokens
 from coordinator.core.diff import compute_diff
 from coordinator.core.model import ClusterView, MembershipDiff, Severity
-from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotImplementedYet
+from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotFound, OperationInFlight
 from coordinator.files import write_atomically
 from coordinator.gather import Agents
-from coordinator.messages import diff_to_proto
+from coordinator.journal import InvalidPageToken, Journal
+from coordinator.messages import diff_to_proto, operation_to_proto, token_to_proto
+from coordinator.operations import Caller, DeadlinePassed, Operations
 from coordinator.pki import read_identity
 from coordinator.registry import Registry
 from coordinator.serving import start_server
@@ -36,6 +41,8 @@ from coordinator.status import abort_with
 log = logging.getLogger("memberguard.coordinator")
 
 DEFAULT_AGENT_TIMEOUT = 1.0
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
 MAX_AGENT_TIMEOUT = 60.0
 # Left for the diff and the answer when the caller's deadline cuts the agents' time.
 _RESPONSE_MARGIN = 0.05
@@ -69,9 +76,14 @@ def _agent_timeout(request: coordinator_pb2.CheckMembershipRequest) -> float:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, coordinator_id: str, agents: Agents) -> None:
+    def __init__(
+        self, coordinator_id: str, agents: Agents, operations: Operations, journal: Journal, trust: Trust
+    ) -> None:
         self._id = coordinator_id
         self._agents = agents
+        self._trust = trust
+        self._operations = operations
+        self._journal = journal
         self._consistent: tuple[tuple[object, ...], MembershipDiff] | None = None
 
     def _diff(self, view: ClusterView) -> MembershipDiff:
@@ -107,39 +119,113 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         minimum = Severity(request.minimum_severity) if request.minimum_severity else None
         return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
 
-    # Declared in the contract, built with guarded operations: each answers UNIMPLEMENTED until then.
-    async def GuardedOperation(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("GuardedOperation is not implemented yet"))
+    async def GuardedOperation(
+        self, request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GuardedOperationResponse:
+        fingerprint = peer_fingerprint(context) or ""
+        peer = self._trust.peers().get(fingerprint)
+        caller = Caller(peer.name if peer else "unknown", fingerprint)
+        remaining = context.time_remaining()
+        loop = asyncio.get_running_loop()
+        deadline = None if remaining is None else loop.time() + max(0.0, remaining - _RESPONSE_MARGIN)
+        try:
+            outcome = await self._operations.submit(request, caller, deadline)
+        except MemberguardError as error:
+            await abort_with(context, error)
+        except (TimeoutError, DeadlinePassed):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it ran")
+        return coordinator_pb2.GuardedOperationResponse(
+            header=self._header(), operation=operation_to_proto(outcome.record, outcome.token)
+        )
 
-    async def GetOperation(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("GetOperation is not implemented yet"))
+    async def GetOperation(
+        self, request: coordinator_pb2.GetOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GetOperationResponse:
+        record = self._journal.get(request.id)
+        if record is None:
+            await abort_with(context, NotFound(f"no operation {request.id!r}"))
+        return coordinator_pb2.GetOperationResponse(header=self._header(), operation=operation_to_proto(record))
 
-    async def WaitOperation(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("WaitOperation is not implemented yet"))
+    async def WaitOperation(
+        self, request: coordinator_pb2.WaitOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.WaitOperationResponse:
+        limits = [context.time_remaining()]
+        if request.HasField("timeout"):
+            limits.append(request.timeout.ToNanoseconds() / 1e9)
+        timeout = min((t for t in limits if t is not None), default=None)
+        try:
+            record = await self._operations.wait(request.id, None if timeout is None else max(0.0, timeout - 0.05))
+        except MemberguardError as error:
+            await abort_with(context, error)
+        return coordinator_pb2.WaitOperationResponse(header=self._header(), operation=operation_to_proto(record))
 
-    async def ListOperations(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("ListOperations is not implemented yet"))
+    async def ListOperations(
+        self, request: coordinator_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListOperationsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            await abort_with(
+                context, InvalidRequest([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
+            )
+        try:
+            records, next_token = self._journal.page(request.page_size or DEFAULT_PAGE_SIZE, request.page_token)
+        except InvalidPageToken:
+            await abort_with(context, InvalidRequest([FieldViolation("page_token", "is not a token this gave out")]))
+        return coordinator_pb2.ListOperationsResponse(
+            header=self._header(),
+            operations=[operation_to_proto(record) for record in records],
+            next_page_token=next_token,
+        )
 
-    async def ListTokens(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("ListTokens is not implemented yet"))
+    async def ListTokens(
+        self, request: coordinator_pb2.ListTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.ListTokensResponse:
+        usable = self._journal.tokens(time.time())
+        return coordinator_pb2.ListTokensResponse(
+            header=self._header(), tokens=[token_to_proto(record) for record in usable]
+        )
 
-    async def RevokeToken(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort_with(context, NotImplementedYet("RevokeToken is not implemented yet"))
+    async def RevokeToken(
+        self, request: coordinator_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.RevokeTokenResponse:
+        record = self._journal.token(request.name)
+        if record is None or record.state is not tokens.TokenState.ACTIVE:
+            await abort_with(context, NotFound(f"no usable token for {request.name!r}"))
+        try:
+            revoked = tokens.revoke(record)
+        except tokens.TokenRefused as error:
+            await abort_with(context, OperationInFlight(str(error)))
+        self._journal.update_token(revoked)
+        return coordinator_pb2.RevokeTokenResponse(header=self._header(), token=token_to_proto(revoked))
 
 
 async def serve(config: dict[str, Any]) -> None:
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry(Path(config["registry"]))
     agents = Agents(identity, registry)
-    servicer = CoordinatorServicer(config["coordinator_id"], agents)
+    journal = Journal.open(Path(config["journal"]))
+    trust = UnionTrust(registry, agents)
+    listen = config["listen"]
+    operations = Operations(
+        journal=journal,
+        agents=agents,
+        registry=registry,
+        cluster_id=config["cluster_id"],
+        certificate_fingerprint=identity.fingerprint,
+        agent_timeout=DEFAULT_AGENT_TIMEOUT,
+    )
+    servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust)
     server, port = await start_server(
-        address=config["listen"],
+        address=listen,
         identity=identity,
-        trust=UnionTrust(registry, agents),
+        trust=trust,
         rules=RULES,
         services=[(_SERVICE, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s))],
     )
     log.info("coordinator %s serving on port %d", config["coordinator_id"], port)
+    operations.listening_on([f"{listen.rpartition(':')[0]}:{port}"])
+    # What a crash left unfinished is finished or rolled back before the coordinator says it is up; requests that
+    # arrive meanwhile queue behind it on the membership lock.
+    await operations.reconcile()
     if config.get("port_file"):
         write_atomically(Path(config["port_file"]), str(port).encode())
     stop = asyncio.Event()
@@ -149,6 +235,7 @@ async def serve(config: dict[str, Any]) -> None:
     await stop.wait()
     await server.stop(grace=1.0)
     await agents.close()
+    journal.close()
 
 
 def main(argv: list[str] | None = None) -> int:

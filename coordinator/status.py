@@ -21,6 +21,7 @@ from coordinator.errors import (
     MembershipRefused,
     NotFound,
     NotImplementedYet,
+    OperationInFlight,
     PermissionDenied,
     SourceNotRewritable,
     StaleEpoch,
@@ -41,6 +42,7 @@ _CODES: dict[type[MemberguardError], int] = {
     DirtyMembership: code_pb2.FAILED_PRECONDITION,
     StaleFingerprint: code_pb2.ABORTED,
     StaleEpoch: code_pb2.FAILED_PRECONDITION,
+    OperationInFlight: code_pb2.FAILED_PRECONDITION,
     SourceNotRewritable: code_pb2.FAILED_PRECONDITION,
 }
 

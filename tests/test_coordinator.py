@@ -17,8 +17,8 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from memberguard import Client, Unimplemented
-from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from memberguard import Client, InvalidArgument, Unimplemented
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
 
 from coordinator import lab as labs
@@ -94,9 +94,16 @@ def test_oversized_and_garbage_requests_are_refused_and_the_server_stays_up(chan
     assert answer.diff.fingerprint
 
 
-def test_guarded_operation_is_declared_but_not_built_yet(client: Client) -> None:
+def test_a_malformed_guarded_operation_names_every_bad_field(client: Client) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        client.guarded_operation(coordinator_pb2.GuardedOperationRequest(), timeout=5)
+    assert sorted(field for field, _ in refused.value.field_violations) == ["operation", "request_id"]
+
+
+def test_a_join_is_not_accepted_on_the_operator_listener_yet(client: Client) -> None:
+    request = coordinator_pb2.GuardedOperationRequest(request_id="j1", join=operation_pb2.JoinOperation(name="n9"))
     with pytest.raises(Unimplemented):
-        client.guarded_operation(coordinator_pb2.GuardedOperationRequest(request_id="r1"), timeout=5)
+        client.guarded_operation(request, timeout=5)
 
 
 def test_minimum_severity_filters_the_answer_not_the_fingerprint(lab: labs.Lab, client: Client) -> None:
@@ -185,6 +192,7 @@ def test_the_coordinator_opens_no_source_file(lab: labs.Lab, tmp_path: Path) -> 
     """A second coordinator over the same lab, with an audit hook logging every file it opens or lists."""
     config = json.loads((lab.dir / "coordinator" / "coordinator.json").read_text())
     config["port_file"] = str(tmp_path / "port")
+    config["journal"] = str(tmp_path / "journal.db")  # the lab's coordinator holds the lab's journal
     config_path = tmp_path / "coordinator.json"
     config_path.write_text(json.dumps(config))
     audit = tmp_path / "audit.log"

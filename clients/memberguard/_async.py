@@ -5,7 +5,7 @@ Create it inside the event loop that will use it: a grpc.aio channel belongs to 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -20,9 +20,12 @@ from memberguard._base import (
     check_membership_request,
     error_from_rpc,
     health_request,
+    issue_token_request,
+    remove_member_request,
     require_serving,
+    wait_operation_request,
 )
-from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -38,7 +41,7 @@ class AsyncClient(BaseClient):
         super().__init__(endpoint)
         self._channel = grpc.aio.secure_channel(endpoint.address, self._credentials(), options=self._options())
         # The generated _pb2_grpc module is untyped; the annotations below give its callables their types.
-        coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        coordinator = self._coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._check_membership: grpc.aio.UnaryUnaryMultiCallable[
             coordinator_pb2.CheckMembershipRequest, coordinator_pb2.CheckMembershipResponse
         ] = coordinator.CheckMembership
@@ -78,6 +81,59 @@ class AsyncClient(BaseClient):
     ) -> coordinator_pb2.GuardedOperationResponse:
         """Sends the request as is; a refusal raises DirtyMembership or StaleFingerprint carrying the diff."""
         return await self._call(self._guarded_operation, request, timeout)
+
+    async def issue_token(
+        self, name: str, *, ttl: float | None = None, request_id: str | None = None, timeout: float = 30.0
+    ) -> operation_pb2.Operation:
+        """Issues a join token for `name`; see Client.issue_token."""
+        request = issue_token_request(name, ttl=ttl, request_id=request_id)
+        return (await self.guarded_operation(request, timeout)).operation
+
+    async def remove_member(
+        self,
+        name: str,
+        *,
+        address: str = "",
+        force: bool = False,
+        acknowledged: Sequence[str] = (),
+        expected_fingerprint: str = "",
+        request_id: str | None = None,
+        timeout: float = 60.0,
+    ) -> operation_pb2.Operation:
+        """Removes a member under the guard; see Client.remove_member."""
+        request = remove_member_request(
+            name,
+            address=address,
+            force=force,
+            acknowledged=acknowledged,
+            expected_fingerprint=expected_fingerprint,
+            request_id=request_id,
+        )
+        return (await self.guarded_operation(request, timeout)).operation
+
+    async def get_operation(self, operation_id: str, timeout: float = 10.0) -> operation_pb2.Operation:
+        request = coordinator_pb2.GetOperationRequest(id=operation_id)
+        return (await self._call(self._coordinator.GetOperation, request, timeout)).operation
+
+    async def wait_operation(
+        self, operation_id: str, *, wait: float | None = None, timeout: float = 60.0
+    ) -> operation_pb2.Operation:
+        request = wait_operation_request(operation_id, wait)
+        return (await self._call(self._coordinator.WaitOperation, request, timeout)).operation
+
+    async def list_operations(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float = 10.0
+    ) -> coordinator_pb2.ListOperationsResponse:
+        request = coordinator_pb2.ListOperationsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(self._coordinator.ListOperations, request, timeout)
+
+    async def list_tokens(self, timeout: float = 10.0) -> list[operation_pb2.TokenInfo]:
+        request = coordinator_pb2.ListTokensRequest()
+        return list((await self._call(self._coordinator.ListTokens, request, timeout)).tokens)
+
+    async def revoke_token(self, name: str, timeout: float = 10.0) -> operation_pb2.TokenInfo:
+        request = coordinator_pb2.RevokeTokenRequest(name=name)
+        return (await self._call(self._coordinator.RevokeToken, request, timeout)).token
 
     async def ping(self, timeout: float = 5.0) -> None:
         """Asks the standard health service; raises Unavailable unless the coordinator is SERVING."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from memberguard import errors
-from memberguard.v1 import coordinator_pb2, membership_pb2
+from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 StrPath = str | os.PathLike[str]
 
@@ -186,6 +187,40 @@ def check_membership_request(
             request.minimum_severity = membership_pb2.Severity.ValueType(minimum_severity)
     if violations:
         raise invalid_arguments(violations)
+    return request
+
+
+def issue_token_request(
+    name: str, *, ttl: float | None, request_id: str | None
+) -> coordinator_pb2.GuardedOperationRequest:
+    operation = operation_pb2.IssueTokenOperation(name=name)
+    if ttl is not None:
+        operation.ttl.FromNanoseconds(int(ttl * 1e9))
+    return coordinator_pb2.GuardedOperationRequest(request_id=request_id or uuid.uuid4().hex, issue_token=operation)
+
+
+def remove_member_request(
+    name: str,
+    *,
+    address: str,
+    force: bool,
+    acknowledged: Sequence[str],
+    expected_fingerprint: str,
+    request_id: str | None,
+) -> coordinator_pb2.GuardedOperationRequest:
+    """A removal; a request_id of None gets a fresh one (pass your own to retry safely)."""
+    return coordinator_pb2.GuardedOperationRequest(
+        request_id=request_id or uuid.uuid4().hex,
+        expected_fingerprint=expected_fingerprint,
+        acknowledged_discrepancy_ids=list(acknowledged),
+        remove_member=operation_pb2.RemoveMemberOperation(name=name, address=address, force=force),
+    )
+
+
+def wait_operation_request(operation_id: str, wait: float | None) -> coordinator_pb2.WaitOperationRequest:
+    request = coordinator_pb2.WaitOperationRequest(id=operation_id)
+    if wait is not None:
+        request.timeout.FromNanoseconds(int(wait * 1e9))
     return request
 
 

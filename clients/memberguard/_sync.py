@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -16,9 +16,12 @@ from memberguard._base import (
     check_membership_request,
     error_from_rpc,
     health_request,
+    issue_token_request,
+    remove_member_request,
     require_serving,
+    wait_operation_request,
 )
-from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -34,7 +37,7 @@ class Client(BaseClient):
         super().__init__(endpoint)
         self._channel = grpc.secure_channel(endpoint.address, self._credentials(), options=self._options())
         # The generated _pb2_grpc module is untyped; the annotations below give its callables their types.
-        coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        coordinator = self._coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._check_membership: grpc.UnaryUnaryMultiCallable[
             coordinator_pb2.CheckMembershipRequest, coordinator_pb2.CheckMembershipResponse
         ] = coordinator.CheckMembership
@@ -78,6 +81,58 @@ class Client(BaseClient):
     ) -> coordinator_pb2.GuardedOperationResponse:
         """Sends the request as is; a refusal raises DirtyMembership or StaleFingerprint carrying the diff."""
         return self._call(self._guarded_operation, request, timeout)
+
+    def issue_token(
+        self, name: str, *, ttl: float | None = None, request_id: str | None = None, timeout: float = 30.0
+    ) -> operation_pb2.Operation:
+        """Issues a join token for `name`; the returned operation's `token` is the only copy of it."""
+        return self.guarded_operation(issue_token_request(name, ttl=ttl, request_id=request_id), timeout).operation
+
+    def remove_member(
+        self,
+        name: str,
+        *,
+        address: str = "",
+        force: bool = False,
+        acknowledged: Sequence[str] = (),
+        expected_fingerprint: str = "",
+        request_id: str | None = None,
+        timeout: float = 60.0,
+    ) -> operation_pb2.Operation:
+        """Removes a member under the guard (force: a dead or broken one, its discrepancies acknowledged by id)."""
+        request = remove_member_request(
+            name,
+            address=address,
+            force=force,
+            acknowledged=acknowledged,
+            expected_fingerprint=expected_fingerprint,
+            request_id=request_id,
+        )
+        return self.guarded_operation(request, timeout).operation
+
+    def get_operation(self, operation_id: str, timeout: float = 10.0) -> operation_pb2.Operation:
+        request = coordinator_pb2.GetOperationRequest(id=operation_id)
+        return self._call(self._coordinator.GetOperation, request, timeout).operation
+
+    def wait_operation(
+        self, operation_id: str, *, wait: float | None = None, timeout: float = 60.0
+    ) -> operation_pb2.Operation:
+        """The operation once finished, or as it stands when `wait` (or the call's timeout) runs out."""
+        request = wait_operation_request(operation_id, wait)
+        return self._call(self._coordinator.WaitOperation, request, timeout).operation
+
+    def list_operations(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float = 10.0
+    ) -> coordinator_pb2.ListOperationsResponse:
+        request = coordinator_pb2.ListOperationsRequest(page_size=page_size, page_token=page_token)
+        return self._call(self._coordinator.ListOperations, request, timeout)
+
+    def list_tokens(self, timeout: float = 10.0) -> list[operation_pb2.TokenInfo]:
+        return list(self._call(self._coordinator.ListTokens, coordinator_pb2.ListTokensRequest(), timeout).tokens)
+
+    def revoke_token(self, name: str, timeout: float = 10.0) -> operation_pb2.TokenInfo:
+        request = coordinator_pb2.RevokeTokenRequest(name=name)
+        return self._call(self._coordinator.RevokeToken, request, timeout).token
 
     def ping(self, timeout: float = 5.0) -> None:
         """Asks the standard health service; raises Unavailable unless the coordinator is SERVING."""

@@ -24,22 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import Enum
 from types import MappingProxyType
 
 from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity
+from coordinator.core.operation import OperationKind
 from coordinator.core.quorum import QuorumInput, QuorumViolation, check_add, check_remove, raft_key
-
-
-class Operation(IntEnum):
-    ISSUE_TOKEN = 1
-    JOIN = 2
-    REMOVE = 3
-    FORCE_REMOVE = 4  # the member is broken; what is broken about it may be acknowledged
-
-    @property
-    def removes(self) -> bool:
-        return self in (Operation.REMOVE, Operation.FORCE_REMOVE)
 
 
 class Rule(Enum):
@@ -62,7 +52,7 @@ class Request:
     now". acknowledged holds discrepancy ids the caller accepts, where the policy allows it.
     """
 
-    operation: Operation
+    operation: OperationKind
     member: str
     expected_fingerprint: str = ""
     acknowledged: frozenset[str] = frozenset()
@@ -104,7 +94,7 @@ _IGNORED, _BLOCKS, _IF_SEVERE, _IF_TARGET, _ACK_TARGET, _REFUSES = (
     Rule.ACKNOWLEDGE_IF_TARGET,
     Rule.REFUSES,
 )
-_COLUMNS = (Operation.ISSUE_TOKEN, Operation.JOIN, Operation.REMOVE, Operation.FORCE_REMOVE)
+_COLUMNS = (OperationKind.ISSUE_TOKEN, OperationKind.JOIN, OperationKind.REMOVE, OperationKind.FORCE_REMOVE)
 
 # Why the rows are what they are:
 # - Every fact that says the records disagree about who a member is or whom a node trusts blocks the normal
@@ -139,7 +129,7 @@ _ROWS: dict[DiscrepancyKind, tuple[Rule, Rule, Rule, Rule]] = {
 }
 # fmt: on
 
-POLICY: Mapping[tuple[DiscrepancyKind, Operation], Rule] = MappingProxyType(
+POLICY: Mapping[tuple[DiscrepancyKind, OperationKind], Rule] = MappingProxyType(
     {(kind, operation): rule for kind, rules in _ROWS.items() for operation, rule in zip(_COLUMNS, rules, strict=True)}
 )
 
@@ -151,10 +141,10 @@ _NO_LEADER_ADVICE = (
 )
 
 _DOING = {
-    Operation.ISSUE_TOKEN: "issuing a token",
-    Operation.JOIN: "a join",
-    Operation.REMOVE: "a removal",
-    Operation.FORCE_REMOVE: "a forced removal",
+    OperationKind.ISSUE_TOKEN: "issuing a token",
+    OperationKind.JOIN: "a join",
+    OperationKind.REMOVE: "a removal",
+    OperationKind.FORCE_REMOVE: "a forced removal",
 }
 
 
@@ -182,7 +172,7 @@ def decide(request: Request, diff: MembershipDiff, quorum: QuorumInput | None = 
     return Proceed(frozenset(used))
 
 
-def rule_for(kind: DiscrepancyKind, operation: Operation) -> Rule | None:
+def rule_for(kind: DiscrepancyKind, operation: OperationKind) -> Rule | None:
     """POLICY's rule, or None for a kind the table does not know (which blocks every operation)."""
     return POLICY.get((kind, operation))
 

@@ -33,13 +33,20 @@ from enum import IntEnum
 from types import MappingProxyType
 
 from coordinator.core.model import Member
+from coordinator.core.plan import COORDINATOR, Action
 
 
 class OperationKind(IntEnum):
+    """What an operation changes (the guard's policy table has one column per kind)."""
+
     ISSUE_TOKEN = 1
     JOIN = 2
     REMOVE = 3
-    FORCE_REMOVE = 4
+    FORCE_REMOVE = 4  # the member is broken; what is broken about it may be acknowledged
+
+    @property
+    def removes(self) -> bool:
+        return self in (OperationKind.REMOVE, OperationKind.FORCE_REMOVE)
 
 
 class OperationState(IntEnum):
@@ -63,12 +70,19 @@ class StepState(IntEnum):
 
 @dataclass(frozen=True)
 class Step:
-    """One idempotent step. commit_point marks the step after which the operation rolls forward, never back."""
+    """One idempotent step. commit_point marks the step after which the operation rolls forward, never back.
+
+    target and action are what plan.py decided (PlannedStep): who applies the step and what it does. They travel with
+    the step into the journal because after a crash the journal is all that is left of the plan, and recovery
+    re-sends the remaining steps from it. The lifecycle never reads them.
+    """
 
     name: str
     commit_point: bool
     state: StepState = StepState.PENDING
     finished_at: float | None = None  # seconds since the epoch when it was applied or undone; None while pending
+    target: str = COORDINATOR  # the node whose agent applies it; COORDINATOR for the coordinator's own steps
+    action: Action | None = None  # None for a step built without a plan: the lifecycle needs none
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +107,7 @@ class OperationRecord:
     state: OperationState
     steps: tuple[Step, ...]
     error: str  # why it was rolled back or parked; empty otherwise
-    plan: str  # what would clear a parked operation; empty otherwise
+    plan: str  # what is left to do: what would clear a parked operation, or what a removal could not reach
     audit: Audit
     epoch: int  # the journal epoch of the coordinator that last wrote it
     created_at: float

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from coordinator.core.diff import compute_diff, discrepancy_id
 from coordinator.core.guard import (
     POLICY,
-    Operation,
     Proceed,
     Refused,
     Request,
@@ -40,6 +39,7 @@ from coordinator.core.model import (
     Severity,
     Source,
 )
+from coordinator.core.operation import OperationKind
 from coordinator.core.quorum import QuorumInput
 
 from .views import (
@@ -59,7 +59,12 @@ from .views import (
 
 K = DiscrepancyKind
 BLOCKING, WARNING, INFO = Severity.BLOCKING, Severity.WARNING, Severity.INFO
-TOKEN, JOIN, REMOVE, FORCE = Operation.ISSUE_TOKEN, Operation.JOIN, Operation.REMOVE, Operation.FORCE_REMOVE
+TOKEN, JOIN, REMOVE, FORCE = (
+    OperationKind.ISSUE_TOKEN,
+    OperationKind.JOIN,
+    OperationKind.REMOVE,
+    OperationKind.FORCE_REMOVE,
+)
 NORMAL = (TOKEN, JOIN, REMOVE)
 
 
@@ -67,7 +72,7 @@ def member(i: int, role: Role | None = Role.VOTER) -> Member:
     return Member(name(i), fingerprint_of(name(i)), address(i), i, role)
 
 
-def request(operation: Operation, target: str, *acknowledged: str, fingerprint: str = "") -> Request:
+def request(operation: OperationKind, target: str, *acknowledged: str, fingerprint: str = "") -> Request:
     return Request(operation, target, fingerprint, frozenset(acknowledged))
 
 
@@ -143,7 +148,7 @@ def diff_with(*discrepancies: Discrepancy) -> MembershipDiff:
 # three letters: about the member operated on; the same, acknowledged; about another member (R refused, P proceeds).
 REPAIR_FIRST = {TOKEN: "RRR", JOIN: "RRR", REMOVE: "RRR", FORCE: "RPP"}
 NEVER = {TOKEN: "PPP", JOIN: "PPP", REMOVE: "PPP", FORCE: "PPP"}
-EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[Operation, str]] = {
+EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[OperationKind, str]] = {
     (K.MISSING, BLOCKING): REPAIR_FIRST,
     (K.ORPHAN, BLOCKING): REPAIR_FIRST,
     (K.ADDRESS_MISMATCH, BLOCKING): REPAIR_FIRST,
@@ -160,7 +165,7 @@ EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[Operation, str]] = {
     (K.AGENT_UNREACHABLE, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "RRP", FORCE: "PPP"},
     (K.AGENT_UNTRUSTED, BLOCKING): REPAIR_FIRST,
     (K.AGENT_CERTIFICATE_MISMATCH, BLOCKING): REPAIR_FIRST,
-    (K.NO_LEADER, BLOCKING): {operation: "RRR" for operation in Operation},
+    (K.NO_LEADER, BLOCKING): {operation: "RRR" for operation in OperationKind},
     (K.NODE_INFO_MISMATCH, BLOCKING): REPAIR_FIRST,
 }
 
@@ -172,7 +177,7 @@ ROWS = [
 
 
 @pytest.mark.parametrize(("kind", "severity", "operation", "effect"), ROWS)
-def test_policy_row(kind: DiscrepancyKind, severity: Severity, operation: Operation, effect: str) -> None:
+def test_policy_row(kind: DiscrepancyKind, severity: Severity, operation: OperationKind, effect: str) -> None:
     target = TARGETS[operation]
     on_target = about(kind, severity, member(int(target[1:])))
     on_other = about(kind, severity, OTHER)
@@ -196,13 +201,13 @@ def test_policy_row(kind: DiscrepancyKind, severity: Severity, operation: Operat
 
 def test_the_row_tests_cover_every_kind_and_operation() -> None:
     assert {kind for kind, _ in EFFECTS} == set(DiscrepancyKind)
-    assert all(set(effects) == set(Operation) for effects in EFFECTS.values())
-    assert set(POLICY) == {(kind, operation) for kind in DiscrepancyKind for operation in Operation}
+    assert all(set(effects) == set(OperationKind) for effects in EFFECTS.values())
+    assert set(POLICY) == {(kind, operation) for kind in DiscrepancyKind for operation in OperationKind}
 
 
 @pytest.mark.parametrize("kind", [k for k in DiscrepancyKind if k is not K.NO_LEADER], ids=lambda k: k.name)
-@pytest.mark.parametrize("operation", list(Operation), ids=lambda o: o.name)
-def test_info_never_blocks(kind: DiscrepancyKind, operation: Operation) -> None:
+@pytest.mark.parametrize("operation", list(OperationKind), ids=lambda o: o.name)
+def test_info_never_blocks(kind: DiscrepancyKind, operation: OperationKind) -> None:
     target = TARGETS[operation]
     discrepancy = about(kind, INFO, member(int(target[1:])))
     assert isinstance(decide(request(operation, target), diff_with(discrepancy)), Proceed)
@@ -285,7 +290,7 @@ def test_two_dead_members_are_force_removed_one_after_the_other() -> None:
 def test_no_leader_refuses_every_operation_acknowledged_or_not_and_says_how_to_recover() -> None:
     diff = compute_diff(set_report(consistent_view(3), Source.RAFT_CONFIG, error="no leader"))
     every_id = [d.id for d in diff.discrepancies]
-    for operation in Operation:
+    for operation in OperationKind:
         verdict = decide(request(operation, "n3", *every_id, fingerprint=diff.fingerprint), diff)
         assert isinstance(verdict, Refused)
         (no_leader,) = [v for v in verdict.violations if v.type == "NO_LEADER"]
@@ -296,7 +301,7 @@ def test_no_leader_refuses_every_operation_acknowledged_or_not_and_says_how_to_r
 def test_an_unknown_kind_blocks_every_operation() -> None:
     # A kind added after this coordinator was built: a number with no name, even at INFO severity.
     unknown = replace(about(K.MISSING, INFO, OTHER), kind=cast(DiscrepancyKind, 99), id="future")
-    for operation in Operation:
+    for operation in OperationKind:
         verdict = decide(request(operation, TARGETS[operation], "future"), diff_with(unknown))
         assert refused_types(verdict) == ["DISCREPANCY_KIND_99"]
         assert rule_for(unknown.kind, operation) is None
@@ -501,7 +506,7 @@ def requests(draw: st.DrawFn, diff: MembershipDiff) -> Request:
     # Forced removals of a member something is wrong with are where acknowledgements matter: draw them often.
     mentioned = sorted({d.member.name for d in diff.discrepancies if d.member and d.member.name})
     return Request(
-        draw(st.sampled_from([*Operation, FORCE, FORCE])),
+        draw(st.sampled_from([*OperationKind, FORCE, FORCE])),
         draw(st.sampled_from([*mentioned, *mentioned, *(m.name for m in diff.members), "n6", "nobody"])),
         draw(st.sampled_from(["", diff.fingerprint, "seen-earlier"])),
         frozenset(acknowledged),

@@ -125,7 +125,7 @@ def ready(state: OperationState, event_type: type[Event]) -> tuple[OperationReco
     return r, events[event_type]
 
 
-@pytest.mark.parametrize("state", list(S))
+@pytest.mark.parametrize("state", list(S), ids=lambda state: state.name)
 @pytest.mark.parametrize("event_type", EVENT_TYPES)
 def test_table_row(state: OperationState, event_type: type[Event]) -> None:
     r, event = ready(state, event_type)
@@ -323,13 +323,14 @@ def event_from(r: OperationRecord, event_type: type[Event], index: int | None) -
     if event_type is StepUndone:
         return StepUndone((undo_order(r) or [0])[0] if index is None else index)
     # What an error or a plan says does not matter here, only that it says something.
-    return {
+    others: dict[type[Event], Event] = {
         Start: Start(),
         Succeed: Succeed(),
         RollBack: RollBack("failed"),
         Park: Park("stuck", "wait"),
         Resume: Resume(),
-    }[event_type]
+    }
+    return others[event_type]
 
 
 @given(fresh_records(), st.lists(EVENT_DRAWS, min_size=20, max_size=60))

@@ -232,7 +232,9 @@ class Operation(_message.Message):
     later answer: the journal keeps only its digest.
     """
     plan: _builtins.str
-    """plan says, for a parked operation, what would clear it; empty otherwise."""
+    """plan says what is left to do by hand or by repair: for a parked operation what would clear it, for a removal what
+    it could not reach (nodes that did not answer); empty when nothing is left.
+    """
     @_builtins.property
     def member(self) -> _membership_pb2.Member:
         """member is the member it is about (for a token: the name it is issued for)."""
