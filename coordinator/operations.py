@@ -11,7 +11,7 @@ stands and can follow it with WaitOperation. After a crash, `reconcile` decides 
 fresh observation, never from the journal alone: the commit step may have been applied and not yet recorded.
 
 MEMBERGUARD_FAULT ("before-step:N" or "after-step:N") makes the coordinator process exit at that step boundary of
-every operation: the crash-matrix tests arm it; unset, it does nothing.
+every operation, and "fail-step:N" makes step N fail every time: the tests arm it; unset, it does nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from coordinator.core.operation import (
     OperationRecord,
     OperationState,
     Park,
+    Resume,
     RollBack,
     Start,
     Step,
@@ -186,6 +187,14 @@ class Operations:
             if known is not None:
                 return Outcome(known)
             diff = compute_diff(await self._agents.gather(self._agent_timeout))
+            parked = [r for r in self._journal.unfinished() if r.state is OperationState.PARKED]
+            if parked:
+                # A half-done change must be finished before another starts on top of it.
+                raise DirtyMembership(
+                    f"{len(parked)} parked operation(s) must be finished first",
+                    diff_to_proto(diff),
+                    [PreconditionViolation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked],
+                )
             # An unknown member is NOT_FOUND, not a dirty diff: there is nothing to clear.
             member = _resolve(diff, target, request.remove_member.address) if kind.removes else None
             verdict = decide(
@@ -320,6 +329,8 @@ class Operations:
 
     async def _apply(self, record: OperationRecord, index: int, step: Step) -> None:
         assert step.action is not None
+        if self._fault == f"fail-step:{index}":
+            raise StepFailed("failure injected by MEMBERGUARD_FAULT")
         if step.target == COORDINATOR:
             assert isinstance(step.action, ForgetMember)
             self._registry.forget(step.action.name)
@@ -339,7 +350,9 @@ class Operations:
         async with self._lock:
             for record in self._journal.unfinished():
                 if record.state is OperationState.PARKED:
-                    continue  # parked operations wait for the operator's repair
+                    # Past its commit point: try again to finish it (whatever stopped it may have been fixed).
+                    await self._follow(self._save(apply(record, Resume(), time.time())))
+                    continue
                 diff = compute_diff(await self._agents.gather(self._agent_timeout))
                 if record.state is OperationState.QUEUED:
                     self._save(apply(record, RollBack("the coordinator stopped before it ran"), time.time()))

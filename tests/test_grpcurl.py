@@ -90,3 +90,25 @@ def test_grpcurl_reaches_an_agent_only_as_the_coordinator(lab: Lab) -> None:
         timeout=60,
     )
     assert refused.returncode != 0
+
+
+def test_grpcurl_shows_a_refused_guard_with_its_diff_decoded(pristine: Lab) -> None:
+    """Reflection serves the detail types, so grpcurl prints PreconditionFailure and the MembershipDiff as JSON."""
+    (Path(pristine.node("n2")["state_dir"]) / "truststore" / "n3.yaml").unlink()
+    request = json.dumps({"request_id": "grpcurl-1", "remove_member": {"name": "n1"}})
+    result = _grpcurl(
+        pristine,
+        "-format-error",
+        "-d",
+        request,
+        pristine.document["coordinator"]["address"],
+        "memberguard.v1.CoordinatorService/GuardedOperation",
+    )
+    assert result.returncode != 0
+    error = json.loads(result.stderr)
+    assert error["code"] == 9  # FAILED_PRECONDITION
+    details = {detail["@type"].rpartition("/")[2]: detail for detail in error["details"]}
+    assert set(details) == {"google.rpc.ErrorInfo", "google.rpc.PreconditionFailure", "memberguard.v1.MembershipDiff"}
+    [violation] = details["google.rpc.PreconditionFailure"]["violations"]
+    [discrepancy] = details["memberguard.v1.MembershipDiff"]["discrepancies"]
+    assert violation["subject"] == discrepancy["id"] and discrepancy["node"] == "n2"

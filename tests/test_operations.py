@@ -226,3 +226,29 @@ def test_a_removal_survives_the_coordinator_killed_at_every_step_boundary(own_la
     finally:
         restarted.terminate()
         restarted.wait(10)
+
+
+def test_a_parked_removal_blocks_every_mutation_until_it_is_finished(own_lab: labs.Lab) -> None:
+    os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
+    failing, endpoint = _coordinator(own_lab, {FAULT_ENV: "fail-step:2"})
+    try:
+        with Client(endpoint) as client:
+            parked = _remove(client, "n3", "remove-n3")
+            assert parked.state == o.OPERATION_STATE_PARKED
+            assert "n1's truststore" in parked.plan and "failure injected" in parked.error
+            assert [s.state for s in parked.steps[:2]] == [o.STEP_STATE_DONE] * 2, "past its commit point"
+            with pytest.raises(DirtyMembership) as refused:
+                _issue(client, "n5", "token-n5")
+            assert refused.value.violations[0][:2] == ("PARKED_OPERATION", parked.id)
+    finally:
+        failing.terminate()
+        failing.wait(10)
+    restarted, endpoint = _coordinator(own_lab, {})
+    try:
+        with Client(endpoint) as client:
+            assert client.get_operation(parked.id).state == SUCCEEDED, "the restarted coordinator finished it"
+            assert _members(client) == ["n1", "n2"]
+            assert _issue(client, "n5", "token-n5-again").state == SUCCEEDED
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
