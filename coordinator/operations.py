@@ -57,6 +57,7 @@ from coordinator.core.plan import (
     FenceNode,
     ForgetMember,
     PlannedStep,
+    RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
@@ -489,5 +490,5 @@ def _step_request(action: Action) -> agent_pb2.ApplyStepRequest:
             return agent_pb2.ApplyStepRequest(remove_raft_entry=agent_pb2.RaftEntry(node_id=node_id, address=address))
         case FenceNode():
             return agent_pb2.ApplyStepRequest(fence_node=True)
-        case ForgetMember():
-            raise AssertionError("the coordinator applies ForgetMember itself")
+        case ForgetMember() | RegisterMember():
+            raise AssertionError("the coordinator applies its own steps itself")

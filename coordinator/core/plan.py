@@ -12,11 +12,20 @@ Removal (DESIGN.md "Operations"), on the local backend:
 5. the coordinator forgets its certificate and deletes its tokens.
 A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
 the commit point.
+
+Join, on the local backend (DESIGN.md's stages):
+1. reserve: the row is written PENDING, and every reachable member's truststore learns the joiner (whoever leads
+   must trust it);
+2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point;
+3. finish: the joiner's truststore learns every member, the row gets its role, and the coordinator registers the
+   joiner's agent and consumes the token.
+Before the commit point a join rolls back: the joiner is fenced first (a joiner left able to add itself again is
+the zombie that becomes a ghost Raft member, microcluster #774), then each done step is undone, last first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from coordinator.core.model import Member, MembershipDiff, Role
@@ -72,6 +81,15 @@ class ForgetMember:
     name: str
 
 
+@dataclass(frozen=True)
+class RegisterMember:
+    """The coordinator's own step: pin the joiner's certificate and agent in its registry, and consume its token."""
+
+    name: str
+    agent_address: str
+    certificate_pem: str
+
+
 Action = (
     EnsureTruststoreRecord
     | RemoveTruststoreRecord
@@ -81,6 +99,7 @@ Action = (
     | RemoveRaftEntry
     | FenceNode
     | ForgetMember
+    | RegisterMember
 )
 
 COORDINATOR = ""  # the target of a step the coordinator applies itself
@@ -148,3 +167,75 @@ def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[
     if member.name and member.name not in reachable:
         remainder.append(f"{label} did not answer and was not fenced: reset it before it comes back")
     return Plan(tuple(steps), "; ".join(remainder))
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """A node asking to join: its name, address, certificate, agent, and the dqlite node ID its agent reported."""
+
+    name: str
+    address: str
+    certificate_pem: str
+    agent_address: str
+    node_id: int
+
+
+def plan_join(
+    diff: MembershipDiff,
+    joiner: Joiner,
+    *,
+    reachable: Collection[str],
+    certificates: Mapping[str, str],
+    role: Role = Role.VOTER,
+) -> Plan:
+    """The steps that add `joiner` to every source; the engine-join step is the commit point.
+
+    certificates maps each member's name to its certificate PEM (the diff carries only fingerprints): the joiner's
+    truststore needs the certificates themselves."""
+    members = sorted(node for node in reachable if node != joiner.name)
+    if not members:
+        raise CannotPlan("no reachable member can write the joiner's row")
+    via = members[0]
+    name, address, pem = joiner.name, joiner.address, joiner.certificate_pem
+    steps = [PlannedStep(f"reserve {name}'s row (PENDING)", via, EnsureMemberRow(name, address, pem, "PENDING"))]
+    steps += [
+        PlannedStep(f"trust {name} on {node}", node, EnsureTruststoreRecord(name, address, pem)) for node in members
+    ]
+    steps.append(
+        PlannedStep(
+            f"{name} joins the Raft configuration as node {joiner.node_id}",
+            name,
+            EnsureRaftEntry(joiner.node_id, address, role),
+            commit_point=True,
+        )
+    )
+    known = {m.name: m for m in diff.members if m.name}
+    missing = sorted(set(known) - set(certificates))
+    if missing:
+        raise CannotPlan(f"no certificate is known for {', '.join(missing)}: the joiner could not trust them")
+    for peer in sorted(known):
+        record = EnsureTruststoreRecord(peer, known[peer].address, certificates[peer])
+        steps.append(PlannedStep(f"{name} trusts {peer}", name, record))
+    steps.append(PlannedStep(f"{name} trusts itself", name, EnsureTruststoreRecord(name, address, pem)))
+    steps.append(PlannedStep(f"record {name}'s role", via, EnsureMemberRow(name, address, pem, _ROLE_TEXT[role])))
+    steps.append(PlannedStep(f"register {name}", COORDINATOR, RegisterMember(name, joiner.agent_address, pem)))
+    unreached = sorted(set(diff.nodes) - set(reachable))
+    remainder = f"the truststores of {', '.join(unreached)} (no answer) do not hold {name} yet" if unreached else ""
+    return Plan(tuple(steps), remainder)
+
+
+# go-dqlite's NodeRole.String(), as microcluster's heartbeat writes it into the role column.
+_ROLE_TEXT = {Role.VOTER: "voter", Role.STAND_BY: "stand-by", Role.SPARE: "spare"}
+
+
+def undo(action: Action) -> Action | None:
+    """The action that reverses `action` during a rollback, or None when there is nothing to reverse."""
+    match action:
+        case EnsureMemberRow(name=name):
+            return RemoveMemberRow(name)
+        case EnsureTruststoreRecord(name=name):
+            return RemoveTruststoreRecord(name)
+        case EnsureRaftEntry(node_id=node_id, address=address):
+            return RemoveRaftEntry(node_id, address)
+        case _:
+            return None

@@ -9,12 +9,19 @@ from coordinator.core.model import Member, Role, Source
 from coordinator.core.plan import (
     COORDINATOR,
     CannotPlan,
+    EnsureMemberRow,
+    EnsureRaftEntry,
+    EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    Joiner,
+    RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
+    plan_join,
     plan_removal,
+    undo,
 )
 
 from .views import address, consistent_view, drop_records, fail_agent, name, raft_entry
@@ -75,3 +82,46 @@ def test_no_plan_without_another_reachable_node() -> None:
     diff = compute_diff(consistent_view(2))
     with pytest.raises(CannotPlan):
         plan_removal(diff, _member(diff.members, "n2"), reachable={"n2"})
+
+
+def _joiner(node_id: int = 99) -> Joiner:
+    return Joiner("n4", "127.0.0.1:7004", "PEM-n4", "127.0.0.1:8004", node_id)
+
+
+def _certificates(count: int) -> dict[str, str]:
+    return {name(i): f"PEM-{name(i)}" for i in range(1, count + 1)}
+
+
+def test_a_join_reserves_then_commits_with_the_joiners_own_raft_entry_then_finishes() -> None:
+    diff = compute_diff(consistent_view(3))
+    plan = plan_join(diff, _joiner(), reachable={"n1", "n2", "n3"}, certificates=_certificates(3))
+    actions = [(step.target, step.action) for step in plan.steps]
+    assert actions[0] == ("n1", EnsureMemberRow("n4", "127.0.0.1:7004", "PEM-n4", "PENDING"))
+    assert actions[1:4] == [(n, EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")) for n in ("n1", "n2", "n3")]
+    [commit] = [step for step in plan.steps if step.commit_point]
+    assert (commit.target, commit.action) == ("n4", EnsureRaftEntry(99, "127.0.0.1:7004", Role.VOTER))
+    after = actions[plan.steps.index(commit) + 1 :]
+    assert [a for t, a in after if t == "n4"] == [
+        EnsureTruststoreRecord(name(i), address(i), f"PEM-{name(i)}") for i in (1, 2, 3)
+    ] + [EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")]
+    assert after[-2:] == [
+        ("n1", EnsureMemberRow("n4", "127.0.0.1:7004", "PEM-n4", "voter")),
+        (COORDINATOR, RegisterMember("n4", "127.0.0.1:8004", "PEM-n4")),
+    ]
+
+
+def test_every_step_before_a_joins_commit_point_can_be_undone() -> None:
+    diff = compute_diff(consistent_view(3))
+    plan = plan_join(diff, _joiner(), reachable={"n1", "n2", "n3"}, certificates=_certificates(3))
+    before = plan.steps[: next(i for i, s in enumerate(plan.steps) if s.commit_point) + 1]
+    undone = [undo(step.action) for step in before]
+    assert undone == [RemoveMemberRow("n4")] + [RemoveTruststoreRecord("n4")] * 3 + [
+        RemoveRaftEntry(99, "127.0.0.1:7004")
+    ]
+    assert undo(FenceNode()) is None
+
+
+def test_a_join_needs_every_members_certificate() -> None:
+    diff = compute_diff(consistent_view(3))
+    with pytest.raises(CannotPlan, match="n3"):
+        plan_join(diff, _joiner(), reachable={"n1", "n2", "n3"}, certificates=_certificates(2))
