@@ -5,6 +5,10 @@ each size (large labs pack several agents into one process: the same agent code)
 unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
 same machine noise, and prints p50/p99 of each and their ratio.
 
+`python -m coordinator.bench --operations [--calls 200]` times guarded operations on the local backend against a
+fresh CheckMembership in the same lab and run: issuing a token (gather, diff, guard, journal write with fsync), and
+removing a member (seven journaled steps on three agents), over removals that take a 10-node lab down to 3.
+
 `python -m coordinator.bench --dqlite-client [--calls 1000]` starts a 3-node TLS dqlite cluster and times
 CLUSTER and a primary-key SELECT on one kept connection to the leader, with go-dqlite's own client (the Go
 benchmark program, `make go`) and with memberguard's native client, on the same cluster in the same run.
@@ -22,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from memberguard import Client
@@ -113,15 +118,45 @@ def dqlite_client(calls: int) -> None:
         print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
 
 
+def operations(calls: int) -> None:
+    """Guarded operations beside a fresh check, same lab, same run."""
+    with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
+        lab = labs.up(Path(scratch) / "lab", 10)
+        try:
+            with Client(lab.endpoint) as client:
+                check, token, removal = [], [], []
+                for i in range(calls):
+                    check.append(_timed(lambda: client.check_membership(timeout=30)))
+                    token.append(_timed(partial(client.issue_token, "n11", request_id=f"token-{i}")))
+                for n in range(10, 3, -1):
+                    check.append(_timed(lambda: client.check_membership(timeout=30)))
+                    removal.append(_timed(partial(client.remove_member, f"n{n}", request_id=f"remove-{n}")))
+        finally:
+            labs.down(lab.dir)
+    base = Figures.of(check)
+    print(f"guarded operations, local backend, one lab (10 nodes, then 10 -> 3 for the removals), {calls} calls")
+    print(f"{'what':<18} {'p50':>9} {'p99':>9} {'x check':>8}")
+    for label, figures in (
+        ("CheckMembership", base),
+        ("issue a token", Figures.of(token)),
+        ("remove a member", Figures.of(removal)),
+    ):
+        print(f"{label:<18} {figures.p50:>7.2f}ms {figures.p99:>7.2f}ms {figures.p50 / base.p50:>7.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coordinator.bench", description=__doc__)
     parser.add_argument("--backend", default="local", choices=labs.BACKENDS, help="the lab's backend")
     parser.add_argument("--sizes", default="3,10,50,100", help="comma-separated lab sizes (default 3,10,50,100)")
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size")
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
+    parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
     args = parser.parse_args(argv)
     if args.dqlite_client:
         dqlite_client(args.calls)
+        return 0
+    if args.operations:
+        operations(args.calls)
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     print(

@@ -1,12 +1,14 @@
 """The `memberguard` command line.
 
-Every subcommand sets `handler` (args -> exit status) on its parser; `main` only parses and dispatches.
-`check` lives here and talks to the coordinator through the public `memberguard` client only; the other
-subcommands come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
+Every subcommand sets `handler` (args -> exit status) on its parser; `main` only parses and dispatches. The
+commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
+`token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). The other subcommands
+come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
 
-Exit status of `check`: 0 when no discrepancy is WARNING or worse, 1 when one is, 2 for a usage error (bad
-arguments, a request the coordinator calls invalid, a missing or unreadable file), 3 when the coordinator
-cannot be reached or refuses the call.
+Exit status (EXIT_STATUSES, also the parser's epilog): 0 success; 1 `check` found a discrepancy WARNING or worse,
+or the operation shown did not succeed; 2 a usage error (bad arguments, a request the coordinator calls invalid, a
+missing or unreadable file); 3 the coordinator cannot be reached, refuses the call, or has no such token or
+operation; 4 the guard refused the change (DirtyMembership or StaleFingerprint).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC
+from typing import TypeAlias
 
 # gRPC's C core writes its own lines to stderr (a failed TLS handshake, for one), which would break the one-line
 # error contract; the error line check prints says what failed. The C core reads GRPC_VERBOSITY only when grpc is
@@ -26,14 +31,30 @@ if "grpc" not in sys.modules:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import memberguard
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
-from memberguard.v1 import membership_pb2
+from google.protobuf.message import Message
+from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 EXIT_OK = 0
 EXIT_DISCREPANCIES = 1
+# The same status as EXIT_DISCREPANCIES: the call worked, but what it reports is not the state asked for.
+EXIT_NOT_SUCCEEDED = 1
 EXIT_USAGE = 2
 EXIT_COORDINATOR = 3
+EXIT_REFUSED = 4
+
+EXIT_STATUSES = """\
+exit status:
+  0  success: check found nothing WARNING or worse; the operation shown succeeded
+  1  check found a discrepancy WARNING or worse; or the operation shown (token issue, remove,
+     ops ID) rolled back, is parked, or had not finished when the command returned
+  2  usage error: bad arguments, a request the coordinator calls invalid, a missing or unreadable file
+  3  the coordinator is unreachable or refuses the call (certificate, role, already exists),
+     or has no such token or operation
+  4  the guard refused the change: blocking discrepancies (DirtyMembership) or a stale
+     --fingerprint (StaleFingerprint); the violations and the current fingerprint go to stderr
+"""
 
 # Modules that add subcommands; one that is not there (yet) is skipped.
 _COMMAND_MODULES = ("coordinator.lab",)
@@ -44,6 +65,31 @@ _SEVERITIES = {
     "blocking": membership_pb2.SEVERITY_BLOCKING,
 }
 _ENDPOINT_FLAGS = ("address", "ca", "server_name", "cert", "key")
+_FINISHED = (
+    operation_pb2.OPERATION_STATE_SUCCEEDED,
+    operation_pb2.OPERATION_STATE_ROLLED_BACK,
+    operation_pb2.OPERATION_STATE_PARKED,
+)
+
+# A string: argparse._SubParsersAction is generic for type checkers only.
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class _Exit(Exception):
+    """Ends a command: its status, one error line on stderr, and for a refusal the lines that say why."""
+
+    def __init__(self, status: int, message: str, *, prog: str = "memberguard", detail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.prog = prog
+        self.detail = list(detail)
+
+    def report(self) -> int:
+        _fail(self.status, self.message, prog=self.prog)
+        for line in self.detail:
+            print(line, file=sys.stderr)
+        return self.status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         # argparse exits 2 on a usage error and 0 after --help; return that status instead of raising it.
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    status: int = args.handler(args)
+    try:
+        status: int = args.handler(args)
+    except _Exit as stop:
+        return stop.report()
     return status
 
 
@@ -61,36 +110,107 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memberguard",
         description="Check and guard cluster membership through the memberguard coordinator.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_check(subparsers)
+    _register_token(subparsers)
+    _register_remove(subparsers)
+    _register_ops(subparsers)
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
     return parser
 
 
-def _register_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    check = subparsers.add_parser(
-        "check",
-        help="compare every source on every node and print the discrepancies",
-        description="Ask the coordinator for a fresh membership diff. Exit 0 if nothing is WARNING or worse, "
-        "1 if something is, 2 on a usage error, 3 if the coordinator is unreachable or refuses.",
-    )
-    where = check.add_argument_group("coordinator", "either --lab, or all five of the other options")
+# --- the coordinator: options, endpoint, client ----------------------------------------------------------------
+
+
+def _add_coordinator_options(parser: argparse.ArgumentParser, *, timeout: float) -> None:
+    """The options every command that calls the coordinator takes: where it is, --json and --timeout."""
+    where = parser.add_argument_group("coordinator", "either --lab, or all five of the other options")
     where.add_argument("--lab", metavar="DIR", help="a lab directory holding lab.json")
     where.add_argument("--address", metavar="HOST:PORT", help="the coordinator's address")
     where.add_argument("--ca", metavar="FILE", help="PEM certificate(s) to trust for the coordinator")
     where.add_argument("--server-name", metavar="NAME", help="the name in the coordinator's certificate")
     where.add_argument("--cert", metavar="FILE", help="your PEM certificate")
     where.add_argument("--key", metavar="FILE", help="your PEM private key")
-    check.add_argument("--json", action="store_true", help="print the response in the protobuf JSON mapping")
-    check.add_argument("--timeout", type=_seconds, default=10.0, metavar="S", help="call deadline (default 10)")
+    parser.add_argument("--json", action="store_true", help="print the response in the protobuf JSON mapping")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=timeout, metavar="S", help=f"call deadline (default {timeout:g})"
+    )
+    parser.set_defaults(parser=parser)
+
+
+def _endpoint(args: argparse.Namespace) -> memberguard.Endpoint:
+    parser: argparse.ArgumentParser = args.parser
+    given = [flag for flag in _ENDPOINT_FLAGS if getattr(args, flag) is not None]
+    if args.lab is not None and given:
+        raise _usage(parser, "--lab cannot be combined with " + ", ".join(_option(f) for f in given))
+    if args.lab is None and len(given) < len(_ENDPOINT_FLAGS):
+        missing = [_option(f) for f in _ENDPOINT_FLAGS if f not in given]
+        raise _usage(
+            parser,
+            "give --lab DIR, or all of --address --ca --server-name --cert --key; missing: " + " ".join(missing),
+        )
+    try:
+        if args.lab is not None:
+            return memberguard.Endpoint.from_lab(args.lab)
+        return memberguard.Endpoint.from_files(
+            args.address, ca=args.ca, server_name=args.server_name, cert=args.cert, key=args.key
+        )
+    except OSError as exc:
+        raise _usage(parser, f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc)) from None
+    except ValueError as exc:
+        raise _usage(parser, str(exc)) from None
+
+
+@contextmanager
+def _connected(args: argparse.Namespace) -> Iterator[memberguard.Client]:
+    """A client for the coordinator the options name; a failed call inside ends the command with its status."""
+    endpoint = _endpoint(args)
+    try:
+        with memberguard.Client(endpoint) as client:
+            yield client
+    except memberguard.InvalidArgument as exc:
+        raise _Exit(EXIT_USAGE, f"invalid request: {exc}") from None
+    except memberguard.MembershipRefused as exc:
+        raise _refusal(exc) from None
+    except memberguard.MemberguardError as exc:
+        raise _Exit(EXIT_COORDINATOR, f"coordinator {endpoint.address}: {exc}") from None
+
+
+def _refusal(exc: memberguard.MembershipRefused) -> _Exit:
+    """The guard said no: the violations (a dirty diff has them, a stale fingerprint none) and the fresh fingerprint."""
+    detail: list[str] = []
+    if isinstance(exc, memberguard.DirtyMembership) and exc.violations:
+        detail += _table(("TYPE", "SUBJECT", "DESCRIPTION"), exc.violations)
+    if exc.diff is not None:
+        detail.append(f"fingerprint {exc.diff.fingerprint}")
+    return _Exit(EXIT_REFUSED, f"the guard refused: {exc}", detail=detail)
+
+
+def _show(args: argparse.Namespace, message: Message, text: str) -> None:
+    print(json_format.MessageToJson(message) if args.json else text)
+
+
+# --- check -----------------------------------------------------------------------------------------------------
+
+
+def _register_check(subparsers: _Subparsers) -> None:
+    check = subparsers.add_parser(
+        "check",
+        help="compare every source on every node and print the discrepancies",
+        description="Ask the coordinator for a fresh membership diff. Exit 0 if nothing is WARNING or worse, "
+        "1 if something is, 2 on a usage error, 3 if the coordinator is unreachable or refuses.",
+    )
+    _add_coordinator_options(check, timeout=10.0)
     check.add_argument("--agent-timeout", type=_seconds, metavar="S", help="per-agent deadline (at most 60)")
     check.add_argument(
         "--min-severity", choices=sorted(_SEVERITIES), help="leave out the discrepancies below this severity"
     )
-    check.set_defaults(handler=_run_check, parser=check)
+    check.set_defaults(handler=_run_check)
 
 
 def _seconds(text: str) -> float:
@@ -104,44 +224,13 @@ def _seconds(text: str) -> float:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    parser: argparse.ArgumentParser = args.parser
-    given = [flag for flag in _ENDPOINT_FLAGS if getattr(args, flag) is not None]
-    if args.lab is not None and given:
-        return _usage(parser, "--lab cannot be combined with " + ", ".join(_option(f) for f in given))
-    if args.lab is None and len(given) < len(_ENDPOINT_FLAGS):
-        missing = [_option(f) for f in _ENDPOINT_FLAGS if f not in given]
-        return _usage(
-            parser,
-            "give --lab DIR, or all of --address --ca --server-name --cert --key; missing: " + " ".join(missing),
+    with _connected(args) as client:
+        response = client.check_membership(
+            agent_timeout=args.agent_timeout,
+            minimum_severity=_SEVERITIES[args.min_severity] if args.min_severity else None,
+            timeout=args.timeout,
         )
-    try:
-        if args.lab is not None:
-            endpoint = memberguard.Endpoint.from_lab(args.lab)
-        else:
-            endpoint = memberguard.Endpoint.from_files(
-                args.address, ca=args.ca, server_name=args.server_name, cert=args.cert, key=args.key
-            )
-    except OSError as exc:
-        return _usage(parser, f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc))
-    except ValueError as exc:
-        return _usage(parser, str(exc))
-
-    try:
-        with memberguard.Client(endpoint) as client:
-            response = client.check_membership(
-                agent_timeout=args.agent_timeout,
-                minimum_severity=_SEVERITIES[args.min_severity] if args.min_severity else None,
-                timeout=args.timeout,
-            )
-    except memberguard.InvalidArgument as exc:
-        return _fail(EXIT_USAGE, f"invalid request: {exc}")
-    except memberguard.MemberguardError as exc:
-        return _fail(EXIT_COORDINATOR, f"coordinator {endpoint.address}: {exc}")
-
-    if args.json:
-        print(json_format.MessageToJson(response))
-    else:
-        print(render_diff(response.diff))
+    _show(args, response, render_diff(response.diff))
     blocks = any(d.severity != membership_pb2.SEVERITY_INFO for d in response.diff.discrepancies)
     return EXIT_DISCREPANCIES if blocks else EXIT_OK
 
@@ -150,27 +239,23 @@ def render_diff(diff: membership_pb2.MembershipDiff) -> str:
     """The diff as a table, one row per discrepancy with its remedies below it, then a summary line."""
     if not diff.discrepancies:
         return f"consistent\nfingerprint {diff.fingerprint}"
-    header = ("SEVERITY", "KIND", "MEMBER", "SOURCE", "NODE", "SUMMARY")
-    rows = [
-        (
-            _enum_name(membership_pb2.Severity.DESCRIPTOR, d.severity, "SEVERITY_"),
-            _enum_name(membership_pb2.DiscrepancyKind.DESCRIPTOR, d.kind, "DISCREPANCY_KIND_"),
-            _member_label(d.member) if d.HasField("member") else "-",
-            _enum_name(membership_pb2.Source.DESCRIPTOR, d.source, "SOURCE_") if d.source else "-",
-            d.node or "-",
-            d.summary,
-        )
-        for d in diff.discrepancies
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-
-    def line(row: Sequence[str]) -> str:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        return "  ".join([*cells, _one_line(row[-1])]).rstrip()
-
-    lines = [line(header)]
+    header, *rows = _table(
+        ("SEVERITY", "KIND", "MEMBER", "SOURCE", "NODE", "SUMMARY"),
+        [
+            (
+                _enum_name(membership_pb2.Severity.DESCRIPTOR, d.severity, "SEVERITY_"),
+                _enum_name(membership_pb2.DiscrepancyKind.DESCRIPTOR, d.kind, "DISCREPANCY_KIND_"),
+                _member_label(d.member) if d.HasField("member") else "-",
+                _enum_name(membership_pb2.Source.DESCRIPTOR, d.source, "SOURCE_") if d.source else "-",
+                d.node or "-",
+                d.summary,
+            )
+            for d in diff.discrepancies
+        ],
+    )
+    lines = [header]
     for row, discrepancy in zip(rows, diff.discrepancies, strict=True):
-        lines.append(line(row))
+        lines.append(row)
         for remedy in discrepancy.remedies:
             safety = _enum_name(membership_pb2.RemedySafety.DESCRIPTOR, remedy.safety, "REMEDY_SAFETY_")
             lines.append(f"    remedy ({safety}): {_one_line(remedy.action)}")
@@ -180,6 +265,297 @@ def render_diff(diff: membership_pb2.MembershipDiff) -> str:
         f"{counts['blocking']} blocking, {counts['warning']} warning, {counts['info']} info"
     )
     return "\n".join(lines)
+
+
+# --- token issue | list | revoke ---------------------------------------------------------------------------------
+
+
+def _register_token(subparsers: _Subparsers) -> None:
+    token = subparsers.add_parser(
+        "token",
+        help="issue, list and revoke join tokens",
+        description="Join tokens: each lets one new member join under the name it was issued for.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    issue = _operation_parser(
+        commands,
+        "issue",
+        help="issue a join token (under the guard) and print it alone on stdout",
+        description="Issue a join token for NAME under the guard. The token alone goes to stdout (it is shown\n"
+        "this once: the coordinator keeps only its digest), its expiry to stderr.",
+        timeout=30.0,
+    )
+    issue.add_argument("name", metavar="NAME", help="the new member's name (a DNS name of its certificate)")
+    issue.add_argument("--ttl", type=_seconds, metavar="S", help="how long it may be used (default 1 h, at most 7 d)")
+    issue.add_argument("--request-id", metavar="ID", help="makes a retry safe (default: a fresh one)")
+    issue.set_defaults(handler=_run_token_issue)
+    listing = _operation_parser(
+        commands, "list", help="list the usable tokens (never their secrets)", description="List the usable tokens."
+    )
+    listing.set_defaults(handler=_run_token_list)
+    revoke = _operation_parser(
+        commands, "revoke", help="make a name's token unusable", description="Make NAME's token unusable."
+    )
+    revoke.add_argument("name", metavar="NAME", help="the name the token was issued for")
+    revoke.set_defaults(handler=_run_token_revoke)
+
+
+def _operation_parser(
+    subparsers: _Subparsers, name: str, *, help: str, description: str, timeout: float = 10.0
+) -> argparse.ArgumentParser:
+    """A subcommand that calls the coordinator, with the exit statuses in its help."""
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_coordinator_options(parser, timeout=timeout)
+    return parser
+
+
+def _run_token_issue(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        operation = client.issue_token(args.name, ttl=args.ttl, request_id=args.request_id, timeout=args.timeout)
+        # Print before asking anything else: this answer is the only copy of the token.
+        if args.json or operation.token:
+            print(json_format.MessageToJson(operation) if args.json else operation.token, flush=True)
+        if operation.token:
+            print(_expiry_line(client, args.name, args.timeout), file=sys.stderr)
+    if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
+        raise _Exit(EXIT_NOT_SUCCEEDED, f"operation {operation.id} {_state(operation)}: {operation.error or '-'}")
+    if not operation.token:
+        # A retry with the --request-id of an earlier issue gets that operation back, and the secret is shown once.
+        raise _Exit(
+            EXIT_NOT_SUCCEEDED,
+            f"operation {operation.id} issued the token for {args.name} to an earlier request with this request id; "
+            f"its secret is not shown again: revoke it and issue a new one",
+        )
+    return EXIT_OK
+
+
+def _expiry_line(client: memberguard.Client, name: str, timeout: float) -> str:
+    try:
+        tokens = client.list_tokens(timeout=timeout)
+    except memberguard.MemberguardError as exc:
+        return f"token for {name} issued; its expiry could not be read: {exc}"
+    expiry = next((_when(t.expires_at) for t in tokens if t.name == name), "an unknown time (not listed)")
+    return f"token for {name} expires at {expiry}"
+
+
+def _run_token_list(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        tokens = client.list_tokens(timeout=args.timeout)
+    # The client hands back the tokens alone; --json prints them as the response message (without its header).
+    _show(args, coordinator_pb2.ListTokensResponse(tokens=tokens), render_tokens(tokens))
+    return EXIT_OK
+
+
+def _run_token_revoke(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        token = client.revoke_token(args.name, timeout=args.timeout)
+    _show(args, token, f"revoked the token for {token.name} (it expired at {_when(token.expires_at)})")
+    return EXIT_OK
+
+
+def render_tokens(tokens: Sequence[operation_pb2.TokenInfo]) -> str:
+    """The tokens as a table; a token's secret is never in a TokenInfo, so never here."""
+    if not tokens:
+        return "no tokens"
+    rows = [
+        (t.name, _when(t.expires_at), t.bound_certificate_fingerprint[:16] or "-", t.issued_by or "-") for t in tokens
+    ]
+    return "\n".join(_table(("NAME", "EXPIRES", "BOUND", "ISSUED BY"), rows))
+
+
+# --- remove ----------------------------------------------------------------------------------------------------
+
+
+def _register_remove(subparsers: _Subparsers) -> None:
+    remove = _operation_parser(
+        subparsers,
+        "remove",
+        help="remove a member under the guard and print the operation",
+        description="Remove a member under the guard and print the operation: its steps (✓ done, · not),\n"
+        "the commit point, and what is left to do if anything is. A refusal prints the violations\n"
+        "and the current fingerprint on stderr.",
+        timeout=60.0,
+    )
+    remove.add_argument(
+        "name", metavar="NAME", nargs="?", default="", help="the member; leave it out to remove by --member-address"
+    )
+    # Not --address: that one names the coordinator, as in every command here.
+    remove.add_argument(
+        "--member-address", default="", metavar="ADDR", help="the member's address (checked against NAME's records)"
+    )
+    remove.add_argument("--force", action="store_true", help="remove a dead or broken member")
+    remove.add_argument(
+        "--ack",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="ID",
+        help="acknowledge these discrepancies (their ids, from check --json)",
+    )
+    remove.add_argument("--fingerprint", default="", metavar="FP", help="only if the diff still has this fingerprint")
+    remove.add_argument("--request-id", metavar="ID", help="makes a retry safe (default: a fresh one)")
+    remove.set_defaults(handler=_run_remove)
+
+
+def _run_remove(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        operation = client.remove_member(
+            args.name,
+            address=args.member_address,
+            force=args.force,
+            acknowledged=args.ack or (),
+            expected_fingerprint=args.fingerprint,
+            request_id=args.request_id,
+            timeout=args.timeout,
+        )
+    _show(args, operation, render_operation(operation))
+    return _outcome(args, operation)
+
+
+def _outcome(args: argparse.Namespace, operation: operation_pb2.Operation) -> int:
+    """0 if the operation succeeded, 1 if not (yet); an unfinished one gets a line saying how to follow it."""
+    if operation.state == operation_pb2.OPERATION_STATE_SUCCEEDED:
+        return EXIT_OK
+    if operation.state not in _FINISHED:
+        print(
+            f"{args.parser.prog}: operation {operation.id} is {_state(operation)}; "
+            f"follow it with: memberguard ops {operation.id} --wait 60",
+            file=sys.stderr,
+        )
+    return EXIT_NOT_SUCCEEDED
+
+
+def render_operation(operation: operation_pb2.Operation) -> str:
+    """The operation in full: what, who, the guard's verdict, each step, and why it stopped if it did."""
+    audit = operation.audit
+    fields = [
+        ("operation", operation.id),
+        ("kind", _kind(operation)),
+        ("member", _member_label(operation.member) if operation.HasField("member") else "-"),
+        ("state", _state(operation)),
+        ("requested", f"by {audit.requested_by or '-'} at {_when(operation.created_at)}, request {audit.request_id}"),
+        ("verdict", audit.verdict or "-"),
+        ("fingerprint", audit.fingerprint or "-"),
+    ]
+    if audit.acknowledged_discrepancy_ids:
+        fields.append(("acknowledged", " ".join(audit.acknowledged_discrepancy_ids)))
+    if operation.error:
+        fields.append(("error", operation.error))
+    if operation.steps:
+        fields.append(("steps", ""))
+    lines = [f"{name:<12} {_one_line(value)}".rstrip() for name, value in fields]
+    lines += [f"  {_step_line(step)}" for step in operation.steps]
+    if operation.plan:
+        lines.append(f"{'plan':<12} {_one_line(operation.plan)}")
+    return "\n".join(lines)
+
+
+def _step_line(step: operation_pb2.Step) -> str:
+    mark = "✓" if step.state == operation_pb2.STEP_STATE_DONE else "·"
+    undone = " (undone)" if step.state == operation_pb2.STEP_STATE_UNDONE else ""
+    commit = "  [commit point]" if step.commit_point else ""
+    return f"{mark} {_one_line(step.name)}{undone}{commit}"
+
+
+# --- ops -------------------------------------------------------------------------------------------------------
+
+
+def _register_ops(subparsers: _Subparsers) -> None:
+    ops = _operation_parser(
+        subparsers,
+        "ops",
+        help="list the journal's operations, or show one",
+        description="Without ID, the journal's operations, newest first. With ID, that operation in full,\n"
+        "after waiting for it to finish if --wait is given.",
+    )
+    ops.add_argument("id", metavar="ID", nargs="?", help="the operation to show")
+    ops.add_argument(
+        "--wait", type=_seconds, metavar="S", help="with ID: wait up to S seconds (at most 600) for it to finish"
+    )
+    ops.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="without ID: the newest N operations (default 50)"
+    )
+    ops.set_defaults(handler=_run_ops)
+
+
+def _run_ops(args: argparse.Namespace) -> int:
+    if args.id is None:
+        if args.wait is not None:
+            raise _usage(args.parser, "--wait needs an operation ID")
+        return _list_operations(args)
+    with _connected(args) as client:
+        if args.wait is None:
+            operation = client.get_operation(args.id, timeout=args.timeout)
+        else:
+            # --timeout bounds the answer, not the wait: the call may take the wait and then that much longer.
+            operation = client.wait_operation(args.id, wait=args.wait, timeout=args.wait + args.timeout)
+    _show(args, operation, render_operation(operation))
+    return _outcome(args, operation)
+
+
+def _list_operations(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise _usage(args.parser, f"--limit must be at least 1, not {args.limit}")
+    with _connected(args) as client:
+        response = client.list_operations(page_size=args.limit, timeout=args.timeout)
+    _show(args, response, render_operations(response.operations))
+    if response.next_page_token and not args.json:
+        print(f"{args.parser.prog}: older operations are not shown; raise --limit to see them", file=sys.stderr)
+    return EXIT_OK
+
+
+def render_operations(operations: Sequence[operation_pb2.Operation]) -> str:
+    if not operations:
+        return "no operations"
+    rows = [
+        (
+            op.id,
+            _kind(op),
+            _member_label(op.member) if op.HasField("member") else "-",
+            _state(op),
+            op.audit.requested_by or "-",
+            _when(op.created_at),
+        )
+        for op in operations
+    ]
+    return "\n".join(_table(("ID", "KIND", "MEMBER", "STATE", "REQUESTED BY", "CREATED"), rows))
+
+
+# --- rendering pieces ------------------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The header and rows as lines of left-aligned columns two spaces apart. The last column is free text: not
+    padded, and folded onto its line."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        return "  ".join([*cells, _one_line(row[-1])]).rstrip()
+
+    return [line(row) for row in [header, *rows]]
+
+
+def _kind(operation: operation_pb2.Operation) -> str:
+    return _enum_name(operation_pb2.OperationKind.DESCRIPTOR, operation.kind, "OPERATION_KIND_")
+
+
+def _state(operation: operation_pb2.Operation) -> str:
+    return _enum_name(operation_pb2.OperationState.DESCRIPTOR, operation.state, "OPERATION_STATE_")
+
+
+def _when(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return "-"
+    return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _member_label(member: membership_pb2.Member) -> str:
@@ -206,8 +582,8 @@ def _option(flag: str) -> str:
     return "--" + flag.replace("_", "-")
 
 
-def _usage(parser: argparse.ArgumentParser, message: str) -> int:
-    return _fail(EXIT_USAGE, message, prog=parser.prog)
+def _usage(parser: argparse.ArgumentParser, message: str) -> _Exit:
+    return _Exit(EXIT_USAGE, message, prog=parser.prog)
 
 
 def _fail(status: int, message: str, *, prog: str = "memberguard") -> int:

@@ -32,6 +32,7 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
@@ -255,10 +256,11 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         RemoveRaftEntry(7, "10.0.0.4:9000"),
         FenceNode(),
         ForgetMember("n4"),
+        RegisterMember("n4", "10.0.0.4:9100", "-----BEGIN CERTIFICATE-----\n..."),
     ]
     assert {type(action) for action in actions} == set(get_args(Action)), "journal every kind of action here"
     steps = tuple(
-        Step(f"step {i}", commit_point=i == 4, target=COORDINATOR if i == 7 else "n1", action=action)
+        Step(f"step {i}", commit_point=i == 4, target=COORDINATOR if i >= 7 else "n1", action=action)
         for i, action in enumerate(actions)
     )
     with Journal.open(tmp_path / "journal.db") as journal:
