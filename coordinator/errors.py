@@ -4,6 +4,7 @@ MemberguardError
 ├── InvalidRequest      a field is malformed (carries every field violation)
 ├── Unauthenticated     the peer's certificate is not trusted (any more)
 ├── PermissionDenied    the peer's role may not call this method
+│   └── TokenNotAccepted    a join token that is expired, revoked, used, forged, or from another cluster
 ├── NotFound            the operation, token or member named does not exist
 ├── AlreadyExists       the name is taken
 ├── MembershipRefused   the guard refused a membership change (carries the fresh diff)
@@ -46,6 +47,14 @@ class Unauthenticated(MemberguardError):
 
 class PermissionDenied(MemberguardError):
     reason = "ROLE_NOT_ALLOWED"
+
+
+class TokenNotAccepted(PermissionDenied):
+    """The token's own refusal reason (TOKEN_EXPIRED, TOKEN_REVOKED, ...) is the ErrorInfo reason."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NotFound(MemberguardError):

@@ -181,15 +181,28 @@ class Agents:
             )
         return NodeObservation(member.name, member.agent_address, view=view)
 
-    async def apply_step(self, node: str, request: agent_pb2.ApplyStepRequest, timeout: float) -> str:
-        """Has `node`'s agent apply one step; returns its detail. Raises grpc.aio.AioRpcError when it refuses or
-        does not answer, and KeyError for a node the registry does not hold."""
-        member = next(m for m in self._registry.members() if m.name == node)
+    async def apply_step(self, member: RegisteredMember, request: agent_pb2.ApplyStepRequest, timeout: float) -> str:
+        """Has `member`'s agent apply one step; returns its detail. Raises grpc.aio.AioRpcError when it refuses or
+        does not answer, and KeyError when no certificate is known to trust its agent with."""
         link = self._link(member)
         if link is None:
-            raise KeyError(f"{node}: no certificate to trust its agent with")
+            raise KeyError(f"{member.name}: no certificate to trust its agent with")
         response = await link.stub.ApplyStep(request, timeout=timeout)
         return response.detail
+
+    async def node_id_of(self, member: RegisteredMember, timeout: float) -> int | None:
+        """The dqlite node ID that `member`'s agent reports (its info.yaml), asked over a channel pinned to the
+        member's certificate; None when it does not answer as that certificate's holder or reports no ID."""
+        observation = await self._observe(member, timeout)
+        report = observation.view.report(Source.NODE_INFO) if observation.view else None
+        ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
+        return ids[0] if len(ids) == 1 else None
+
+    def certificates(self) -> dict[str, str]:
+        """Member name → certificate PEM: what the registry pins, else what the truststores vouch for."""
+        known = {name: self._pems[fp] for name, fps in self._vouched.items() for fp in sorted(fps) if fp in self._pems}
+        known.update({m.name: m.certificate_pem for m in self._registry.members() if m.certificate_pem})
+        return known
 
     async def close(self) -> None:
         for link in self._links.values():

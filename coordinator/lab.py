@@ -3,7 +3,7 @@ a consistent cluster and an operator identity; `memberguard lab up|down`.
 
 DIR/lab.json is a contract other tools read (absolute paths; later backends add keys, never rename them):
     {"backend": "local",
-     "coordinator": {"address", "ca", "server_name", "pid"},
+     "coordinator": {"address", "join_address", "ca", "server_name", "pid"},
      "operator": {"cert", "key"},
      "sources": {"members_table", "raft_config"},
      "nodes": [{"name", "address", "agent_address", "pid", "state_dir"}]}
@@ -346,17 +346,20 @@ def _start(
             "journal": str(directory / "coordinator" / "journal.db"),
             "cluster_id": uuid.uuid4().hex,
             "port_file": str(directory / "coordinator" / "coordinator.port"),
+            "join_port_file": str(directory / "coordinator" / "join.port"),
         },
     )
     log = logs / "coordinator.log"
     process = _spawn(["-m", "coordinator.service", str(coordinator_config)], log)
     processes.append(process)
     port = _wait_for_port(directory / "coordinator" / "coordinator.port", process, log)
+    join_port = _wait_for_port(directory / "coordinator" / "join.port", process, log)
 
     document = {
         "backend": backend,
         "coordinator": {
             "address": f"127.0.0.1:{port}",
+            "join_address": f"127.0.0.1:{join_port}",
             "ca": str(coordinator_cert),
             "server_name": COORDINATOR_NAME,
             "pid": process.pid,

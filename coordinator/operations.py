@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from memberguard.v1 import agent_pb2, coordinator_pb2, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
 
+from coordinator import pki
 from coordinator.core import tokens
 from coordinator.core.diff import compute_diff
 from coordinator.core.guard import Proceed, Refused, Request, Stale, decide
@@ -42,10 +43,12 @@ from coordinator.core.operation import (
     Start,
     Step,
     StepDone,
+    StepUndone,
     Succeed,
     apply,
     committed,
     next_step,
+    undo_order,
 )
 from coordinator.core.plan import (
     COORDINATOR,
@@ -56,12 +59,15 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    Joiner,
     PlannedStep,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
+    plan_join,
     plan_removal,
+    undo,
 )
 from coordinator.errors import (
     AlreadyExists,
@@ -69,14 +75,15 @@ from coordinator.errors import (
     FieldViolation,
     InvalidRequest,
     NotFound,
-    NotImplementedYet,
+    PermissionDenied,
     PreconditionViolation,
     StaleFingerprint,
+    TokenNotAccepted,
 )
 from coordinator.gather import Agents
 from coordinator.journal import Journal
 from coordinator.messages import diff_to_proto
-from coordinator.registry import Registry
+from coordinator.registry import RegisteredMember, Registry
 
 FAULT_ENV = "MEMBERGUARD_FAULT"
 STEP_TIMEOUT = 5.0
@@ -132,9 +139,22 @@ class Operations:
     # --- requests ------------------------------------------------------------------------------------------------
 
     async def submit(
-        self, request: coordinator_pb2.GuardedOperationRequest, caller: Caller, deadline: float | None
+        self,
+        request: coordinator_pb2.GuardedOperationRequest,
+        caller: Caller,
+        deadline: float | None,
+        *,
+        join_listener: bool = False,
     ) -> Outcome:
-        """Runs the request under the guard and waits for its outcome until the deadline (loop time)."""
+        """Runs the request under the guard and waits for its outcome until the deadline (loop time). Joins arrive
+        only on the join listener (no client certificate: the token authorizes them), everything else only on the
+        operators' listener."""
+        if (request.WhichOneof("operation") == "join") != join_listener:
+            raise PermissionDenied(
+                "the join listener accepts joins only"
+                if join_listener
+                else "joins arrive on the join listener, with their token"
+            )
         kind, target = _validate(request)
         known = self._journal.by_request_id(request.request_id)
         if known is not None:
@@ -187,6 +207,8 @@ class Operations:
             known = self._journal.by_request_id(request.request_id)
             if known is not None:
                 return Outcome(known)
+            # A joiner is not trusted yet: its token is checked before it learns anything about the cluster.
+            token = self._admit_joiner(request.join) if kind is OperationKind.JOIN else None
             diff = compute_diff(await self._agents.gather(self._agent_timeout))
             parked = [r for r in self._journal.unfinished() if r.state is OperationState.PARKED]
             if parked:
@@ -229,6 +251,9 @@ class Operations:
             )
             if kind is OperationKind.ISSUE_TOKEN:
                 return self._issue_token(request.issue_token, diff, audit, admitted)
+            if kind is OperationKind.JOIN:
+                assert token is not None
+                return await self._join(request.join, token, diff, audit, admitted)
             assert member is not None
             return await self._remove(kind, member, diff, audit, admitted)
 
@@ -265,6 +290,66 @@ class Operations:
         self._journal.put_token(token)
         record = self._save(apply(apply(record, Start(), now), Succeed(), now))
         return Outcome(record, text)
+
+    # --- joins ---------------------------------------------------------------------------------------------------
+
+    def _admit_joiner(self, join: operation_pb2.JoinOperation) -> tokens.TokenRecord:
+        """The joiner's stored token, checked against the token it presents and the certificate it submits."""
+        try:
+            presented = tokens.decode_token(join.token)
+            record = self._journal.token(presented.name)
+            checked = tokens.check_join(
+                join.token,
+                name=join.name,
+                certificate_fingerprint=pki.fingerprint(join.certificate_pem),
+                certificate_dns_names=pki.dns_names(join.certificate_pem),
+                record=record,
+                now=time.time(),
+                cluster_id=self._cluster_id,
+            )
+        except tokens.MalformedToken as error:
+            raise InvalidRequest([FieldViolation("join.token", str(error))]) from None
+        except tokens.CertificateNameMismatch as error:
+            raise InvalidRequest([FieldViolation("join.certificate_pem", str(error))]) from None
+        except tokens.TokenRefused as error:
+            raise TokenNotAccepted(str(error), error.reason) from None
+        assert record is not None and checked.name == join.name
+        return record
+
+    async def _join(
+        self,
+        join: operation_pb2.JoinOperation,
+        token: tokens.TokenRecord,
+        diff: MembershipDiff,
+        audit: Audit,
+        admitted: asyncio.Future[OperationRecord],
+    ) -> Outcome:
+        if any(m.name == join.name for m in diff.members):
+            raise AlreadyExists(f"{join.name} is already a member")
+        # Dialled pinned to the certificate it submitted, the joiner's agent proves it holds that key; its view
+        # says which dqlite node ID its node has.
+        joining = RegisteredMember(join.name, join.agent_address, join.certificate_pem)
+        node_id = await self._agents.node_id_of(joining, self._agent_timeout)
+        if node_id is None:
+            raise PermissionDenied(
+                f"the joiner's agent at {join.agent_address} did not answer as the holder of the certificate it"
+                " submitted, with its node's identity"
+            )
+        fingerprint = pki.fingerprint(join.certificate_pem)
+        reachable = {node for node in diff.nodes if not _unreachable(diff, node)}
+        joiner = Joiner(join.name, join.address, join.certificate_pem, join.agent_address, node_id)
+        try:
+            plan = plan_join(diff, joiner, reachable=reachable, certificates=self._agents.certificates())
+        except CannotPlan as error:
+            violation = PreconditionViolation("CANNOT_PLAN", join.name, str(error))
+            raise DirtyMembership(str(error), diff_to_proto(diff), [violation]) from None
+        self._journal.update_token(tokens.bind(token, fingerprint))
+        now = time.time()
+        member = Member(join.name, fingerprint, join.address, node_id)
+        record = replace(self._new_record(OperationKind.JOIN, member, plan.steps, audit, now), plan=plan.remainder)
+        record = self._journal.create(record)
+        admitted.set_result(record)
+        return Outcome(await self._follow(record))
 
     # --- removals ------------------------------------------------------------------------------------------------
 
@@ -310,11 +395,36 @@ class Operations:
             if error is not None:
                 if committed(record):
                     remaining = ", ".join(s.name for s in record.steps[index:])
-                    return self._save(apply(record, Park(error, f"finish the removal: {remaining}"), time.time()))
-                return self._save(apply(record, RollBack(error), time.time()))
+                    return self._save(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
+                return await self._roll_back(record, error)
             record = self._save(apply(record, StepDone(index), time.time()))
             self._die_if_armed("after-step", index)
         return self._save(apply(record, Succeed(), time.time()))
+
+    async def _roll_back(self, record: OperationRecord, error: str) -> OperationRecord:
+        """Undoes the done steps, last first; a joiner is fenced before anything else, so that it cannot add itself
+        again later (the zombie of microcluster #774). An undo that fails leaves the operation parked."""
+        if record.kind is OperationKind.JOIN:
+            fence = Step(f"fence {record.member.name}", False, target=record.member.name, action=FenceNode())
+            try:
+                await self._apply(record, -1, fence)
+            except StepFailed:
+                pass  # a joiner that cannot be reached is still cut off: its records are removed below
+        for index in undo_order(record):
+            step = record.steps[index]
+            action = undo(step.action) if step.action is not None else None
+            if action is not None:
+                try:
+                    await self._apply(record, index, replace(step, action=action))
+                except StepFailed as failure:
+                    plan = f"undo by hand: {', '.join(record.steps[i].name for i in undo_order(record))}"
+                    return self._save(apply(record, Park(f"{error}; undoing failed: {failure}", plan), time.time()))
+            record = self._save(apply(record, StepUndone(index), time.time()))
+        if record.kind is OperationKind.JOIN:
+            held = self._journal.token(record.member.name)
+            if held is not None and held.state is tokens.TokenState.ACTIVE:
+                self._journal.update_token(tokens.release(held))
+        return self._save(apply(record, RollBack(error), time.time()))
 
     async def _apply_with_retries(self, record: OperationRecord, index: int, step: Step) -> str | None:
         attempts = STEP_ATTEMPTS if committed(record) or step.commit_point else 1
@@ -333,16 +443,38 @@ class Operations:
         if self._fault == f"fail-step:{index}":
             raise StepFailed("failure injected by MEMBERGUARD_FAULT")
         if step.target == COORDINATOR:
-            assert isinstance(step.action, ForgetMember)
-            self._registry.forget(step.action.name)
-            self._journal.delete_tokens_of(step.action.name)
+            self._apply_own(step.action)
             return
         request = _step_request(step.action)
-        request.operation_id, request.step_index, request.epoch = record.id, index, self._journal.epoch
+        request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
-            await self._agents.apply_step(step.target, request, STEP_TIMEOUT)
+            await self._agents.apply_step(self._target(record, step.target), request, STEP_TIMEOUT)
         except Exception as error:
             raise StepFailed(str(error)) from error
+
+    def _apply_own(self, action: Action) -> None:
+        match action:
+            case ForgetMember(name=name):
+                self._registry.forget(name)
+                self._journal.delete_tokens_of(name)
+            case RegisterMember(name=name, agent_address=agent_address, certificate_pem=pem):
+                self._registry.register(RegisteredMember(name, agent_address, pem))
+                held = self._journal.token(name)
+                if held is not None and held.state is tokens.TokenState.ACTIVE:
+                    self._journal.update_token(tokens.consume(held))
+            case _:
+                raise AssertionError(f"not a coordinator step: {action}")
+
+    def _target(self, record: OperationRecord, node: str) -> RegisteredMember:
+        """The agent a step goes to: a registered member, or the joiner of a join not yet registered (its agent's
+        address and certificate are in the journaled plan)."""
+        for member in self._registry.members():
+            if member.name == node:
+                return member
+        for step in record.steps:
+            if isinstance(step.action, RegisterMember) and step.action.name == node:
+                return RegisteredMember(node, step.action.agent_address, step.action.certificate_pem)
+        raise StepFailed(f"no agent is known for {node}")
 
     # --- recovery ------------------------------------------------------------------------------------------------
 
@@ -366,7 +498,7 @@ class Operations:
                 if committed(record):
                     await self._follow(record)
                 else:
-                    self._save(apply(record, RollBack("interrupted before its commit point"), time.time()))
+                    await self._roll_back(record, "interrupted before its commit point")
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -416,7 +548,8 @@ def _validate(request: coordinator_pb2.GuardedOperationRequest) -> tuple[Operati
     if which is None:
         violations.append(FieldViolation("operation", "exactly one operation must be set"))
     elif which == "join":
-        raise NotImplementedYet("joins arrive on the join listener, which is not built yet")
+        kind, target = OperationKind.JOIN, request.join.name
+        violations += _join_violations(request.join)
     elif which == "issue_token":
         target = request.issue_token.name
         problem = tokens.dns_name_problem(target)
@@ -431,6 +564,24 @@ def _validate(request: coordinator_pb2.GuardedOperationRequest) -> tuple[Operati
     if violations:
         raise InvalidRequest(violations)
     return kind, target
+
+
+def _join_violations(join: operation_pb2.JoinOperation) -> list[FieldViolation]:
+    violations = []
+    if not join.token:
+        violations.append(FieldViolation("join.token", "is required"))
+    problem = tokens.dns_name_problem(join.name)
+    if problem is not None:
+        violations.append(FieldViolation("join.name", f"a member name {problem}"))
+    for field, value in (("join.address", join.address), ("join.agent_address", join.agent_address)):
+        host, colon, port = value.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            violations.append(FieldViolation(field, "must be host:port"))
+    try:
+        pki.fingerprint(join.certificate_pem)
+    except ValueError:
+        violations.append(FieldViolation("join.certificate_pem", "is not a PEM certificate"))
+    return violations
 
 
 def _resolve(diff: MembershipDiff, target: str, address: str) -> Member:
@@ -458,6 +609,8 @@ def _commit_applied(record: OperationRecord, diff: MembershipDiff) -> bool:
             return not any(m.node_id == node_id and m.address == address for m in diff.members)
         case RemoveMemberRow(name=name):
             return not any(m.name == name for m in diff.members)
+        case EnsureRaftEntry(node_id=node_id, address=address):
+            return any(m.node_id == node_id and m.address == address and m.role is not None for m in diff.members)
         case _:
             return False
 

@@ -78,6 +78,17 @@ class Registry:
     def bundle(self) -> bytes:
         return self._current().bundle
 
+    def register(self, member: RegisteredMember) -> None:
+        """Adds (or replaces) a member's agent address and pinned certificate in the file."""
+        with self._lock:
+            document = json.loads(self._path.read_text())
+            members = [m for m in document.get("members", []) if m["name"] != member.name]
+            members.append(
+                {"name": member.name, "agent_address": member.agent_address, "certificate": member.certificate_pem}
+            )
+            document["members"] = members
+            write_atomically(self._path, json.dumps(document, indent=2).encode())
+
     def forget(self, name: str) -> bool:
         """Drops member `name` (its agent address and pinned certificate) from the file; True if it was there.
         Its agent is no longer asked, and its certificate is trusted only where a truststore still holds it."""

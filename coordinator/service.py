@@ -4,7 +4,8 @@
     {"coordinator_id": "...", "listen": "127.0.0.1:0", "cert": PATH, "key": PATH, "registry": PATH,
      "journal": PATH (the operations journal, SQLite; the coordinator holds its lock),
      "cluster_id": "..." (what join tokens name the cluster by),
-     "port_file": PATH (optional: the bound port is written there once serving)}
+     "join_listen": "127.0.0.1:0" (the join listener: no client certificate, joins only),
+     "port_file": PATH, "join_port_file": PATH (optional: the bound ports, written once serving)}
 The servicer only parses, calls the core (or operations.py for guarded operations) and renders.
 """
 
@@ -35,7 +36,7 @@ from coordinator.messages import diff_to_proto, operation_to_proto, token_to_pro
 from coordinator.operations import Caller, DeadlinePassed, Operations
 from coordinator.pki import read_identity
 from coordinator.registry import Registry
-from coordinator.serving import start_server
+from coordinator.serving import start_join_listener, start_server
 from coordinator.status import abort_with
 
 log = logging.getLogger("memberguard.coordinator")
@@ -125,11 +126,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         fingerprint = peer_fingerprint(context) or ""
         peer = self._trust.peers().get(fingerprint)
         caller = Caller(peer.name if peer else "unknown", fingerprint)
+        return await self.guarded(request, context, caller, join_listener=False)
+
+    async def guarded(
+        self,
+        request: coordinator_pb2.GuardedOperationRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: Caller,
+        *,
+        join_listener: bool,
+    ) -> coordinator_pb2.GuardedOperationResponse:
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = None if remaining is None else loop.time() + max(0.0, remaining - _RESPONSE_MARGIN)
         try:
-            outcome = await self._operations.submit(request, caller, deadline)
+            outcome = await self._operations.submit(request, caller, deadline, join_listener=join_listener)
         except MemberguardError as error:
             await abort_with(context, error)
         except (TimeoutError, DeadlinePassed):
@@ -198,6 +209,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.RevokeTokenResponse(header=self._header(), token=token_to_proto(revoked))
 
 
+def _join_service(coordinator: CoordinatorServicer) -> grpc.GenericRpcHandler[Any, Any]:
+    """The join listener's one method: GuardedOperation with a join, authorized by its token. Any other method is
+    UNIMPLEMENTED there."""
+
+    async def guarded(
+        request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.GuardedOperationResponse:
+        return await coordinator.guarded(request, context, Caller("join token", ""), join_listener=True)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        guarded,
+        request_deserializer=coordinator_pb2.GuardedOperationRequest.FromString,
+        response_serializer=coordinator_pb2.GuardedOperationResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(_SERVICE, {"GuardedOperation": handler})
+
+
 async def serve(config: dict[str, Any]) -> None:
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry(Path(config["registry"]))
@@ -221,8 +249,16 @@ async def serve(config: dict[str, Any]) -> None:
         rules=RULES,
         services=[(_SERVICE, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s))],
     )
-    log.info("coordinator %s serving on port %d", config["coordinator_id"], port)
-    operations.listening_on([f"{listen.rpartition(':')[0]}:{port}"])
+    join_listen = config.get("join_listen", f"{listen.rpartition(':')[0]}:0")
+    joins, join_port = await start_join_listener(
+        join_listen,
+        identity,
+        lambda s: s.add_generic_rpc_handlers((_join_service(servicer),)),
+    )
+    log.info("coordinator %s serving on port %d, joins on port %d", config["coordinator_id"], port, join_port)
+    operations.listening_on([f"{join_listen.rpartition(':')[0]}:{join_port}"])
+    if config.get("join_port_file"):
+        write_atomically(Path(config["join_port_file"]), str(join_port).encode())
     # What a crash left unfinished is finished or rolled back before the coordinator says it is up; requests that
     # arrive meanwhile queue behind it on the membership lock.
     await operations.reconcile()
@@ -233,6 +269,7 @@ async def serve(config: dict[str, Any]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await joins.stop(grace=1.0)
     await server.stop(grace=1.0)
     await agents.close()
     journal.close()

@@ -19,6 +19,21 @@ from coordinator.pki import Identity
 MAX_REQUEST_BYTES = 1 << 20
 
 
+async def start_join_listener(
+    address: str, identity: Identity, add: Callable[[grpc.aio.Server], None]
+) -> tuple[grpc.aio.Server, int]:
+    """The join listener: TLS with the coordinator's certificate and no client certificate, because a joiner is not
+    trusted yet (grpcio cannot ask for a client certificate without requiring a trusted one). The token in the
+    request authorizes it; the joiner verifies this server by the fingerprint its token pins."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    add(server)
+    port = server.add_secure_port(address, grpc.ssl_server_credentials([(identity.key_pem, identity.certificate_pem)]))
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server, port
+
+
 async def start_server(
     *,
     address: str,

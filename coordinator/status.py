@@ -48,7 +48,7 @@ _CODES: dict[type[MemberguardError], int] = {
 
 
 def to_status(error: MemberguardError) -> grpc.Status:
-    code = _CODES.get(type(error), code_pb2.INTERNAL)
+    code = next((c for kind, c in _CODES.items() if isinstance(error, kind)), code_pb2.INTERNAL)
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)]
     if isinstance(error, InvalidRequest):
         details.append(

@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from memberguard import Client, InvalidArgument, Unimplemented
+from memberguard import Client, InvalidArgument, PermissionDenied
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
 
@@ -100,9 +100,9 @@ def test_a_malformed_guarded_operation_names_every_bad_field(client: Client) -> 
     assert sorted(field for field, _ in refused.value.field_violations) == ["operation", "request_id"]
 
 
-def test_a_join_is_not_accepted_on_the_operator_listener_yet(client: Client) -> None:
+def test_a_join_is_not_accepted_on_the_operators_listener(client: Client) -> None:
     request = coordinator_pb2.GuardedOperationRequest(request_id="j1", join=operation_pb2.JoinOperation(name="n9"))
-    with pytest.raises(Unimplemented):
+    with pytest.raises(PermissionDenied):
         client.guarded_operation(request, timeout=5)
 
 

@@ -17,8 +17,9 @@ Join, on the local backend (DESIGN.md's stages):
 1. reserve: the row is written PENDING, and every reachable member's truststore learns the joiner (whoever leads
    must trust it);
 2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point;
-3. finish: the joiner's truststore learns every member, the row gets its role, and the coordinator registers the
-   joiner's agent and consumes the token.
+3. finish: every reachable member's trust is confirmed (on the local backend, applying a step is also when a node's
+   cache catches up with the configuration), the joiner's truststore learns every member, the row gets its role,
+   and the coordinator registers the joiner's agent and consumes the token.
 Before the commit point a join rolls back: the joiner is fenced first (a joiner left able to add itself again is
 the zombie that becomes a ghost Raft member, microcluster #774), then each done step is undone, last first.
 """
@@ -213,6 +214,9 @@ def plan_join(
     missing = sorted(set(known) - set(certificates))
     if missing:
         raise CannotPlan(f"no certificate is known for {', '.join(missing)}: the joiner could not trust them")
+    steps += [
+        PlannedStep(f"{node} still trusts {name}", node, EnsureTruststoreRecord(name, address, pem)) for node in members
+    ]
     for peer in sorted(known):
         record = EnsureTruststoreRecord(peer, known[peer].address, certificates[peer])
         steps.append(PlannedStep(f"{name} trusts {peer}", name, record))

@@ -253,6 +253,6 @@ def test_a_parked_removal_exits_1_with_its_plan(parking_lab: labs.Lab, capsys: p
         "error        remove n3 from n1's truststore: failure injected by MEMBERGUARD_FAULT"
     ]
     assert "  · remove n3 from n1's truststore" in lines
-    assert lines[-1].startswith("plan         finish the removal: remove n3 from n1's truststore")
+    assert lines[-1].startswith("plan         finish it: remove n3 from n1's truststore")
     operation_id = lines[0].split()[1]
     assert run(capsys, parking_lab, "ops", operation_id) == (1, out, "")

@@ -101,6 +101,7 @@ def test_a_join_reserves_then_commits_with_the_joiners_own_raft_entry_then_finis
     [commit] = [step for step in plan.steps if step.commit_point]
     assert (commit.target, commit.action) == ("n4", EnsureRaftEntry(99, "127.0.0.1:7004", Role.VOTER))
     after = actions[plan.steps.index(commit) + 1 :]
+    assert after[:3] == [(n, EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")) for n in ("n1", "n2", "n3")]
     assert [a for t, a in after if t == "n4"] == [
         EnsureTruststoreRecord(name(i), address(i), f"PEM-{name(i)}") for i in (1, 2, 3)
     ] + [EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")]

@@ -1,0 +1,192 @@
+"""Joins on the local backend: a new node's agent calls the coordinator's join listener with its token.
+
+Real processes: the lab's coordinator and agents, and the joiner's own agent; the joiner verifies the coordinator
+by the fingerprint its token pins, and the coordinator verifies the joiner by dialling its agent pinned to the
+certificate it submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+from memberguard import Client
+from memberguard.v1 import operation_pb2 as o
+
+from coordinator import lab as labs
+from coordinator.agent.join import request_join
+from coordinator.agent.raft_files import write_node_info, write_raft_config
+from coordinator.core import tokens
+from coordinator.core.model import Role
+from coordinator.operations import FAULT_ENV
+from coordinator.pki import Identity, make_identity, write_identity
+
+
+@dataclass
+class JoiningNode:
+    name: str
+    identity: Identity
+    address: str
+    state_dir: Path
+    agent: subprocess.Popen[bytes]
+    agent_address: str
+
+    def join(self, token: str, *, certificate_pem: str | None = None) -> o.Operation:
+        return asyncio.run(
+            request_join(
+                token,
+                name=self.name,
+                address=self.address,
+                certificate_pem=certificate_pem or self.identity.certificate_pem.decode(),
+                agent_address=self.agent_address,
+                pins=self.state_dir / "coordinators.pem",
+                timeout=30,
+            )
+        )
+
+
+@pytest.fixture
+def own_lab(tmp_path: Path) -> Iterator[labs.Lab]:
+    running = labs.up(tmp_path / "lab", 3)
+    yield running
+    labs.down(running.dir)
+
+
+@pytest.fixture
+def joining(own_lab: labs.Lab) -> Iterator[JoiningNode]:
+    """n4, laid out as a node that is about to join: its identity, its engine's info.yaml (a fresh node ID), an
+    empty truststore, and its agent running — trusting no coordinator until its token tells it which."""
+    name = "n4"
+    state_dir = own_lab.dir / "nodes" / name
+    identity = make_identity(name)
+    write_identity(state_dir, identity)
+    (state_dir / "truststore").mkdir(mode=0o700)
+    address = labs.loopback_addresses(1)[0]
+    write_node_info(state_dir / "database" / "info.yaml", random.getrandbits(63), address, Role.VOTER)
+    write_raft_config(state_dir / "database" / "cluster.yaml", [])
+    (state_dir / "coordinators.pem").write_bytes(make_identity("nobody-yet").certificate_pem)
+    sources = own_lab.document["sources"]
+    config = {
+        "name": name,
+        "listen": "127.0.0.1:0",
+        "state_dir": str(state_dir),
+        "backend": "local",
+        "members_table": sources["members_table"],
+        "raft_config": sources["raft_config"],
+        "trusted_coordinators": str(state_dir / "coordinators.pem"),
+        "port_file": str(state_dir / "agent.port"),
+    }
+    (state_dir / "agent.json").write_text(json.dumps(config))
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.agent", str(state_dir / "agent.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not (state_dir / "agent.port").exists():
+        assert agent.poll() is None and time.monotonic() < deadline, "the joiner's agent did not start"
+        time.sleep(0.02)
+    node = JoiningNode(name, identity, address, state_dir, agent, f"127.0.0.1:{(state_dir / 'agent.port').read_text()}")
+    yield node
+    agent.terminate()
+    agent.wait(10)
+
+
+def _names(client: Client) -> list[str]:
+    return sorted(m.name for m in client.check_membership(timeout=10).diff.members)
+
+
+def test_a_node_joins_with_its_token_and_the_cluster_stays_consistent(own_lab: labs.Lab, joining: JoiningNode) -> None:
+    with Client(own_lab.endpoint) as client:
+        token = client.issue_token("n4").token
+        operation = joining.join(token)
+        assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+        assert operation.kind == o.OPERATION_KIND_JOIN and operation.audit.requested_by == "join token"
+        commit = next(step for step in operation.steps if step.commit_point)
+        assert "joins the Raft configuration" in commit.name
+        diff = client.check_membership(timeout=10).diff
+        assert list(diff.discrepancies) == [], list(diff.discrepancies)
+        assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3", "n4"]
+        assert list(diff.nodes) == ["n1", "n2", "n3", "n4"], "the coordinator now asks n4's agent too"
+        assert client.list_tokens() == [], "the token was consumed"
+        # A retried join returns the first attempt's outcome; a second use of the token is refused.
+        assert joining.join(token).id == operation.id
+
+
+def _forged(token: str) -> str:
+    """The same token with another secret: it decodes, and the coordinator has no such token."""
+    return tokens.encode_token(replace(tokens.decode_token(token), secret=os.urandom(32)))
+
+
+@pytest.mark.parametrize("how", ["forged", "revoked", "for another name"])
+def test_a_bad_token_is_refused_and_changes_nothing(own_lab: labs.Lab, joining: JoiningNode, how: str) -> None:
+    with Client(own_lab.endpoint) as client:
+        token = client.issue_token("n5" if how == "for another name" else "n4").token
+        before = client.check_membership(timeout=10).diff.fingerprint
+        if how == "forged":
+            token = _forged(token)
+        elif how == "revoked":
+            client.revoke_token("n4")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            joining.join(token)
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+        assert token not in (refused.value.details() or ""), "no token in error details"
+        assert client.check_membership(timeout=10).diff.fingerprint == before
+        assert _names(client) == ["n1", "n2", "n3"]
+
+
+def test_a_joiner_whose_certificate_does_not_carry_its_name_is_refused(own_lab: labs.Lab, joining: JoiningNode) -> None:
+    with Client(own_lab.endpoint) as client:
+        token = client.issue_token("n4").token
+        other = make_identity("somebody-else").certificate_pem.decode()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            joining.join(token, certificate_pem=other)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert _names(client) == ["n1", "n2", "n3"]
+
+
+def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_no_trace(
+    own_lab: labs.Lab, joining: JoiningNode
+) -> None:
+    os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
+    config = own_lab.dir / "coordinator" / "coordinator.json"
+    document = json.loads(config.read_text())
+    for key in ("port_file", "join_port_file"):
+        Path(document[key]).unlink(missing_ok=True)
+    failing = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.service", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, FAULT_ENV: "fail-step:2"},  # trusting n4 on n2, before the commit point
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(document["join_port_file"]).exists():
+            assert failing.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        endpoint = own_lab.endpoint
+        port = Path(document["port_file"]).read_text()
+        endpoint = type(endpoint)(f"127.0.0.1:{port}", endpoint.ca, endpoint.server_name, endpoint.cert, endpoint.key)
+        with Client(endpoint) as client:
+            before = client.check_membership(timeout=10).diff.fingerprint
+            token = client.issue_token("n4").token
+            operation = joining.join(token)
+            assert operation.state == o.OPERATION_STATE_ROLLED_BACK, operation
+            assert [s.state for s in operation.steps[:2]] == [o.STEP_STATE_UNDONE] * 2
+            assert not (joining.state_dir / "database" / "info.yaml").exists(), "the joiner was fenced first"
+            assert client.check_membership(timeout=10).diff.fingerprint == before
+            assert [t.name for t in client.list_tokens()] == ["n4"], "the token was released for a retry"
+    finally:
+        failing.terminate()
+        failing.wait(10)
