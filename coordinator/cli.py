@@ -2,8 +2,9 @@
 
 Every subcommand sets `handler` (args -> exit status) on its parser; `main` only parses and dispatches. The
 commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
-`token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). The other subcommands
-come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
+`token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). `join` is the joining
+node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). The other
+subcommands come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
 
 Exit status (EXIT_STATUSES, also the parser's epilog): 0 success; 1 `check` found a discrepancy WARNING or worse,
 or the operation shown did not succeed; 2 a usage error (bad arguments, a request the coordinator calls invalid, a
@@ -14,6 +15,7 @@ operation; 4 the guard refused the change (DirtyMembership or StaleFingerprint).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
 import os
@@ -21,6 +23,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC
+from pathlib import Path
 from typing import TypeAlias
 
 # gRPC's C core writes its own lines to stderr (a failed TLS handshake, for one), which would break the one-line
@@ -30,11 +33,15 @@ from typing import TypeAlias
 if "grpc" not in sys.modules:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+import grpc
 import memberguard
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
+
+from coordinator.agent.join import CoordinatorNotVerified, request_join
+from coordinator.core.tokens import MalformedToken
 
 EXIT_OK = 0
 EXIT_DISCREPANCIES = 1
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_token(subparsers)
     _register_remove(subparsers)
     _register_ops(subparsers)
+    _register_join(subparsers)
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
@@ -173,12 +181,17 @@ def _connected(args: argparse.Namespace) -> Iterator[memberguard.Client]:
     try:
         with memberguard.Client(endpoint) as client:
             yield client
-    except memberguard.InvalidArgument as exc:
-        raise _Exit(EXIT_USAGE, f"invalid request: {exc}") from None
-    except memberguard.MembershipRefused as exc:
-        raise _refusal(exc) from None
     except memberguard.MemberguardError as exc:
-        raise _Exit(EXIT_COORDINATOR, f"coordinator {endpoint.address}: {exc}") from None
+        raise _failure(exc, f"coordinator {endpoint.address}") from None
+
+
+def _failure(exc: memberguard.MemberguardError, where: str) -> _Exit:
+    """How a failed call ends the command: 2 an invalid request, 4 the guard said no, 3 anything else."""
+    if isinstance(exc, memberguard.InvalidArgument):
+        return _Exit(EXIT_USAGE, f"invalid request: {exc}")
+    if isinstance(exc, memberguard.MembershipRefused):
+        return _refusal(exc)
+    return _Exit(EXIT_COORDINATOR, f"{where}: {exc}")
 
 
 def _refusal(exc: memberguard.MembershipRefused) -> _Exit:
@@ -527,6 +540,66 @@ def render_operations(operations: Sequence[operation_pb2.Operation]) -> str:
         for op in operations
     ]
     return "\n".join(_table(("ID", "KIND", "MEMBER", "STATE", "REQUESTED BY", "CREATED"), rows))
+
+
+# --- join ------------------------------------------------------------------------------------------------------
+
+
+def _register_join(subparsers: _Subparsers) -> None:
+    join = subparsers.add_parser(
+        "join",
+        help="join this node to a cluster with its token (run on the joining node) and print the operation",
+        description="Join this node to the cluster its token was issued for, and print the operation as `ops ID`\n"
+        "does. Run it on the joining node, its agent already running: the token pins the coordinator's\n"
+        "certificate, which is written to --pins (the file the agent trusts coordinators from) before the\n"
+        "coordinator is asked. A retry with the same token and name returns the first attempt's outcome.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    join.add_argument("--token", required=True, metavar="TOKEN", help="the join token; - reads it from stdin")
+    join.add_argument("--name", required=True, metavar="NAME", help="this member's name (the token's)")
+    join.add_argument("--address", required=True, metavar="HOST:PORT", help="this member's Raft address")
+    join.add_argument("--cert", required=True, metavar="FILE", help="this member's PEM certificate (server.crt)")
+    join.add_argument("--agent-address", required=True, metavar="HOST:PORT", help="where this node's agent answers")
+    join.add_argument(
+        "--pins", required=True, metavar="FILE", help="the agent's trusted coordinators file (coordinators.pem)"
+    )
+    join.add_argument("--json", action="store_true", help="print the operation in the protobuf JSON mapping")
+    join.add_argument("--timeout", type=_seconds, default=60.0, metavar="S", help="call deadline (default 60)")
+    join.set_defaults(handler=_run_join, parser=join)
+
+
+def _run_join(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    try:
+        certificate = Path(args.cert).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _usage(parser, f"cannot read {args.cert}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        operation = asyncio.run(
+            request_join(
+                token,
+                name=args.name,
+                address=args.address,
+                certificate_pem=certificate,
+                agent_address=args.agent_address,
+                pins=Path(args.pins),
+                timeout=args.timeout,
+            )
+        )
+    except MalformedToken as exc:
+        # Its message describes the token's form, never its text.
+        raise _usage(parser, str(exc)) from None
+    except CoordinatorNotVerified as exc:
+        raise _Exit(EXIT_COORDINATOR, str(exc)) from None
+    except grpc.aio.AioRpcError as exc:
+        # The coordinator names the token's reason (TOKEN_REVOKED, ...) and never the token itself.
+        raise _failure(memberguard.error_from_rpc(exc), "the join") from None
+    except OSError as exc:
+        raise _usage(parser, f"cannot write {args.pins}: {exc.strerror or exc}") from None
+    _show(args, operation, render_operation(operation))
+    return _outcome(args, operation)
 
 
 # --- rendering pieces ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The lab: a coordinator and N agents as real background processes on loopback, with fresh certificates,
-a consistent cluster and an operator identity; `memberguard lab up|down`.
+a consistent cluster and an operator identity; `memberguard lab up|down|add-node`.
 
 DIR/lab.json is a contract other tools read (absolute paths; later backends add keys, never rename them):
     {"backend": "local",
@@ -7,6 +7,10 @@ DIR/lab.json is a contract other tools read (absolute paths; later backends add 
      "operator": {"cert", "key"},
      "sources": {"members_table", "raft_config"},
      "nodes": [{"name", "address", "agent_address", "pid", "state_dir"}]}
+
+`add_node` grows a running lab by one node through a real join (a token, then the joiner's own request). Several
+may run at once: DIR/lab.lock (an exclusive flock) serializes choosing a name and an address and updating lab.json;
+the joins themselves run in parallel and queue on the coordinator's membership lock.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -24,21 +29,27 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memberguard import Client, Endpoint, MemberguardError
+import grpc
+from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, error_from_rpc
+from memberguard.v1 import operation_pb2
 
+from coordinator.agent.filecache import load_yaml
+from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.agent.members_table import create_members_table, upsert_member
 from coordinator.agent.node_state import LaidOutMember, lay_out_node
-from coordinator.agent.raft_files import write_raft_config
+from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.auth import Principal
+from coordinator.core import tokens
 from coordinator.core.model import Role
 from coordinator.dqlite import Role as WireRole
 from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, record_members, start_members
 from coordinator.files import write_atomically
-from coordinator.pki import make_identity, write_identity
+from coordinator.pki import Identity, make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
 
 # Every dqlite bootstrap node has this ID (research/microcluster.md §1.3); joiners get random ones.
@@ -50,7 +61,29 @@ _ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.
 
 
 class LabError(Exception):
-    """The lab cannot be brought up or down as asked; the message says why and what to do."""
+    """The lab cannot be brought up, grown or brought down as asked; the message says why and what to do.
+
+    exit_status is the CLI's status for it (memberguard's: 1 not done, 2 usage, 3 coordinator, 4 guard refused)."""
+
+    exit_status = 1
+
+
+class CoordinatorFailed(LabError):
+    """The coordinator could not be reached, or refused a call (a token, a join)."""
+
+    exit_status = 3
+
+
+class GuardRefused(LabError):
+    """The guard refused to issue the joiner's token: the membership is not clean."""
+
+    exit_status = 4
+
+
+class BadNodeName(LabError):
+    """add-node was given a name that cannot name a node, or that the lab already has."""
+
+    exit_status = 2
 
 
 @dataclass(frozen=True)
@@ -413,8 +446,220 @@ def _stop(pids: list[int], timeout: float = 5.0) -> None:
             child.wait()
 
 
+# --- growing a lab: add-node ------------------------------------------------------------------------------------
+
+JOIN_TIMEOUT = 60.0
+_REFUSALS = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ABORTED,
+)
+
+
+@dataclass(frozen=True)
+class JoiningNode:
+    """A node about to join a lab, laid out as a new node is: its identity, an empty truststore, its engine's
+    info.yaml (a fresh node ID) and an empty cluster.yaml, and its agent running, trusting no coordinator (pins
+    holds a placeholder) until its token says which."""
+
+    name: str
+    address: str
+    identity: Identity
+    state_dir: Path
+    pid: int
+    agent_address: str
+    pins: Path
+
+    def join(self, token: str, *, timeout: float = JOIN_TIMEOUT) -> operation_pb2.Operation:
+        """Asks the coordinator the token names; the finished (or rolled back) operation. A refusal raises
+        grpc.aio.AioRpcError, a token naming no coordinator that answers with its pinned certificate
+        CoordinatorNotVerified, a malformed token tokens.MalformedToken."""
+        return asyncio.run(
+            request_join(
+                token,
+                name=self.name,
+                address=self.address,
+                certificate_pem=self.identity.certificate_pem.decode(),
+                agent_address=self.agent_address,
+                pins=self.pins,
+                timeout=timeout,
+            )
+        )
+
+    def entry(self) -> dict[str, Any]:
+        """Its node entry in lab.json."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "agent_address": self.agent_address,
+            "pid": self.pid,
+            "state_dir": str(self.state_dir),
+        }
+
+    def stop(self) -> None:
+        """Stops its agent, if it still runs."""
+        if _is_ours(self.pid):
+            _stop([self.pid])
+        elif (child := _children.pop(self.pid, None)) is not None:
+            child.wait()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Holds DIR/lab.lock exclusively, so that one add-node at a time picks a name and an address or updates
+    lab.json. The lock goes with the file's descriptor: a process that dies lets go of it."""
+    with (directory / "lab.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
+    """Lays out a node that is about to join the lab (see JoiningNode) and starts its agent; it joins nothing yet.
+
+    name defaults to the lowest nN that neither lab.json nor a directory under DIR/nodes has; the node's directory
+    is its reservation, made under DIR/lab.lock along with its member address (which no other node has), so that
+    several of these may run at once. Its agent's log is DIR/logs/agent-NAME.log. Local backend only.
+    """
+    if lab.document["backend"] != "local":
+        raise LabError("add-node needs the local backend until joins on the real engine are built")
+    with _locked(lab.dir):
+        document = Lab.load(lab.dir).document  # as it is now: another add-node may have added to it
+        nodes_dir = lab.dir / "nodes"
+        if name is None:
+            name = _free_name(document, nodes_dir)
+        elif problem := tokens.dns_name_problem(name):
+            raise BadNodeName(f"{name!r} cannot name a node: {problem}")
+        elif any(node["name"] == name for node in document["nodes"]):
+            raise BadNodeName(f"the lab already has a node {name}")
+        state_dir = nodes_dir / name
+        try:
+            state_dir.mkdir()
+        except FileExistsError:
+            raise BadNodeName(f"{name} is taken: {state_dir} exists") from None
+        try:
+            address = _free_member_address(document, nodes_dir)
+            identity = make_identity(name)
+            write_identity(state_dir, identity)
+            (state_dir / "truststore").mkdir(mode=0o700)
+            write_node_info(
+                state_dir / "database" / "info.yaml", random.SystemRandom().getrandbits(63), address, Role.VOTER
+            )
+            write_raft_config(state_dir / "database" / "cluster.yaml", [])
+            pins = state_dir / "coordinators.pem"
+            pins.write_bytes(make_identity("nobody-yet").certificate_pem)
+            config = state_dir / "agent.json"
+            sources = document["sources"]
+            _write_json(
+                config,
+                {
+                    "name": name,
+                    "listen": "127.0.0.1:0",
+                    "state_dir": str(state_dir),
+                    "backend": "local",
+                    "members_table": sources["members_table"],
+                    "raft_config": sources["raft_config"],
+                    "trusted_coordinators": str(pins),
+                    "port_file": str(state_dir / "agent.port"),
+                },
+            )
+        except BaseException:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise
+    log = lab.dir / "logs" / f"agent-{name}.log"
+    process = _spawn(["-m", "coordinator.agent", str(config)], log)
+    try:
+        port = _wait_for_port(state_dir / "agent.port", process, log)
+    except BaseException:
+        process.kill()
+        process.wait()
+        _children.pop(process.pid, None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    return JoiningNode(name, address, identity, state_dir, process.pid, f"127.0.0.1:{port}", pins)
+
+
+def _free_name(document: dict[str, Any], nodes_dir: Path) -> str:
+    taken = {node["name"] for node in document["nodes"]} | {path.name for path in nodes_dir.iterdir()}
+    return next(f"n{i}" for i in range(1, len(taken) + 2) if f"n{i}" not in taken)
+
+
+def _free_member_address(document: dict[str, Any], nodes_dir: Path) -> str:
+    """A loopback address no node of the lab has, joined or reserved. The local backend binds no member address,
+    so a probe may well hand out one that a member already has."""
+    taken = {node["address"] for node in document["nodes"]}
+    for info in nodes_dir.glob("*/database/info.yaml"):
+        with contextlib.suppress(OSError, ValueError):
+            node = load_yaml(info.read_bytes())
+            if isinstance(node, dict):
+                taken.add(node.get("Address"))
+    while (address := loopback_addresses(1)[0]) in taken:
+        pass
+    return address
+
+
+def add_node(directory: Path, name: str | None = None, *, timeout: float = JOIN_TIMEOUT) -> dict[str, Any]:
+    """Grows the running lab in directory by one node, through a real join, and returns its lab.json entry.
+
+    Starts a joining node (start_joining_node), issues its token through the public client, has it join, and on
+    success appends the node to lab.json (so that `lab down` stops its agent). Otherwise its agent is stopped and a
+    LabError says why: the operation's state and error if the join ran, the coordinator's refusal if not. A join
+    that rolled back, or was refused, leaves nothing behind (its directory and token go); one that is parked or
+    unfinished keeps its directory for a look. Safe to run several at once: see _locked.
+    """
+    lab = Lab.load(directory)
+    joiner = start_joining_node(lab, name)
+    release = True  # nothing of the join is left: its name may be chosen again, its token may go
+    try:
+        with Client(lab.endpoint) as client:
+            try:
+                issued = client.issue_token(joiner.name, timeout=timeout)
+            except MembershipRefused as error:
+                raise GuardRefused(f"the guard refused {joiner.name}'s token: {error}") from None
+            except MemberguardError as error:
+                raise CoordinatorFailed(f"coordinator {lab.endpoint.address}: {error}") from None
+            if issued.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
+                raise LabError(f"issuing {joiner.name}'s token {_state(issued)}: {issued.error or '-'}")
+            try:
+                operation = joiner.join(issued.token, timeout=timeout)
+            except CoordinatorNotVerified as error:
+                raise CoordinatorFailed(f"{joiner.name} cannot join: {error}") from None
+            except grpc.aio.AioRpcError as error:
+                # A refusal changed nothing; a join cut short (a deadline, a lost connection) may still be running.
+                release = error.code() in _REFUSALS
+                raise CoordinatorFailed(f"{joiner.name}'s join: {error_from_rpc(error)}") from None
+            if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
+                release = operation.state == operation_pb2.OPERATION_STATE_ROLLED_BACK
+                raise LabError(
+                    f"the join of {joiner.name} {_state(operation)}: {operation.error or '-'} "
+                    f"(memberguard ops {operation.id} --lab {lab.dir})"
+                )
+    except BaseException:
+        joiner.stop()
+        if release:
+            _revoke_quietly(lab, joiner.name)
+            shutil.rmtree(joiner.state_dir, ignore_errors=True)
+        raise
+    entry = joiner.entry()
+    with _locked(lab.dir):
+        document = Lab.load(lab.dir).document
+        _write_json(lab.dir / "lab.json", {**document, "nodes": [*document["nodes"], entry]})
+    return entry
+
+
+def _revoke_quietly(lab: Lab, name: str) -> None:
+    """Revokes name's token if it has a usable one; the coordinator may not answer, or have none."""
+    with contextlib.suppress(MemberguardError), Client(lab.endpoint) as client:
+        client.revoke_token(name, timeout=5.0)
+
+
+def _state(operation: operation_pb2.Operation) -> str:
+    return operation_pb2.OperationState.Name(operation.state).removeprefix("OPERATION_STATE_").lower().replace("_", "-")
+
+
 def register(subparsers: Any) -> None:
-    """Adds `lab up` and `lab down` to the memberguard CLI."""
+    """Adds `lab up`, `lab down` and `lab add-node` to the memberguard CLI."""
     parser = subparsers.add_parser("lab", help="bring a local lab of real processes up or down")
     commands = parser.add_subparsers(dest="lab_command", required=True)
     up_parser = commands.add_parser("up", help="start a coordinator and N agents with a consistent cluster")
@@ -429,6 +674,21 @@ def register(subparsers: Any) -> None:
     down_parser = commands.add_parser("down", help="stop every process of a lab")
     down_parser.add_argument("--dir", required=True, type=Path, help="the lab directory")
     down_parser.set_defaults(handler=_run_down)
+    add_parser = commands.add_parser(
+        "add-node",
+        help="join one more node to a running lab (local backend); prints its name and agent address",
+        description="Start a new node's agent, issue its token and have it join, as a real joiner does; on success\n"
+        "the node is in lab.json (so `lab down` stops it). Several may run at once. Exit 0 joined, 1 the join\n"
+        "rolled back or did not finish, 2 a bad --name, 3 the coordinator is unreachable or refused, 4 the\n"
+        "guard refused to issue the token.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_parser.add_argument("--dir", required=True, type=Path, help="the lab directory")
+    add_parser.add_argument("--name", help="the new node's name (default: the lowest free nN)")
+    add_parser.add_argument(
+        "--timeout", type=float, default=JOIN_TIMEOUT, metavar="S", help=f"per call (default {JOIN_TIMEOUT:g})"
+    )
+    add_parser.set_defaults(handler=_run_add_node)
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -455,4 +715,14 @@ def _run_down(args: argparse.Namespace) -> int:
         print(f"memberguard: {error}", file=sys.stderr)
         return 1
     print(f"lab down in {args.dir.resolve()}: stopped {len(stopped)} processes")
+    return 0
+
+
+def _run_add_node(args: argparse.Namespace) -> int:
+    try:
+        entry = add_node(args.dir, args.name, timeout=args.timeout)
+    except LabError as error:
+        print(f"memberguard: {error}", file=sys.stderr)
+        return error.exit_status
+    print(f"{entry['name']} {entry['agent_address']}")
     return 0

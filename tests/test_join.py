@@ -7,16 +7,14 @@ certificate it submitted.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -25,35 +23,9 @@ from memberguard import Client
 from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
-from coordinator.agent.join import request_join
-from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.core import tokens
-from coordinator.core.model import Role
 from coordinator.operations import FAULT_ENV
-from coordinator.pki import Identity, make_identity, write_identity
-
-
-@dataclass
-class JoiningNode:
-    name: str
-    identity: Identity
-    address: str
-    state_dir: Path
-    agent: subprocess.Popen[bytes]
-    agent_address: str
-
-    def join(self, token: str, *, certificate_pem: str | None = None) -> o.Operation:
-        return asyncio.run(
-            request_join(
-                token,
-                name=self.name,
-                address=self.address,
-                certificate_pem=certificate_pem or self.identity.certificate_pem.decode(),
-                agent_address=self.agent_address,
-                pins=self.state_dir / "coordinators.pem",
-                timeout=30,
-            )
-        )
+from coordinator.pki import make_identity
 
 
 @pytest.fixture
@@ -64,50 +36,20 @@ def own_lab(tmp_path: Path) -> Iterator[labs.Lab]:
 
 
 @pytest.fixture
-def joining(own_lab: labs.Lab) -> Iterator[JoiningNode]:
-    """n4, laid out as a node that is about to join: its identity, its engine's info.yaml (a fresh node ID), an
-    empty truststore, and its agent running — trusting no coordinator until its token tells it which."""
-    name = "n4"
-    state_dir = own_lab.dir / "nodes" / name
-    identity = make_identity(name)
-    write_identity(state_dir, identity)
-    (state_dir / "truststore").mkdir(mode=0o700)
-    address = labs.loopback_addresses(1)[0]
-    write_node_info(state_dir / "database" / "info.yaml", random.getrandbits(63), address, Role.VOTER)
-    write_raft_config(state_dir / "database" / "cluster.yaml", [])
-    (state_dir / "coordinators.pem").write_bytes(make_identity("nobody-yet").certificate_pem)
-    sources = own_lab.document["sources"]
-    config = {
-        "name": name,
-        "listen": "127.0.0.1:0",
-        "state_dir": str(state_dir),
-        "backend": "local",
-        "members_table": sources["members_table"],
-        "raft_config": sources["raft_config"],
-        "trusted_coordinators": str(state_dir / "coordinators.pem"),
-        "port_file": str(state_dir / "agent.port"),
-    }
-    (state_dir / "agent.json").write_text(json.dumps(config))
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.agent", str(state_dir / "agent.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not (state_dir / "agent.port").exists():
-        assert agent.poll() is None and time.monotonic() < deadline, "the joiner's agent did not start"
-        time.sleep(0.02)
-    node = JoiningNode(name, identity, address, state_dir, agent, f"127.0.0.1:{(state_dir / 'agent.port').read_text()}")
+def joining(own_lab: labs.Lab) -> Iterator[labs.JoiningNode]:
+    """n4, laid out as a node that is about to join, its agent running and trusting no coordinator yet."""
+    node = labs.start_joining_node(own_lab, "n4")
     yield node
-    agent.terminate()
-    agent.wait(10)
+    node.stop()
 
 
 def _names(client: Client) -> list[str]:
     return sorted(m.name for m in client.check_membership(timeout=10).diff.members)
 
 
-def test_a_node_joins_with_its_token_and_the_cluster_stays_consistent(own_lab: labs.Lab, joining: JoiningNode) -> None:
+def test_a_node_joins_with_its_token_and_the_cluster_stays_consistent(
+    own_lab: labs.Lab, joining: labs.JoiningNode
+) -> None:
     with Client(own_lab.endpoint) as client:
         token = client.issue_token("n4").token
         operation = joining.join(token)
@@ -130,7 +72,7 @@ def _forged(token: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["forged", "revoked", "for another name"])
-def test_a_bad_token_is_refused_and_changes_nothing(own_lab: labs.Lab, joining: JoiningNode, how: str) -> None:
+def test_a_bad_token_is_refused_and_changes_nothing(own_lab: labs.Lab, joining: labs.JoiningNode, how: str) -> None:
     with Client(own_lab.endpoint) as client:
         token = client.issue_token("n5" if how == "for another name" else "n4").token
         before = client.check_membership(timeout=10).diff.fingerprint
@@ -146,18 +88,20 @@ def test_a_bad_token_is_refused_and_changes_nothing(own_lab: labs.Lab, joining: 
         assert _names(client) == ["n1", "n2", "n3"]
 
 
-def test_a_joiner_whose_certificate_does_not_carry_its_name_is_refused(own_lab: labs.Lab, joining: JoiningNode) -> None:
+def test_a_joiner_whose_certificate_does_not_carry_its_name_is_refused(
+    own_lab: labs.Lab, joining: labs.JoiningNode
+) -> None:
     with Client(own_lab.endpoint) as client:
         token = client.issue_token("n4").token
-        other = make_identity("somebody-else").certificate_pem.decode()
+        other = replace(joining, identity=make_identity("somebody-else"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            joining.join(token, certificate_pem=other)
+            other.join(token)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert _names(client) == ["n1", "n2", "n3"]
 
 
 def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_no_trace(
-    own_lab: labs.Lab, joining: JoiningNode
+    own_lab: labs.Lab, joining: labs.JoiningNode
 ) -> None:
     os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
     config = own_lab.dir / "coordinator" / "coordinator.json"

@@ -10,7 +10,7 @@ Both clients keep one mTLS channel open, have the same methods, and raise the ty
 """
 
 from memberguard._async import AsyncClient
-from memberguard._base import Endpoint
+from memberguard._base import Endpoint, error_from_rpc
 from memberguard._sync import Client
 from memberguard.errors import (
     AlreadyExists,
@@ -45,4 +45,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "error_from_rpc",
 ]

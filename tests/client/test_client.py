@@ -322,6 +322,8 @@ def test_endpoint_refuses_bad_tls_material(lab: Lab) -> None:
 def test_public_names() -> None:
     for name in memberguard.__all__:
         assert getattr(memberguard, name) is not None
-    errors = {getattr(memberguard, n) for n in memberguard.__all__ if n not in {"Client", "AsyncClient", "Endpoint"}}
+    others = {"Client", "AsyncClient", "Endpoint", "error_from_rpc"}
+    errors = {getattr(memberguard, n) for n in memberguard.__all__ if n not in others}
     assert all(issubclass(e, memberguard.MemberguardError) for e in errors)
     assert len(errors) == 13
+    assert callable(memberguard.error_from_rpc)
