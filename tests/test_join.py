@@ -7,12 +7,8 @@ certificate it submitted.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +22,7 @@ from coordinator import lab as labs
 from coordinator.core import tokens
 from coordinator.operations import FAULT_ENV
 from coordinator.pki import make_identity
+from tests.restarts import start_coordinator
 
 
 @pytest.fixture
@@ -104,24 +101,9 @@ def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_
     own_lab: labs.Lab, joining: labs.JoiningNode
 ) -> None:
     os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
-    config = own_lab.dir / "coordinator" / "coordinator.json"
-    document = json.loads(config.read_text())
-    for key in ("port_file", "join_port_file"):
-        Path(document[key]).unlink(missing_ok=True)
-    failing = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.service", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, FAULT_ENV: "fail-step:2"},  # trusting n4 on n2, before the commit point
-    )
+    # Trusting n4 on n2 fails: a step before the commit point.
+    failing, endpoint = start_coordinator(own_lab, {FAULT_ENV: "fail-step:2"})
     try:
-        deadline = time.monotonic() + 30
-        while not Path(document["join_port_file"]).exists():
-            assert failing.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        endpoint = own_lab.endpoint
-        port = Path(document["port_file"]).read_text()
-        endpoint = type(endpoint)(f"127.0.0.1:{port}", endpoint.ca, endpoint.server_name, endpoint.cert, endpoint.key)
         with Client(endpoint) as client:
             before = client.check_membership(timeout=10).diff.fingerprint
             token = client.issue_token("n4").token
@@ -134,3 +116,47 @@ def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_
     finally:
         failing.terminate()
         failing.wait(10)
+
+
+JOIN_STEPS = 14  # 3-node lab: reserve, 3 trusts, commit, 3 trusts, the joiner trusts 4, role, register
+JOIN_BOUNDARIES = [f"{when}-step:{index}" for index in range(JOIN_STEPS) for when in ("before", "after")]
+COMMIT = 4
+
+
+@pytest.mark.parametrize("fault", JOIN_BOUNDARIES)
+def test_a_join_survives_the_coordinator_killed_at_every_step_boundary(
+    own_lab: labs.Lab, joining: labs.JoiningNode, fault: str
+) -> None:
+    os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
+    crashing, endpoint = start_coordinator(own_lab, {FAULT_ENV: fault})
+    with Client(endpoint) as client:
+        token = client.issue_token("n4").token  # it names this coordinator's join listener
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            joining.join(token)
+        assert crashing.wait(30) == 137, "the armed fault did not fire"
+    finally:
+        if crashing.poll() is None:
+            crashing.kill()
+            crashing.wait()
+    restarted, endpoint = start_coordinator(own_lab, {})
+    try:
+        with Client(endpoint) as client:
+            [operation] = [op for op in client.list_operations().operations if op.kind == o.OPERATION_KIND_JOIN]
+            assert len(operation.steps) == JOIN_STEPS
+            when, _, index = fault.partition("-step:")
+            committed = int(index) > COMMIT or (int(index) == COMMIT and when == "after")
+            diff = client.check_membership(timeout=10).diff
+            assert list(diff.discrepancies) == [], list(diff.discrepancies)
+            if committed:
+                assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+                assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3", "n4"]
+                assert client.list_tokens() == []
+            else:
+                assert operation.state == o.OPERATION_STATE_ROLLED_BACK, operation
+                assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3"], "no trace of n4"
+                assert not (joining.state_dir / "database" / "info.yaml").exists(), "the joiner was fenced"
+                assert [t.name for t in client.list_tokens()] == ["n4"], "the token is released for a retry"
+    finally:
+        restarted.terminate()
+        restarted.wait(10)

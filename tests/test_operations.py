@@ -7,12 +7,8 @@ boundary, then restarted: the reconciler finishes the removal).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +18,6 @@ from memberguard import (
     AlreadyExists,
     Client,
     DirtyMembership,
-    Endpoint,
     InvalidArgument,
     MemberguardError,
     NotFound,
@@ -33,6 +28,7 @@ from memberguard.v1 import operation_pb2 as o
 from coordinator import lab as labs
 from coordinator.operations import FAULT_ENV
 from tests import divergence as d
+from tests.restarts import start_coordinator
 
 SUCCEEDED, ROLLED_BACK = o.OPERATION_STATE_SUCCEEDED, o.OPERATION_STATE_ROLLED_BACK
 
@@ -179,36 +175,17 @@ def test_two_dead_members_are_removed_one_after_the_other(tmp_path: Path) -> Non
 # --- the crash matrix -----------------------------------------------------------------------------------------------
 
 
-def _coordinator(lab: labs.Lab, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Endpoint]:
-    """Starts the lab's coordinator configuration in a process of the test's own (the lab's one is stopped)."""
-    config = lab.dir / "coordinator" / "coordinator.json"
-    port_file = Path(json.loads(config.read_text())["port_file"])
-    port_file.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.service", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    base = lab.endpoint
-    return process, Endpoint(f"127.0.0.1:{port_file.read_text()}", base.ca, base.server_name, base.cert, base.key)
-
-
 BOUNDARIES = [f"{when}-step:{index}" for index in range(7) for when in ("before", "after")]
 
 
 @pytest.mark.parametrize("fault", BOUNDARIES)
 def test_a_removal_survives_the_coordinator_killed_at_every_step_boundary(own_lab: labs.Lab, fault: str) -> None:
     os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
-    crashing, endpoint = _coordinator(own_lab, {FAULT_ENV: fault})
+    crashing, endpoint = start_coordinator(own_lab, {FAULT_ENV: fault})
     with Client(endpoint) as client, pytest.raises(MemberguardError):
         _remove(client, "n3", "remove-n3")
     assert crashing.wait(30) == 137, "the armed fault did not fire"
-    restarted, endpoint = _coordinator(own_lab, {})
+    restarted, endpoint = start_coordinator(own_lab, {})
     try:
         with Client(endpoint) as client:
             [listed] = client.list_operations().operations
@@ -230,7 +207,7 @@ def test_a_removal_survives_the_coordinator_killed_at_every_step_boundary(own_la
 
 def test_a_parked_removal_blocks_every_mutation_until_it_is_finished(own_lab: labs.Lab) -> None:
     os.kill(own_lab.document["coordinator"]["pid"], signal.SIGTERM)
-    failing, endpoint = _coordinator(own_lab, {FAULT_ENV: "fail-step:2"})
+    failing, endpoint = start_coordinator(own_lab, {FAULT_ENV: "fail-step:2"})
     try:
         with Client(endpoint) as client:
             parked = _remove(client, "n3", "remove-n3")
@@ -243,7 +220,7 @@ def test_a_parked_removal_blocks_every_mutation_until_it_is_finished(own_lab: la
     finally:
         failing.terminate()
         failing.wait(10)
-    restarted, endpoint = _coordinator(own_lab, {})
+    restarted, endpoint = start_coordinator(own_lab, {})
     try:
         with Client(endpoint) as client:
             assert client.get_operation(parked.id).state == SUCCEEDED, "the restarted coordinator finished it"
