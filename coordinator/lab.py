@@ -38,6 +38,7 @@ import grpc
 from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, error_from_rpc
 from memberguard.v1 import operation_pb2
 
+from coordinator.agent.dqlite_sources import ROLES
 from coordinator.agent.filecache import load_yaml
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.agent.members_table import create_members_table, upsert_member
@@ -46,7 +47,6 @@ from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.auth import Principal
 from coordinator.core import tokens
 from coordinator.core.model import Role
-from coordinator.dqlite import Role as WireRole
 from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, record_members, start_members
 from coordinator.files import write_atomically
 from coordinator.pki import Identity, make_identity, write_identity
@@ -57,7 +57,6 @@ BOOTSTRAP_ID = 0x2DC171858C3155BE
 COORDINATOR_NAME = "memberguard-coordinator"
 STARTUP_TIMEOUT = 30.0
 BACKENDS = ("local", "dqlite")
-_ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.SPARE: Role.SPARE}
 
 
 class LabError(Exception):
@@ -275,7 +274,7 @@ def _dqlite_cluster(
     certificates = {spec.name: (spec.state_dir / "server.crt").read_text() for spec in specs}
     roles = asyncio.run(record_members(engines, certificates))
     members: list[LaidOutMember] = [
-        (e.name, e.address, certificates[e.name], e.node_id, _ROLES[roles[e.address]]) for e in engines
+        (e.name, e.address, certificates[e.name], e.node_id, ROLES[roles[e.address]]) for e in engines
     ]
     return _Cluster(
         members=members,

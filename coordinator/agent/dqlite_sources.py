@@ -47,7 +47,7 @@ from coordinator.dqlite import Role as WireRole
 T = TypeVar("T")
 
 _MEMBERS = "SELECT id, name, address, certificate, role FROM core_cluster_members ORDER BY id"
-_ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.SPARE: Role.SPARE}
+ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.SPARE: Role.SPARE}
 # After these the kept connection is of no more use: it is closed, or talks to a node that no longer leads.
 _STALE = (NotLeader, LeadershipLost, ConnectionClosed, Timeout, ProtocolError)
 
@@ -299,7 +299,7 @@ async def _find_leader(addresses: Sequence[str], timeout: float, ssl: _ssl.SSLCo
 def _records(nodes: Iterable[NodeInfo]) -> tuple[MemberRecord, ...]:
     # Entries are numbered as in cluster.yaml, which holds the same list.
     return tuple(
-        MemberRecord(address=node.address, node_id=node.id, role=_ROLES[node.role], entry=f"entry {index}")
+        MemberRecord(address=node.address, node_id=node.id, role=ROLES[node.role], entry=f"entry {index}")
         for index, node in enumerate(nodes, start=1)
     )
 

@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS core_cluster_members (
 """
 
 # microcluster writes PENDING until the heartbeat replaces it with go-dqlite's NodeRole.String().
-_ROLES = {"voter": Role.VOTER, "stand-by": Role.STAND_BY, "spare": Role.SPARE, "PENDING": Role.PENDING}
 
 
 class MemberRows:
@@ -71,7 +70,7 @@ class MemberRows:
                     name=name,
                     address=address,
                     certificate_fingerprint=fingerprint,
-                    role=_ROLES.get(role_text),
+                    role=Role.from_text(role_text),
                     role_text=role_text,
                     entry=entry,
                     certificate_pem=certificate if include_certificates else "",

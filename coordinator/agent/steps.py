@@ -34,7 +34,7 @@ from coordinator.files import write_atomically
 EPOCH_FILE = "memberguard-epoch"
 
 # The role column's texts the contract allows: microcluster's PENDING, then go-dqlite's role names.
-_ROW_ROLES = ("PENDING", "voter", "stand-by", "spare")
+_ROW_ROLES = tuple(role.text for role in Role)
 
 _RaftEntry = tuple[int, str, Role]  # (node ID, address, role), as write_raft_config takes them
 

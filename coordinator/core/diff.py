@@ -53,7 +53,6 @@ _ID_VERSION = "memberguard-discrepancy-v1"
 _LAGGING = frozenset({Source.RAFT_NODE_VIEW, Source.RAFT_CACHE})
 
 # microcluster's role column holds PENDING until the leader's heartbeat writes go-dqlite's role name.
-_ROLE_TEXTS = {"PENDING": Role.PENDING, "voter": Role.VOTER, "stand-by": Role.STAND_BY, "spare": Role.SPARE}
 
 _NOUNS = {
     Source.MEMBERS_TABLE: "members table",
@@ -839,7 +838,7 @@ def _same_entry(record: MemberRecord, entry: MemberRecord) -> bool:
 
 
 def _row_role(row: MemberRecord) -> Role | None:
-    return _ROLE_TEXTS.get(row.role_text, row.role)
+    return Role.from_text(row.role_text) or row.role
 
 
 def _readable_records(node_view: NodeView, source: Source) -> tuple[MemberRecord, ...]:

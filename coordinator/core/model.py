@@ -23,6 +23,20 @@ class Role(IntEnum):
     def votes(self) -> bool:
         return self is Role.VOTER
 
+    @property
+    def text(self) -> str:
+        """The members table's role column: go-dqlite's NodeRole.String(), or microcluster's PENDING."""
+        return _ROLE_TEXT[self]
+
+    @classmethod
+    def from_text(cls, text: str) -> Role | None:
+        """The role a members-table role column names; None for anything else (a ghost row's "")."""
+        return _TEXT_ROLE.get(text)
+
+
+_ROLE_TEXT = {Role.VOTER: "voter", Role.STAND_BY: "stand-by", Role.SPARE: "spare", Role.PENDING: "PENDING"}
+_TEXT_ROLE = {text: role for role, text in _ROLE_TEXT.items()}
+
 
 class Source(IntEnum):
     """One record of membership, as read on one node."""

@@ -221,15 +221,11 @@ def plan_join(
         record = EnsureTruststoreRecord(peer, known[peer].address, certificates[peer])
         steps.append(PlannedStep(f"{name} trusts {peer}", name, record))
     steps.append(PlannedStep(f"{name} trusts itself", name, EnsureTruststoreRecord(name, address, pem)))
-    steps.append(PlannedStep(f"record {name}'s role", via, EnsureMemberRow(name, address, pem, _ROLE_TEXT[role])))
+    steps.append(PlannedStep(f"record {name}'s role", via, EnsureMemberRow(name, address, pem, role.text)))
     steps.append(PlannedStep(f"register {name}", COORDINATOR, RegisterMember(name, joiner.agent_address, pem)))
     unreached = sorted(set(diff.nodes) - set(reachable))
     remainder = f"the truststores of {', '.join(unreached)} (no answer) do not hold {name} yet" if unreached else ""
     return Plan(tuple(steps), remainder)
-
-
-# go-dqlite's NodeRole.String(), as microcluster's heartbeat writes it into the role column.
-_ROLE_TEXT = {Role.VOTER: "voter", Role.STAND_BY: "stand-by", Role.SPARE: "spare"}
 
 
 def undo(action: Action) -> Action | None:

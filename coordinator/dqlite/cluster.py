@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import pki
+from coordinator.agent.dqlite_sources import ROLES
 from coordinator.agent.truststore import write_truststore_entry
 from coordinator.dqlite import Role, connect_leader
 from coordinator.dqlite.nodes import DqliteNode, NodeTls, client_ssl_context, start_node, stop_cluster, wait_ready
@@ -40,8 +41,6 @@ CREATE TABLE IF NOT EXISTS core_cluster_members (
     api_extensions TEXT NOT NULL DEFAULT '[]'
 )
 """
-# go-dqlite's NodeRole.String(), which microcluster's heartbeat writes into the role column.
-ROLE_TEXT = {Role.VOTER: "voter", Role.STANDBY: "stand-by", Role.SPARE: "spare"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,6 @@ async def record_members(
                 "INSERT INTO core_cluster_members"
                 " (name, address, certificate, schema_internal, schema_external, heartbeat, role)"
                 " VALUES (?, ?, ?, 0, 0, CURRENT_TIMESTAMP, ?)",
-                (node.name, node.address, certificates[node.name], ROLE_TEXT[roles[node.address]]),
+                (node.name, node.address, certificates[node.name], ROLES[roles[node.address]].text),
             )
     return roles

@@ -24,7 +24,6 @@ from coordinator.core.model import (
 NOW = 1_700_000_000.0
 ROLE_ADJUSTMENT_INTERVAL = 5.0  # seconds; a cluster.yaml younger than two of these may lag without warning
 RAFT_SOURCES = (Source.RAFT_CONFIG, Source.RAFT_NODE_VIEW, Source.RAFT_CACHE)
-ROLE_TEXTS = {Role.VOTER: "voter", Role.STAND_BY: "stand-by", Role.SPARE: "spare", Role.PENDING: "PENDING"}
 
 
 def name(i: int) -> str:
@@ -43,7 +42,7 @@ def fingerprint_of(member_name: str) -> str:
 
 
 def row(i: int, role: Role = Role.VOTER, role_text: str | None = None) -> MemberRecord:
-    text = ROLE_TEXTS[role] if role_text is None else role_text
+    text = role.text if role_text is None else role_text
     return replace(trust(i), role=role, role_text=text, entry=str(i))
 
 
