@@ -32,6 +32,7 @@ from pathlib import Path
 from memberguard import Client
 
 from coordinator import lab as labs
+from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import connect_leader
 from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, start_members
 from coordinator.dqlite.nodes import client_ssl_context, node_binary, stop_cluster
@@ -95,19 +96,22 @@ def dqlite_client(calls: int) -> None:
         root = Path(scratch)
         names = ("n1", "n2", "n3")
         specs = [MemberSpec(n, a, root / n) for n, a in zip(names, labs.loopback_addresses(3), strict=True)]
-        tls = lay_out_members(specs, root / "members.pem")
+        tls = lay_out_members(specs)
         nodes = start_members(specs, tls)
         try:
             addresses = [node.address for node in nodes]
             own = tls["n1"]
+            # go-dqlite's client takes a fixed bundle: n1's truststore as it stands, which nothing changes here.
+            bundle = root / "n1-trusted.pem"
+            bundle.write_text("\n".join(trusted_certificates(own.truststore)))
             # The Go program creates the table it reads (bench: one row) before it times anything.
             command = [
                 str(node_binary().with_name("memberguard-dqlite-bench")),
                 *("--cluster", ",".join(addresses), "--db", DATABASE, "--n", str(calls)),
-                *("--tls-cert", str(own.cert), "--tls-key", str(own.key), "--tls-ca", str(own.ca)),
+                *("--tls-cert", str(own.cert), "--tls-key", str(own.key), "--tls-ca", str(bundle)),
             ]
             go = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-            context = client_ssl_context(own.cert, own.key, own.ca)
+            context = client_ssl_context(own.cert, own.key, own.truststore)
             cluster, select = asyncio.run(_native(addresses, context, calls))
         finally:
             stop_cluster(nodes)

@@ -111,5 +111,18 @@ class SourceNotRewritable(MemberguardError):
     reason = "SOURCE_NOT_REWRITABLE"
 
 
+class ConfigurationMoved(MemberguardError):
+    """Right before a removal, the leader's configuration no longer holds the member as the guard decided on it (its
+    vote changed): the decision is void, the caller re-reads and asks again."""
+
+    reason = "CONFIGURATION_MOVED"
+
+
+class EngineUnavailable(MemberguardError):
+    """The dqlite engine a step needs did not answer, found no leader, or kept refusing within the step's time."""
+
+    reason = "ENGINE_UNAVAILABLE"
+
+
 class NotImplementedYet(MemberguardError):
     reason = "NOT_IMPLEMENTED"

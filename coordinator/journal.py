@@ -462,7 +462,9 @@ def _action(text: str | None) -> Action | None:
 
 
 def _typed(declared: object, value: object) -> object:
-    return declared(value) if isinstance(declared, type) and issubclass(declared, Enum) else value
+    # An optional enum (Role | None) is declared as a union: the enum is the first of its arguments.
+    kind = next(iter(get_args(declared)), declared)
+    return kind(value) if value is not None and isinstance(kind, type) and issubclass(kind, Enum) else value
 
 
 def _token(row: sqlite3.Row) -> TokenRecord:

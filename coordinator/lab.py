@@ -39,6 +39,7 @@ from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, e
 from memberguard.v1 import operation_pb2
 
 from coordinator.agent.dqlite_sources import ROLES
+from coordinator.agent.engine import PID_FILE, write_pid_file
 from coordinator.agent.filecache import load_yaml
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.agent.members_table import create_members_table, upsert_member
@@ -47,7 +48,15 @@ from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.auth import Principal
 from coordinator.core import tokens
 from coordinator.core.model import Role
-from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, record_members, start_members
+from coordinator.dqlite.cluster import (
+    DATABASE,
+    NODE_ARGS,
+    MemberSpec,
+    lay_out_members,
+    record_members,
+    start_members,
+)
+from coordinator.dqlite.nodes import NodeTls, node_command, node_environment
 from coordinator.files import write_atomically
 from coordinator.pki import Identity, make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
@@ -107,8 +116,19 @@ class Lab:
     def pids(self) -> list[int]:
         """Every process of the lab: the coordinator, the agents and (dqlite backend) the engines."""
         pids = [self.document["coordinator"]["pid"]] + [n["pid"] for n in self.document["nodes"]]
-        pids += [n["dqlite"]["pid"] for n in self.document["nodes"] if "dqlite" in n]
-        return list(dict.fromkeys(pids))
+        return list(dict.fromkeys(pids + self.engine_pids()))
+
+    def engine_pids(self) -> list[int]:
+        """The dqlite engines' pids, as each node's engine.pid says (an agent restarts or fences its node's engine;
+        the pid lab.json recorded at start is the fallback)."""
+        pids = []
+        for node in self.document["nodes"]:
+            if "dqlite" in node:
+                try:
+                    pids.append(int((Path(node["state_dir"]) / PID_FILE).read_text()))
+                except (OSError, ValueError):
+                    pids.append(node["dqlite"]["pid"])
+        return pids
 
     def running(self) -> list[int]:
         return [pid for pid in self.pids() if _is_ours(pid)]
@@ -263,7 +283,7 @@ def _dqlite_cluster(
     specs = [
         MemberSpec(name, address, directory / "nodes" / name) for name, address in zip(names, addresses, strict=True)
     ]
-    tls = lay_out_members(specs, directory / "nodes" / "members.pem")
+    tls = lay_out_members(specs)
     engines = start_members(specs, tls, roles_interval=roles_interval)
     for engine in engines:
         # The node writes nothing after its ready line; the lab outlives this process, so let go of the pipe.
@@ -271,6 +291,7 @@ def _dqlite_cluster(
         engine.process.stdout.close()
         _children[engine.process.pid] = engine.process
         processes.append(engine.process)
+        write_pid_file(engine.data_dir.parent, engine.process.pid)  # for its agent, to fence it
     certificates = {spec.name: (spec.state_dir / "server.crt").read_text() for spec in specs}
     roles = asyncio.run(record_members(engines, certificates))
     members: list[LaidOutMember] = [
@@ -282,14 +303,7 @@ def _dqlite_cluster(
         agent_settings={
             e.name: {
                 "backend": "dqlite",
-                "dqlite": {
-                    "address": e.address,
-                    "data_dir": str(e.data_dir),
-                    "database": DATABASE,
-                    "cert": str(tls[e.name].cert),
-                    "key": str(tls[e.name].key),
-                    "ca": str(tls[e.name].ca),
-                },
+                "dqlite": _dqlite_settings(e.data_dir.parent, e.address, DATABASE, roles_interval),
             }
             for e in engines
         },
@@ -297,7 +311,7 @@ def _dqlite_cluster(
             e.name: {"dqlite": {"address": e.address, "data_dir": str(e.data_dir), "pid": e.process.pid}}
             for e in engines
         },
-        document={"sources": {}, "dqlite_database": DATABASE},
+        document={"sources": {}, "dqlite_database": DATABASE, "role_adjustment_interval": roles_interval},
         role_adjustment_interval=roles_interval,
     )
 
@@ -423,7 +437,7 @@ def down(directory: Path) -> list[int]:
     """Stops every process of the lab: the coordinator and the agents, then the dqlite nodes one at a time (all at
     once would leave a leader handing over to nodes that are going away). Returns the pids that were running."""
     lab = Lab.load(directory)
-    engines = [n["dqlite"]["pid"] for n in lab.document["nodes"] if "dqlite" in n]
+    engines = lab.engine_pids()
     running = lab.running()
     _stop([pid for pid in running if pid not in engines])
     for pid in reversed([pid for pid in engines if pid in running]):
@@ -498,7 +512,11 @@ class JoiningNode:
         }
 
     def stop(self) -> None:
-        """Stops its agent, if it still runs."""
+        """Stops its agent, and its engine if the join started one, if they still run."""
+        with contextlib.suppress(OSError, ValueError):
+            engine = int((self.state_dir / PID_FILE).read_text())
+            if _is_ours(engine):
+                _stop([engine])
         if _is_ours(self.pid):
             _stop([self.pid])
         elif (child := _children.pop(self.pid, None)) is not None:
@@ -519,10 +537,9 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
 
     name defaults to the lowest nN that neither lab.json nor a directory under DIR/nodes has; the node's directory
     is its reservation, made under DIR/lab.lock along with its member address (which no other node has), so that
-    several of these may run at once. Its agent's log is DIR/logs/agent-NAME.log. Local backend only.
+    several of these may run at once. Its agent's log is DIR/logs/agent-NAME.log; on the dqlite backend its engine's
+    is DIR/nodes/NAME/node.log, once the join starts it.
     """
-    if lab.document["backend"] != "local":
-        raise LabError("add-node needs the local backend until joins on the real engine are built")
     with _locked(lab.dir):
         document = Lab.load(lab.dir).document  # as it is now: another add-node may have added to it
         nodes_dir = lab.dir / "nodes"
@@ -549,17 +566,15 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
             pins = state_dir / "coordinators.pem"
             pins.write_bytes(make_identity("nobody-yet").certificate_pem)
             config = state_dir / "agent.json"
-            sources = document["sources"]
             _write_json(
                 config,
                 {
                     "name": name,
                     "listen": "127.0.0.1:0",
                     "state_dir": str(state_dir),
-                    "backend": "local",
-                    "members_table": sources["members_table"],
-                    "raft_config": sources["raft_config"],
+                    **_backend_settings(document, state_dir, address),
                     "trusted_coordinators": str(pins),
+                    "role_adjustment_interval": document.get("role_adjustment_interval"),
                     "port_file": str(state_dir / "agent.port"),
                 },
             )
@@ -577,6 +592,37 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
     return JoiningNode(name, address, identity, state_dir, process.pid, f"127.0.0.1:{port}", pins)
+
+
+def _backend_settings(document: dict[str, Any], state_dir: Path, address: str) -> dict[str, Any]:
+    """The backend's part of a joining node's agent.json. On dqlite, its engine is not started here: the join's
+    engine step starts it, joining (the agent knows how from `engine`)."""
+    if document["backend"] == "local":
+        sources = document["sources"]
+        return {"backend": "local", "members_table": sources["members_table"], "raft_config": sources["raft_config"]}
+    return {
+        "backend": "dqlite",
+        "dqlite": _dqlite_settings(
+            state_dir, address, document["dqlite_database"], document["role_adjustment_interval"]
+        ),
+    }
+
+
+def _dqlite_settings(state_dir: Path, address: str, database: str, roles_interval: float) -> dict[str, Any]:
+    """The `dqlite` part of a node's agent.json: its engine's address, data, database, and how to start it."""
+    data_dir = state_dir / "database"
+    tls = NodeTls(state_dir / "server.crt", state_dir / "server.key", state_dir / "truststore")
+    return {
+        "address": address,
+        "data_dir": str(data_dir),
+        "database": database,
+        "engine": {
+            "command": node_command(
+                address=address, data_dir=data_dir, roles_interval=roles_interval, tls=tls, extra_args=NODE_ARGS
+            ),
+            "environment": node_environment(address, tls),
+        },
+    }
 
 
 def _free_name(document: dict[str, Any], nodes_dir: Path) -> str:
@@ -641,6 +687,9 @@ def add_node(directory: Path, name: str | None = None, *, timeout: float = JOIN_
             shutil.rmtree(joiner.state_dir, ignore_errors=True)
         raise
     entry = joiner.entry()
+    if lab.document["backend"] == "dqlite":
+        pid = int((joiner.state_dir / PID_FILE).read_text())
+        entry["dqlite"] = {"address": joiner.address, "data_dir": str(joiner.state_dir / "database"), "pid": pid}
     with _locked(lab.dir):
         document = Lab.load(lab.dir).document
         _write_json(lab.dir / "lab.json", {**document, "nodes": [*document["nodes"], entry]})

@@ -15,7 +15,9 @@ from grpc_status import rpc_status
 
 from coordinator.errors import (
     AlreadyExists,
+    ConfigurationMoved,
     DirtyMembership,
+    EngineUnavailable,
     InvalidRequest,
     MemberguardError,
     MembershipRefused,
@@ -44,6 +46,8 @@ _CODES: dict[type[MemberguardError], int] = {
     StaleEpoch: code_pb2.FAILED_PRECONDITION,
     OperationInFlight: code_pb2.FAILED_PRECONDITION,
     SourceNotRewritable: code_pb2.FAILED_PRECONDITION,
+    ConfigurationMoved: code_pb2.FAILED_PRECONDITION,
+    EngineUnavailable: code_pb2.UNAVAILABLE,
 }
 
 

@@ -1,8 +1,8 @@
 """Real TLS clusters of memberguard's Go dqlite test node, laid out as the `dqlite` backend's agents read them.
 
 Plain functions: test modules register the fixtures they need. Each member has a microcluster-style state
-directory (server.crt/key, a truststore of every member, go-dqlite's data in database/); the nodes trust a
-bundle of the three self-signed certificates, and an agent connects as its own member.
+directory (server.crt/key, a truststore of every member, go-dqlite's data in database/); each node trusts the
+certificates in its own truststore, and an agent connects as its own member, trusting the same.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import pki
-from coordinator.agent.dqlite_sources import dqlite_backend
+from coordinator.agent.dqlite_sources import SslFactory, dqlite_backend
 from coordinator.agent.sources import SourceReader
 from coordinator.core.model import Source
 from coordinator.dqlite.cluster import (
@@ -57,20 +57,20 @@ class Member:
         return self.node.node_id
 
     def tls_context(self) -> ssl.SSLContext:
-        """The context this member's agent dials with: its own certificate."""
-        return client_ssl_context(self.tls.cert, self.tls.key, self.tls.ca)
+        """A context as this member's agent dials with: its own certificate, its truststore as it is now."""
+        return client_ssl_context(self.tls.cert, self.tls.key, self.tls.truststore)
 
     def readers(
-        self, *, timeout: float = 1.0, tls: bool = True, context: ssl.SSLContext | None = None
+        self, *, timeout: float = 1.0, tls: bool = True, context: SslFactory | None = None
     ) -> dict[Source, SourceReader]:
-        """This member's agent's readers, by source. `context` replaces the member's own TLS context; with
+        """This member's agent's readers, by source. `context` replaces the member's own TLS contexts; with
         tls=False they dial in plain TCP."""
         readers = dqlite_backend(
             state_dir=self.state_dir,
             data_dir=self.data_dir,
             address=self.address,
             database=DATABASE,
-            ssl=(context or self.tls_context()) if tls else None,
+            ssl=(context or self.tls_context) if tls else None,
             timeout=timeout,
         )
         return {reader.source: reader for reader in readers}
@@ -79,7 +79,6 @@ class Member:
 @dataclass
 class Cluster:
     root: Path
-    bundle: Path
     members: dict[str, Member]
 
     @property
@@ -101,8 +100,7 @@ def start_cluster(root: Path, names: tuple[str, ...] = NAMES) -> Cluster:
     except FileNotFoundError as exc:
         pytest.fail(str(exc))
     specs = [MemberSpec(n, a, root / n) for n, a in zip(names, loopback_addresses(len(names)), strict=True)]
-    bundle = root / "bundle.pem"
-    tls = lay_out_members(specs, bundle)
+    tls = lay_out_members(specs)
     nodes = start_members(specs, tls)
     members = {
         spec.name: Member(
@@ -110,7 +108,7 @@ def start_cluster(root: Path, names: tuple[str, ...] = NAMES) -> Cluster:
         )
         for spec, node in zip(specs, nodes, strict=True)
     }
-    return Cluster(root, bundle, members)
+    return Cluster(root, members)
 
 
 def kill(member: Member) -> None:

@@ -45,7 +45,7 @@ def dqlite_lab(tmp_path: Path) -> Iterator[labs.Lab]:
 
 async def _leader(lab: labs.Lab, *, timeout: float = 10.0) -> Connection:
     state = Path(lab.node("n1")["state_dir"])
-    context = client_ssl_context(state / "server.crt", state / "server.key", lab.dir / "nodes" / "members.pem")
+    context = client_ssl_context(state / "server.crt", state / "server.key", state / "truststore")
     live = [n["dqlite"]["address"] for n in lab.document["nodes"] if _alive(n["dqlite"]["pid"])]
     return await connect_leader(live, timeout=timeout, ssl=context)
 
@@ -136,7 +136,7 @@ def test_s1_a_ghost_raft_member_added_then_wiped(dqlite_lab: labs.Lab, tmp_path:
     spec = MemberSpec("ghost", labs.loopback_addresses(1)[0], tmp_path / "ghost")
     # The engine only needs a certificate its peers trust; which member's it is does not matter to Raft.
     n1 = Path(dqlite_lab.node("n1")["state_dir"])
-    tls = NodeTls(n1 / "server.crt", n1 / "server.key", dqlite_lab.dir / "nodes" / "members.pem")
+    tls = NodeTls(n1 / "server.crt", n1 / "server.key", n1 / "truststore")
     ghost = start_members([spec], {"ghost": tls}, join=[dqlite_lab.node("n1")["dqlite"]["address"]])[0]
     with Client(dqlite_lab.endpoint) as client:
         _settles_on(client, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")])

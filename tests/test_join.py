@@ -118,9 +118,9 @@ def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_
         failing.wait(10)
 
 
-JOIN_STEPS = 14  # 3-node lab: reserve, 3 trusts, commit, 3 trusts, the joiner trusts 4, role, register
+JOIN_STEPS = 14  # 3-node lab: reserve, 3 trusts, the joiner trusts 4, commit, 3 trusts, role, register
 JOIN_BOUNDARIES = [f"{when}-step:{index}" for index in range(JOIN_STEPS) for when in ("before", "after")]
-COMMIT = 4
+COMMIT = 8
 
 
 @pytest.mark.parametrize("fault", JOIN_BOUNDARIES)

@@ -253,6 +253,7 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         EnsureMemberRow("n4", "10.0.0.4:9000", "-----BEGIN CERTIFICATE-----\n...", "PENDING"),
         RemoveMemberRow("n4"),
         EnsureRaftEntry(0x8000_0000_0000_0001, "10.0.0.4:9000", Role.SPARE),
+        RemoveRaftEntry(7, "10.0.0.4:9000", Role.STAND_BY),
         RemoveRaftEntry(7, "10.0.0.4:9000"),
         FenceNode(),
         ForgetMember("n4"),
@@ -260,7 +261,7 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
     ]
     assert {type(action) for action in actions} == set(get_args(Action)), "journal every kind of action here"
     steps = tuple(
-        Step(f"step {i}", commit_point=i == 4, target=COORDINATOR if i >= 7 else "n1", action=action)
+        Step(f"step {i}", commit_point=i == 4, target=COORDINATOR if i >= 8 else "n1", action=action)
         for i, action in enumerate(actions)
     )
     with Journal.open(tmp_path / "journal.db") as journal:
@@ -269,6 +270,8 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         stored = journal.get("op-1")
         assert stored is not None and stored.steps == steps
         assert type(stored.steps[4].action) is EnsureRaftEntry and stored.steps[4].action.role is Role.SPARE
+        removal = stored.steps[5].action
+        assert type(removal) is RemoveRaftEntry and removal.role is Role.STAND_BY  # an optional enum comes back typed
         other = (replace(steps[0], action=RemoveTruststoreRecord("n5")), *steps[1:])
         with pytest.raises(ValueError, match="cannot change the plan"):
             journal.save(replace(created, steps=other))

@@ -51,6 +51,8 @@ ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.S
 # After these the kept connection is of no more use: it is closed, or talks to a node that no longer leads.
 _STALE = (NotLeader, LeadershipLost, ConnectionClosed, Timeout, ProtocolError)
 
+SslFactory = Callable[[], _ssl.SSLContext]
+
 
 def dqlite_backend(
     *,
@@ -58,14 +60,15 @@ def dqlite_backend(
     data_dir: Path,
     address: str,
     database: str,
-    ssl: _ssl.SSLContext | None,
+    ssl: SslFactory | None,
     timeout: float = 1.0,
 ) -> tuple[SourceReader, ...]:
     """The readers of one node of the `dqlite` backend.
 
     data_dir is the node's go-dqlite directory (info.yaml, cluster.yaml); address its dqlite address, spelled as
-    the cluster spells it; database the database holding `core_cluster_members`; ssl the client context for TLS
-    nodes. The network readers keep connections: `close_readers` ends them.
+    the cluster spells it; database the database holding `core_cluster_members`; ssl makes the client context for
+    TLS nodes, called at each dial, so that a context that follows the node's truststore reflects it as it is
+    then. The network readers keep connections (dials are rare): `close_readers` ends them.
     """
     cache = RaftConfigFileReader(data_dir / "cluster.yaml", Source.RAFT_CACHE)
     truststore = TruststoreReader(state_dir / "truststore")
@@ -95,14 +98,17 @@ class _Link:
     ~7 ms), and the second try is what turns a leadership change between two reads into no error at all.
     """
 
-    def __init__(self, address: str, ssl: _ssl.SSLContext | None) -> None:
+    def __init__(self, address: str, ssl: SslFactory | None) -> None:
         self.address = address
         self._ssl = ssl
         self._connection: Connection | None = None
         self._lock = asyncio.Lock()  # also keeps two reads from dialling twice
 
+    def _context(self) -> _ssl.SSLContext | None:
+        return None if self._ssl is None else self._ssl()
+
     async def _dial(self, timeout: float) -> Connection:
-        return await connect(self.address, timeout=timeout, ssl=self._ssl)
+        return await connect(self.address, timeout=timeout, ssl=self._context())
 
     async def call(self, request: Callable[[Connection, float], Awaitable[T]], deadline: float) -> T:
         """request(connection, its deadline), finished before the loop time `deadline`."""
@@ -145,7 +151,7 @@ class _Leader(_Link):
         address: str,
         known: Sequence[RaftConfigFileReader | TruststoreReader],
         database: str,
-        ssl: _ssl.SSLContext | None,
+        ssl: SslFactory | None,
     ) -> None:
         super().__init__(address, ssl)
         self._known = known
@@ -159,7 +165,7 @@ class _Leader(_Link):
         known = (record.address for report in reports for record in report.records)
         candidates = dict.fromkeys([self._leader, self.address, *known])
         candidates.pop("", None)
-        connection = await _find_leader(list(candidates), timeout, self._ssl)
+        connection = await find_leader(list(candidates), timeout, self._context())
         self._leader = connection.address
         return connection
 
@@ -259,7 +265,7 @@ class NodeViewReader(_NetworkReader):
         return SourceReport(self.source, records=_records(await self._link.call(request, deadline)))
 
 
-async def _find_leader(addresses: Sequence[str], timeout: float, ssl: _ssl.SSLContext | None) -> Connection:
+async def find_leader(addresses: Sequence[str], timeout: float, ssl: _ssl.SSLContext | None) -> Connection:
     """Leader discovery from every address at once; the first leader found wins.
 
     connect_leader asks its addresses in turn and gives each the time that is left, so a node that accepts and

@@ -162,23 +162,26 @@ def create_members_table(path: Path) -> None:
     _execute(path, _SCHEMA)
 
 
+# The statements steps write rows with, on either backend. memberguard reads neither the schema versions nor the
+# heartbeat; they are filled as a live row's are. Parameters: (name, address, certificate, role text).
+UPSERT_MEMBER = (
+    "INSERT INTO core_cluster_members"
+    " (name, address, certificate, schema_internal, schema_external, heartbeat, role)"
+    " VALUES (?, ?, ?, 0, 0, CURRENT_TIMESTAMP, ?)"
+    " ON CONFLICT (name) DO UPDATE SET"
+    " address = excluded.address, certificate = excluded.certificate, role = excluded.role"
+)
+DELETE_MEMBER = "DELETE FROM core_cluster_members WHERE name = ?"
+
+
 def upsert_member(path: Path, name: str, address: str, certificate_pem: str, role_text: str) -> None:
     """Inserts the member's row, or updates the row of that name. role_text is stored verbatim.
 
     Raises sqlite3.IntegrityError when another row holds the same certificate (the column is UNIQUE).
     """
-    # memberguard reads neither the schema versions nor the heartbeat; they are filled as a live row's are.
-    _execute(
-        path,
-        "INSERT INTO core_cluster_members"
-        " (name, address, certificate, schema_internal, schema_external, heartbeat, role)"
-        " VALUES (?, ?, ?, 0, 0, CURRENT_TIMESTAMP, ?)"
-        " ON CONFLICT (name) DO UPDATE SET"
-        " address = excluded.address, certificate = excluded.certificate, role = excluded.role",
-        (name, address, certificate_pem, role_text),
-    )
+    _execute(path, UPSERT_MEMBER, (name, address, certificate_pem, role_text))
 
 
 def delete_member(path: Path, name: str) -> None:
     """Deletes the member's row; deleting an absent row is done already."""
-    _execute(path, "DELETE FROM core_cluster_members WHERE name = ?", (name,))
+    _execute(path, DELETE_MEMBER, (name,))

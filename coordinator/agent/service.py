@@ -4,6 +4,11 @@
 packs many agents into few processes; each is the same code, on its own port). CONFIG is a JSON file:
     {"name": "n1", "listen": "127.0.0.1:0", "state_dir": PATH, "backend": "local",
      "members_table": PATH, "raft_config": PATH,          (local backend)
+     "dqlite": {"address": ADDR, "data_dir": PATH, "database": NAME,
+                "engine": {"command": [ARG, ...], "environment": {NAME: VALUE}}},
+                                                            (dqlite backend: its node's engine, dialled with
+                                                             state_dir's server.crt/key, trusting its truststore;
+                                                             how to start it, for a join's engine step)
      "trusted_coordinators": PATH,                          (PEM bundle of the coordinators it answers)
      "role_adjustment_interval": 10.0,                      (optional, seconds)
      "port_file": PATH}                                     (optional: the bound port, once serving)
@@ -20,6 +25,7 @@ import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,10 @@ import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
 from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
+from coordinator.agent.dqlite_steps import DqliteSteps
+from coordinator.agent.engine import Engine
 from coordinator.agent.sources import SourceReader, local_backend
-from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier, UnbuiltSteps
+from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import NodeView, SourceReport
 from coordinator.dqlite.nodes import client_ssl_context
@@ -107,16 +115,25 @@ class AgentConfig:
             readers = local_backend(state_dir, members_table, raft_config)
             steps = LocalSteps(state_dir, members_table, raft_config)
         elif backend == "dqlite":
-            engine = raw["dqlite"]
+            settings = raw["dqlite"]
+            # The node's own identity, and a context per dial that trusts its truststore as it is then.
+            ssl = partial(
+                client_ssl_context, state_dir / "server.crt", state_dir / "server.key", state_dir / "truststore"
+            )
+            data_dir = Path(settings["data_dir"])
             readers = dqlite_backend(
                 state_dir=state_dir,
-                data_dir=Path(engine["data_dir"]),
-                address=engine["address"],
-                database=engine["database"],
-                ssl=client_ssl_context(Path(engine["cert"]), Path(engine["key"]), Path(engine["ca"])),
+                data_dir=data_dir,
+                address=settings["address"],
+                database=settings["database"],
+                ssl=ssl,
             )
-            # Its steps come with guarded operations on the real engine.
-            steps = UnbuiltSteps("dqlite")
+            engine = Engine(
+                state_dir, data_dir, settings["engine"]["command"], settings["engine"].get("environment", {})
+            )
+            steps = DqliteSteps(
+                state_dir=state_dir, address=settings["address"], database=settings["database"], ssl=ssl, engine=engine
+            )
         else:
             raise ValueError(f"{path}: unknown backend {backend!r}")
         interval = raw.get("role_adjustment_interval")

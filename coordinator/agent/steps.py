@@ -26,7 +26,7 @@ from coordinator import pki
 from coordinator.agent.members_table import delete_member, upsert_member
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.agent.sources import SourceReader, local_backend
-from coordinator.agent.truststore import file_name_problem, write_truststore_entry
+from coordinator.agent.truststore import TruststoreReader, file_name_problem, write_truststore_entry
 from coordinator.core.model import Role, Source, SourceReport
 from coordinator.errors import AlreadyExists, FieldViolation, InvalidRequest, SourceNotRewritable, StaleEpoch
 from coordinator.files import write_atomically
@@ -200,17 +200,6 @@ def checked_step(request: agent_pb2.ApplyStepRequest) -> str:
     return kind
 
 
-class UnbuiltSteps:
-    """The applier of a backend whose steps are not built yet: checks each step, then refuses it."""
-
-    def __init__(self, backend: str) -> None:
-        self._backend = backend
-
-    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        kind = checked_step(request)
-        raise InvalidRequest([FieldViolation(kind, f"not built yet for the {self._backend} backend")])
-
-
 def _remove_files(paths: Iterable[Path]) -> list[str]:
     """Unlinks each file that exists and syncs the directories, so the removal survives a crash; the names removed."""
     removed = []
@@ -237,6 +226,41 @@ def _entries(report: SourceReport) -> list[_RaftEntry] | None:
     return [(r.node_id, r.address, r.role) for r in report.records if r.role is not None]
 
 
+class TruststoreSteps:
+    """The truststore's two steps, the same on every backend: a truststore is a directory of files on its node."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        # The reader the node's view is built with, so that a step judges the records exactly as the diff will.
+        self._reader = TruststoreReader(directory)
+
+    async def ensure(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+        """Writes `<name>.yaml` unless it already holds exactly this name, address and certificate (a file that
+        does not parse is rewritten)."""
+        record = request.ensure_truststore_record
+        report = await self._reader.read(include_certificates=True)
+        held = next((r for r in report.records if r.entry == f"{record.name}.yaml"), None)
+        if held is not None and (held.name, held.address, held.certificate_pem) == (
+            record.name,
+            record.address,
+            record.certificate_pem,
+        ):
+            return False, f"the truststore already holds {record.name}"
+        write_truststore_entry(self._directory, record.name, record.address, record.certificate_pem)
+        return True, f"wrote {record.name} into the truststore"
+
+    async def remove(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+        """Removes `<name>.yaml` and any misnamed file that holds the member (microcluster trusts by the name inside
+        a file, so a misnamed copy would keep trusting it); nothing to remove is unchanged."""
+        name = request.remove_truststore_record
+        report = await self._reader.read(include_certificates=True)
+        copies = [self._directory / r.entry for r in report.records if r.name == name and r.entry != f"{name}.yaml"]
+        removed = _remove_files([self._directory / f"{name}.yaml", *copies])
+        if not removed:
+            return False, f"the truststore holds no {name}"
+        return True, f"removed {', '.join(removed)} from the truststore"
+
+
 class LocalSteps:
     """The `local` backend's steps, on the files `local_backend` reads (same arguments).
 
@@ -252,15 +276,15 @@ class LocalSteps:
         self._readers: dict[Source, SourceReader] = {
             reader.source: reader for reader in local_backend(state_dir, members_table, raft_config)
         }
-        self._truststore = state_dir / "truststore"
+        self._truststore = TruststoreSteps(state_dir / "truststore")
         self._members_table = members_table
         self._raft_config = raft_config
         database = state_dir / "database"
         self._cache = database / "cluster.yaml"
         self._engine_files = (database / "info.yaml", self._cache, database / "join")
         self._steps: dict[str, Callable[[agent_pb2.ApplyStepRequest], Awaitable[tuple[bool, str]]]] = {
-            "ensure_truststore_record": self._ensure_truststore_record,
-            "remove_truststore_record": self._remove_truststore_record,
+            "ensure_truststore_record": self._truststore.ensure,
+            "remove_truststore_record": self._truststore.remove,
             "ensure_member_row": self._ensure_member_row,
             "remove_member_row": self._remove_member_row,
             "ensure_raft_entry": self._ensure_raft_entry,
@@ -280,32 +304,6 @@ class LocalSteps:
 
     async def _read(self, source: Source) -> SourceReport:
         return await self._readers[source].read(include_certificates=True)
-
-    async def _ensure_truststore_record(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        """Writes `<name>.yaml` unless it already holds exactly this name, address and certificate (a file that
-        does not parse is rewritten)."""
-        record = request.ensure_truststore_record
-        report = await self._read(Source.TRUSTSTORE)
-        held = next((r for r in report.records if r.entry == f"{record.name}.yaml"), None)
-        if held is not None and (held.name, held.address, held.certificate_pem) == (
-            record.name,
-            record.address,
-            record.certificate_pem,
-        ):
-            return False, f"the truststore already holds {record.name}"
-        write_truststore_entry(self._truststore, record.name, record.address, record.certificate_pem)
-        return True, f"wrote {record.name} into the truststore"
-
-    async def _remove_truststore_record(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        """Removes `<name>.yaml` and any misnamed file that holds the member (microcluster trusts by the name inside
-        a file, so a misnamed copy would keep trusting it); nothing to remove is unchanged."""
-        name = request.remove_truststore_record
-        report = await self._read(Source.TRUSTSTORE)
-        copies = [self._truststore / r.entry for r in report.records if r.name == name and r.entry != f"{name}.yaml"]
-        removed = _remove_files([self._truststore / f"{name}.yaml", *copies])
-        if not removed:
-            return False, f"the truststore holds no {name}"
-        return True, f"removed {', '.join(removed)} from the truststore"
 
     async def _ensure_member_row(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
         """Upserts the row by name unless a row of that name already holds exactly this address, certificate and

@@ -1,4 +1,5 @@
-"""A node's truststore, `<state>/truststore/<name>.yaml`, read as microcluster loads it, and its writers.
+"""A node's truststore, `<state>/truststore/<name>.yaml`, read as microcluster loads it, the certificates it
+makes a node trust, and its writers.
 
 Each file holds `name`, `address` ("ip:port") and `certificate` (the member's server.crt PEM). Microcluster
 keys its in-memory map by the YAML `name`, not the file name, so a misnamed file still trusts its member:
@@ -115,6 +116,24 @@ class TruststoreReader:
             report = SourceReport(self.source, records=tuple(records), invalid_entries=tuple(invalid), changed_at=mtime)
             self._last = (key, report)
         return self._last[1]
+
+
+def trusted_certificates(directory: Path) -> list[str]:
+    """The PEM certificates a node with this truststore trusts, as the directory is now: those of its records, in
+    file-name order. What is not a record (no certificate, not a YAML mapping, not a .yaml file) adds none; a
+    missing or unreadable directory trusts nobody."""
+    try:
+        paths = sorted(path for path in directory.iterdir() if path.name.endswith(_SUFFIX))
+    except OSError:
+        return []
+    certificates = []
+    for path in paths:
+        try:
+            entry = _parse_entry(str(path), path.read_bytes())
+        except (OSError, MalformedFile):
+            continue
+        certificates.append(entry.with_certificate.certificate_pem)
+    return certificates
 
 
 def file_name_problem(name: str) -> str | None:

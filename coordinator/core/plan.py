@@ -13,13 +13,14 @@ Removal (DESIGN.md "Operations"), on the local backend:
 A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
 the commit point.
 
-Join, on the local backend (DESIGN.md's stages):
-1. reserve: the row is written PENDING, and every reachable member's truststore learns the joiner (whoever leads
-   must trust it);
-2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point;
+Join (DESIGN.md's stages), the same on both backends:
+1. reserve: the row is written PENDING, every reachable member's truststore learns the joiner (whoever leads must
+   trust it), and the joiner's truststore learns every member (its engine must trust whoever it joins through);
+2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point (on the
+   dqlite backend it starts its engine joining, and confirms the entry on the leader);
 3. finish: every reachable member's trust is confirmed (on the local backend, applying a step is also when a node's
-   cache catches up with the configuration), the joiner's truststore learns every member, the row gets its role,
-   and the coordinator registers the joiner's agent and consumes the token.
+   cache catches up with the configuration), the row gets its role, and the coordinator registers the joiner's
+   agent and consumes the token.
 Before the commit point a join rolls back: the joiner is fenced first (a joiner left able to add itself again is
 the zombie that becomes a ghost Raft member, microcluster #774), then each done step is undone, last first.
 """
@@ -66,8 +67,13 @@ class EnsureRaftEntry:
 
 @dataclass(frozen=True)
 class RemoveRaftEntry:
+    """role is the member's role when the removal was decided (the quorum rule was checked against it): the engine
+    re-reads the leader's configuration right before it removes, and refuses if the member's vote changed since.
+    None (an undo) removes whatever role the entry has."""
+
     node_id: int
     address: str
+    role: Role | None = None
 
 
 @dataclass(frozen=True)
@@ -138,13 +144,18 @@ def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[
     in_raft = member.node_id != 0 and any(
         m.address == member.address and m.node_id == member.node_id and m.role is not Role.PENDING for m in diff.members
     )
+    decided_role = next(
+        (m.role for m in diff.members if (m.node_id, m.address) == (member.node_id, member.address)), None
+    )
     in_table = bool(member.name) and any(m.name == member.name for m in diff.members)
     label = member.name or f"node {member.node_id} at {member.address}"
     steps: list[PlannedStep] = []
     if in_raft:
         steps.append(
             PlannedStep(
-                f"remove {label} from the Raft configuration", via, RemoveRaftEntry(member.node_id, member.address)
+                f"remove {label} from the Raft configuration",
+                via,
+                RemoveRaftEntry(member.node_id, member.address, decided_role),
             )
         )
     if in_table:
@@ -198,10 +209,18 @@ def plan_join(
         raise CannotPlan("no reachable member can write the joiner's row")
     via = members[0]
     name, address, pem = joiner.name, joiner.address, joiner.certificate_pem
+    known = {m.name: m for m in diff.members if m.name}
+    missing = sorted(set(known) - set(certificates))
+    if missing:
+        raise CannotPlan(f"no certificate is known for {', '.join(missing)}: the joiner could not trust them")
     steps = [PlannedStep(f"reserve {name}'s row (PENDING)", via, EnsureMemberRow(name, address, pem, "PENDING"))]
     steps += [
         PlannedStep(f"trust {name} on {node}", node, EnsureTruststoreRecord(name, address, pem)) for node in members
     ]
+    for peer in sorted(known):
+        record = EnsureTruststoreRecord(peer, known[peer].address, certificates[peer])
+        steps.append(PlannedStep(f"{name} trusts {peer}", name, record))
+    steps.append(PlannedStep(f"{name} trusts itself", name, EnsureTruststoreRecord(name, address, pem)))
     steps.append(
         PlannedStep(
             f"{name} joins the Raft configuration as node {joiner.node_id}",
@@ -210,17 +229,9 @@ def plan_join(
             commit_point=True,
         )
     )
-    known = {m.name: m for m in diff.members if m.name}
-    missing = sorted(set(known) - set(certificates))
-    if missing:
-        raise CannotPlan(f"no certificate is known for {', '.join(missing)}: the joiner could not trust them")
     steps += [
         PlannedStep(f"{node} still trusts {name}", node, EnsureTruststoreRecord(name, address, pem)) for node in members
     ]
-    for peer in sorted(known):
-        record = EnsureTruststoreRecord(peer, known[peer].address, certificates[peer])
-        steps.append(PlannedStep(f"{name} trusts {peer}", name, record))
-    steps.append(PlannedStep(f"{name} trusts itself", name, EnsureTruststoreRecord(name, address, pem)))
     steps.append(PlannedStep(f"record {name}'s role", via, EnsureMemberRow(name, address, pem, role.text)))
     steps.append(PlannedStep(f"register {name}", COORDINATOR, RegisterMember(name, joiner.agent_address, pem)))
     unreached = sorted(set(diff.nodes) - set(reachable))
@@ -236,6 +247,6 @@ def undo(action: Action) -> Action | None:
         case EnsureTruststoreRecord(name=name):
             return RemoveTruststoreRecord(name)
         case EnsureRaftEntry(node_id=node_id, address=address):
-            return RemoveRaftEntry(node_id, address)
+            return RemoveRaftEntry(node_id, address)  # whatever role the engine gave it since
         case _:
             return None

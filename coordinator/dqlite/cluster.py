@@ -2,8 +2,10 @@
 backend and the dqlite tests both start theirs here.
 
 Each member has a microcluster-style state directory (server.crt/key, a truststore of every member, go-dqlite's
-data in database/). The nodes speak TLS with their own certificates and trust a bundle of every member's, as
-microcluster runs dqlite; `core_cluster_members` lives in a dqlite database, with one row per member.
+data in database/). The nodes speak TLS with their own certificates and trust the certificates in their own
+truststore, re-read when it changes, as microcluster runs dqlite: a record written there admits a joiner from the
+next handshake on, a record removed refuses its member. `core_cluster_members` lives in a dqlite database, with
+one row per member.
 """
 
 from __future__ import annotations
@@ -52,18 +54,16 @@ class MemberSpec:
     state_dir: Path
 
 
-def lay_out_members(specs: Sequence[MemberSpec], bundle: Path) -> dict[str, NodeTls]:
-    """Writes each member's identity and a truststore of every member, and the bundle the nodes trust."""
+def lay_out_members(specs: Sequence[MemberSpec]) -> dict[str, NodeTls]:
+    """Writes each member's identity and a truststore of every member, which its node trusts."""
     identities = {spec.name: pki.make_identity(spec.name) for spec in specs}
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    bundle.write_bytes(b"".join(identity.certificate_pem for identity in identities.values()))
     tls = {}
     for spec in specs:
         cert, key = pki.write_identity(spec.state_dir, identities[spec.name])
         for peer in specs:
             pem = identities[peer.name].certificate_pem.decode()
             write_truststore_entry(spec.state_dir / "truststore", peer.name, peer.address, pem)
-        tls[spec.name] = NodeTls(cert, key, bundle)
+        tls[spec.name] = NodeTls(cert, key, spec.state_dir / "truststore")
     return tls
 
 
@@ -106,7 +106,7 @@ async def record_members(
     address."""
     first = nodes[0]
     assert first.tls is not None
-    context = client_ssl_context(first.tls.cert, first.tls.key, first.tls.ca)
+    context = client_ssl_context(first.tls.cert, first.tls.key, first.tls.truststore)
     addresses = [node.address for node in nodes]
     deadline = time.monotonic() + timeout
     async with await connect_leader(addresses, timeout=timeout, ssl=context) as connection:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import wire
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,11 +37,12 @@ class NodeError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeTls:
-    """The node's own certificate and key, and the bundle of every certificate it trusts (PEM files)."""
+    """The node's own certificate and key (PEM files), and its truststore directory: it trusts the certificates
+    of the records there as they are at each handshake."""
 
     cert: Path
     key: Path
-    ca: Path
+    truststore: Path
 
 
 @dataclass
@@ -67,6 +69,35 @@ def node_binary() -> Path:
     return path
 
 
+def node_command(
+    *,
+    address: str,
+    data_dir: Path,
+    join: Sequence[str] = (),
+    roles_interval: float = 1.0,
+    tls: NodeTls | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The command line of a node (no join: it bootstraps a new cluster)."""
+    args = [str(node_binary()), "--db", address, "--dir", str(data_dir), "--roles-interval", f"{roles_interval}s"]
+    if join:
+        args += ["--join", ",".join(join)]
+    if tls is not None:
+        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-truststore", str(tls.truststore)]
+    return args + list(extra_args)
+
+
+def node_environment(address: str, tls: NodeTls | None) -> dict[str, str]:
+    """What a node's environment needs on top of the caller's."""
+    if tls is None:
+        return {}
+    # With TLS, go-dqlite binds the engine to the abstract socket @dqlite-<ID> behind its TLS proxy, and every
+    # bootstrap node has the same ID: a second TLS cluster on the host fails with "failed to set bind address".
+    # Inside a snap the name is @snap.<SNAP_INSTANCE_NAME>.dqlite-<ID>; a name per node keeps them apart
+    # (go-dqlite reads the variable for nothing else).
+    return {"SNAP_INSTANCE_NAME": f"memberguard-{address}"}
+
+
 def start_node(
     *,
     name: str,
@@ -79,19 +110,10 @@ def start_node(
     extra_args: Sequence[str] = (),
 ) -> DqliteNode:
     """Spawns the node and returns at once; `wait_ready` waits for it. No join: it bootstraps a new cluster."""
-    args = [str(node_binary()), "--db", address, "--dir", str(data_dir), "--roles-interval", f"{roles_interval}s"]
-    if join:
-        args += ["--join", ",".join(join)]
-    if tls is not None:
-        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-ca", str(tls.ca)]
-    args += extra_args
-    env = dict(os.environ)
-    if tls is not None:
-        # With TLS, go-dqlite binds the engine to the abstract socket @dqlite-<ID> behind its TLS proxy, and every
-        # bootstrap node has the same ID: a second TLS cluster on the host fails with "failed to set bind
-        # address". Inside a snap the name is @snap.<SNAP_INSTANCE_NAME>.dqlite-<ID>; a name per node keeps
-        # them apart (go-dqlite reads the variable for nothing else).
-        env["SNAP_INSTANCE_NAME"] = f"memberguard-{address}"
+    args = node_command(
+        address=address, data_dir=data_dir, join=join, roles_interval=roles_interval, tls=tls, extra_args=extra_args
+    )
+    env = {**os.environ, **node_environment(address, tls)}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as stderr:  # the child keeps its own descriptor
         # Its own session: a Ctrl-C in the terminal reaches the node only through stop_node, so shutdown order
@@ -153,16 +175,20 @@ def stop_cluster(nodes: Sequence[DqliteNode], timeout: float = 10) -> None:
         stop_node(node, timeout)
 
 
-def client_ssl_context(cert: Path, key: Path, bundle: Path) -> ssl.SSLContext:
-    """TLS towards a test node: present (cert, key); trust a server whose leaf is in the bundle.
+def client_ssl_context(cert: Path, key: Path, truststore: Path) -> ssl.SSLContext:
+    """TLS towards a test node: present (cert, key); trust a server whose certificate is one of the truststore's,
+    as the directory is now (a context does not follow later changes: make one per dial).
 
-    Member certificates are self-signed CAs, so the bundle serves as cafile. No hostname check: nodes are
-    dialled by IP and their certificates name the member, not the address (as the nodes do among themselves).
+    Member certificates are self-signed CAs, so they serve as CA data; an empty or unreadable truststore trusts
+    nobody. No hostname check: nodes are dialled by IP and their certificates name the member, not the address
+    (as the nodes do among themselves).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
-    context.load_verify_locations(cafile=bundle)
+    if certificates := trusted_certificates(truststore):
+        # One per line: a PEM without its final newline would otherwise run into the next one's BEGIN line.
+        context.load_verify_locations(cadata="\n".join(certificates))
     context.load_cert_chain(cert, key)
     return context
 
@@ -187,7 +213,7 @@ def _ask_leader(node: DqliteNode, timeout: float = 1.0) -> str:
     decoder, exchange = wire.Decoder(), wire.Exchange(wire.Leader())
     sock = socket.create_connection((host, int(port)), timeout=timeout)
     if node.tls is not None:
-        context = client_ssl_context(node.tls.cert, node.tls.key, node.tls.ca)
+        context = client_ssl_context(node.tls.cert, node.tls.key, node.tls.truststore)
         sock = context.wrap_socket(sock)  # takes the descriptor over (and closes it if the handshake fails)
     with sock:
         sock.sendall(wire.encode_handshake() + wire.encode(wire.Leader()))

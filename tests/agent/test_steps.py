@@ -22,7 +22,7 @@ from coordinator.agent.members_table import create_members_table, upsert_member
 from coordinator.agent.node_state import lay_out_node
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.agent.sources import local_backend
-from coordinator.agent.steps import EPOCH_FILE, EpochGuard, LocalSteps, UnbuiltSteps
+from coordinator.agent.steps import EPOCH_FILE, EpochGuard, LocalSteps
 from coordinator.core.model import Role, Source, SourceReport
 from coordinator.errors import AlreadyExists, InvalidRequest, SourceNotRewritable, StaleEpoch
 
@@ -291,13 +291,6 @@ async def test_malformed_steps_get_every_field_violation_and_change_nothing(
     assert {v.field for v in refused.value.violations} == paths
     assert {p: p.read_bytes() for p in cluster.root.rglob("*") if p.is_file()} == files
 
-
-async def test_the_dqlite_backend_refuses_every_step_for_now() -> None:
-    with pytest.raises(InvalidRequest) as refused:
-        await UnbuiltSteps("dqlite").apply(step(fence_node=True))
-    assert [(v.field, v.description) for v in refused.value.violations] == [
-        ("fence_node", "not built yet for the dqlite backend")
-    ]
 
 
 # --- epochs -------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_a_healthy_members_removal_commits_in_raft_then_cleans_every_source() ->
     n3 = _member(diff.members, "n3")
     plan = plan_removal(diff, n3, reachable={"n1", "n2", "n3"})
     assert [(step.target, step.action) for step in plan.steps] == [
-        ("n1", RemoveRaftEntry(n3.node_id, n3.address)),
+        ("n1", RemoveRaftEntry(n3.node_id, n3.address, Role.VOTER)),
         ("n1", RemoveMemberRow("n3")),
         ("n1", RemoveTruststoreRecord("n3")),
         ("n2", RemoveTruststoreRecord("n3")),
@@ -75,7 +75,7 @@ def test_a_ghost_raft_member_is_removed_by_address() -> None:
     diff = compute_diff(view)
     ghost = Member(address=raft_entry(3).address, node_id=raft_entry(3).node_id, role=Role.VOTER)
     plan = plan_removal(diff, ghost, reachable={"n1", "n2"})
-    assert [step.action for step in plan.steps] == [RemoveRaftEntry(ghost.node_id, ghost.address)]
+    assert [step.action for step in plan.steps] == [RemoveRaftEntry(ghost.node_id, ghost.address, Role.VOTER)]
 
 
 def test_no_plan_without_another_reachable_node() -> None:
@@ -98,14 +98,16 @@ def test_a_join_reserves_then_commits_with_the_joiners_own_raft_entry_then_finis
     actions = [(step.target, step.action) for step in plan.steps]
     assert actions[0] == ("n1", EnsureMemberRow("n4", "127.0.0.1:7004", "PEM-n4", "PENDING"))
     assert actions[1:4] == [(n, EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")) for n in ("n1", "n2", "n3")]
+    # The joiner trusts every member before its engine joins: on the real engine it talks to them over TLS.
+    assert actions[4:8] == [
+        ("n4", EnsureTruststoreRecord(name(i), address(i), f"PEM-{name(i)}")) for i in (1, 2, 3)
+    ] + [("n4", EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4"))]
     [commit] = [step for step in plan.steps if step.commit_point]
+    assert plan.steps.index(commit) == 8
     assert (commit.target, commit.action) == ("n4", EnsureRaftEntry(99, "127.0.0.1:7004", Role.VOTER))
-    after = actions[plan.steps.index(commit) + 1 :]
-    assert after[:3] == [(n, EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")) for n in ("n1", "n2", "n3")]
-    assert [a for t, a in after if t == "n4"] == [
-        EnsureTruststoreRecord(name(i), address(i), f"PEM-{name(i)}") for i in (1, 2, 3)
-    ] + [EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")]
-    assert after[-2:] == [
+    assert actions[9:] == [
+        (n, EnsureTruststoreRecord("n4", "127.0.0.1:7004", "PEM-n4")) for n in ("n1", "n2", "n3")
+    ] + [
         ("n1", EnsureMemberRow("n4", "127.0.0.1:7004", "PEM-n4", "voter")),
         (COORDINATOR, RegisterMember("n4", "127.0.0.1:8004", "PEM-n4")),
     ]
@@ -117,8 +119,8 @@ def test_every_step_before_a_joins_commit_point_can_be_undone() -> None:
     before = plan.steps[: next(i for i, s in enumerate(plan.steps) if s.commit_point) + 1]
     undone = [undo(step.action) for step in before]
     assert undone == [RemoveMemberRow("n4")] + [RemoveTruststoreRecord("n4")] * 3 + [
-        RemoveRaftEntry(99, "127.0.0.1:7004")
-    ]
+        RemoveTruststoreRecord(name(i)) for i in (1, 2, 3)
+    ] + [RemoveTruststoreRecord("n4"), RemoveRaftEntry(99, "127.0.0.1:7004")]
     assert undo(FenceNode()) is None
 
 

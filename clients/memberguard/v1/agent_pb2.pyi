@@ -95,7 +95,11 @@ class RaftEntry(_message.Message):
     address: _builtins.str
     """address is the member's address, "ip:port"."""
     role: _membership_pb2.Role.ValueType
-    """role is the entry's role; unset means voter."""
+    """role, in ensure_raft_entry, is the entry's role (unset means voter; on the dqlite backend a joiner adds itself
+    as a spare and the role adjuster promotes it). In remove_raft_entry it is the role the removal was decided on:
+    the agent re-reads the leader's configuration and refuses when the member's vote changed since; unset removes
+    the entry whatever its role.
+    """
     def __init__(
         self,
         *,
@@ -141,7 +145,8 @@ class ApplyStepRequest(_message.Message):
     """remove_member_row deletes the row of that name; absent is fine."""
     fence_node: _builtins.bool
     """fence_node, set to true, stops this node from acting as a member: its Raft files (info.yaml, cluster.yaml, the
-    join flag) are cleared, so that it cannot come back as a zombie.
+    join flag) are cleared, so that it cannot come back as a zombie; on the dqlite backend its engine is killed
+    first and its whole data directory emptied.
     """
     @_builtins.property
     def ensure_truststore_record(self) -> Global___TruststoreRecord:
@@ -153,7 +158,9 @@ class ApplyStepRequest(_message.Message):
 
     @_builtins.property
     def ensure_raft_entry(self) -> Global___RaftEntry:
-        """ensure_raft_entry puts the entry into the Raft configuration (local backend: its file)."""
+        """ensure_raft_entry puts the entry into the Raft configuration (local backend: its file; dqlite backend: sent to
+        the joiner's own agent, which starts its engine joining and answers once the leader holds the entry).
+        """
 
     @_builtins.property
     def remove_raft_entry(self) -> Global___RaftEntry:
