@@ -52,7 +52,8 @@ bench: venv go
 	$(BIN)/python -m coordinator.bench
 	$(BIN)/python -m coordinator.bench --backend dqlite --sizes 3,5
 	$(BIN)/python -m coordinator.bench --dqlite-client --calls 1000
-	$(BIN)/python -m coordinator.bench --operations --calls 200
+	$(BIN)/python -m coordinator.bench --operations --calls 20
+	$(BIN)/python -m coordinator.bench --operations --backend dqlite --calls 20
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

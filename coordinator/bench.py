@@ -5,9 +5,11 @@ each size (large labs pack several agents into one process: the same agent code)
 unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
 same machine noise, and prints p50/p99 of each and their ratio.
 
-`python -m coordinator.bench --operations [--calls 200]` times guarded operations on the local backend against a
-fresh CheckMembership in the same lab and run: issuing a token (gather, diff, guard, journal write with fsync), and
-removing a member (seven journaled steps on three agents), over removals that take a 10-node lab down to 3.
+`python -m coordinator.bench --operations [--backend local|dqlite] [--calls 20]` times guarded operations in a
+3-node lab against a fresh CheckMembership in the same lab and run, over `--calls` rounds: issuing a token (gather,
+diff, guard, journal write with fsync), a guarded join (the joiner's agent's GuardedOperation call: 14 journaled
+steps; on dqlite its engine starts and joins), the guarded removal of the node that just joined, and a whole
+add-node (a new agent process, token, join); then ten add-nodes at once, against ten times one.
 
 `python -m coordinator.bench --dqlite-client [--calls 1000]` starts a 3-node TLS dqlite cluster and times
 CLUSTER and a primary-key SELECT on one kept connection to the leader, with go-dqlite's own client (the Go
@@ -25,17 +27,22 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from memberguard import Client
+from memberguard.v1 import operation_pb2
 
 from coordinator import lab as labs
 from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import connect_leader
 from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, start_members
 from coordinator.dqlite.nodes import client_ssl_context, node_binary, stop_cluster
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,22 @@ class Figures:
 
 
 def _timed(call: Callable[[], object]) -> float:
+    return _timed_result(call)[0]
+
+
+def _timed_result(call: Callable[[], T]) -> tuple[float, T]:
+    """(milliseconds the call took, what it returned)."""
     started = time.perf_counter()
-    call()
-    return (time.perf_counter() - started) * 1000
+    result = call()
+    return (time.perf_counter() - started) * 1000, result
+
+
+def _succeeded(operation: operation_pb2.Operation) -> None:
+    """A benchmark times what worked: an operation that did not succeed ends the run."""
+    if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
+        raise RuntimeError(
+            f"{operation.member.name}: {operation_pb2.OperationState.Name(operation.state)}: {operation.error}"
+        )
 
 
 def measure(nodes: int, calls: int, directory: Path, backend: str = "local") -> tuple[Figures, Figures, int]:
@@ -122,37 +142,67 @@ def dqlite_client(calls: int) -> None:
         print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
 
 
-def operations(calls: int) -> None:
-    """Guarded operations beside a fresh check, same lab, same run."""
+def operations(rounds: int, backend: str) -> None:
+    """Guarded operations in a 3-node lab beside a fresh check, same lab, same run; then ten joins at once."""
+    samples: dict[str, list[float]] = {label: [] for label in _OPERATIONS}
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
-        lab = labs.up(Path(scratch) / "lab", 10)
+        lab = labs.up(Path(scratch) / "lab", 3, backend=backend)
         try:
             with Client(lab.endpoint) as client:
-                check, token, removal = [], [], []
-                for i in range(calls):
-                    check.append(_timed(lambda: client.check_membership(timeout=30)))
-                    token.append(_timed(partial(client.issue_token, "n11", request_id=f"token-{i}")))
-                for n in range(10, 3, -1):
-                    check.append(_timed(lambda: client.check_membership(timeout=30)))
-                    removal.append(_timed(partial(client.remove_member, f"n{n}", request_id=f"remove-{n}")))
+                for i in range(rounds):
+                    _join_and_remove(lab, client, f"round-{i}", samples)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(CONCURRENT_JOINS) as pool:
+                list(pool.map(lambda _: labs.add_node(lab.dir), range(CONCURRENT_JOINS)))
+            concurrent = (time.perf_counter() - started) * 1000
         finally:
             labs.down(lab.dir)
-    base = Figures.of(check)
-    print(f"guarded operations, local backend, one lab (10 nodes, then 10 -> 3 for the removals), {calls} calls")
+    base = Figures.of(samples["CheckMembership"])
+    print(f"guarded operations, {backend} backend, a 3-node lab, {rounds} rounds of join + removal")
     print(f"{'what':<18} {'p50':>9} {'p99':>9} {'x check':>8}")
-    for label, figures in (
-        ("CheckMembership", base),
-        ("issue a token", Figures.of(token)),
-        ("remove a member", Figures.of(removal)),
-    ):
+    for label, values in samples.items():
+        figures = Figures.of(values)
         print(f"{label:<18} {figures.p50:>7.2f}ms {figures.p99:>7.2f}ms {figures.p50 / base.p50:>7.1f}x")
+    one = Figures.of(samples["add-node, whole"]).p50
+    print(
+        f"{CONCURRENT_JOINS} add-nodes at once: {concurrent / 1000:.2f} s to all finish,"
+        f" vs {CONCURRENT_JOINS} x one add-node p50 = {CONCURRENT_JOINS * one / 1000:.2f} s"
+        f" ({concurrent / (CONCURRENT_JOINS * one):.2f}x)"
+    )
+
+
+def _join_and_remove(lab: labs.Lab, client: Client, request_id: str, samples: dict[str, list[float]]) -> None:
+    """One round: a check, a new node's token and join, a check, the node's removal."""
+    samples["CheckMembership"].append(_timed(lambda: client.check_membership(timeout=30)))
+    started = time.perf_counter()
+    joiner = labs.start_joining_node(lab)
+    try:
+        elapsed, issued = _timed_result(partial(client.issue_token, joiner.name, request_id=f"token-{request_id}"))
+        samples["issue a token"].append(elapsed)
+        samples["guarded join"].append(_timed(lambda: _succeeded(joiner.join(issued.token))))
+        samples["add-node, whole"].append((time.perf_counter() - started) * 1000)
+        samples["CheckMembership"].append(_timed(lambda: client.check_membership(timeout=30)))
+        removal = partial(client.remove_member, joiner.name, request_id=f"remove-{request_id}")
+        samples["guarded removal"].append(_timed(lambda: _succeeded(removal())))
+    finally:
+        joiner.stop()
+
+
+CONCURRENT_JOINS = 10
+_OPERATIONS = (
+    "CheckMembership",
+    "issue a token",
+    "guarded join",
+    "guarded removal",
+    "add-node, whole",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coordinator.bench", description=__doc__)
     parser.add_argument("--backend", default="local", choices=labs.BACKENDS, help="the lab's backend")
     parser.add_argument("--sizes", default="3,10,50,100", help="comma-separated lab sizes (default 3,10,50,100)")
-    parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size")
+    parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size (rounds)")
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
     args = parser.parse_args(argv)
@@ -160,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         dqlite_client(args.calls)
         return 0
     if args.operations:
-        operations(args.calls)
+        operations(args.calls, args.backend)
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     print(

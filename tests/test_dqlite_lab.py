@@ -263,7 +263,9 @@ def test_a_peer_that_is_not_dqlite_is_a_discrepancy_naming_the_node(dqlite_lab: 
             diff = _settles_on(client, [("SOURCE_UNREADABLE", "WARNING", "RAFT_NODE_VIEW", "n2")])
         unreadable = next(x for x in diff.discrepancies if x.kind == pb.DISCREPANCY_KIND_SOURCE_UNREADABLE)
         assert "n2" in unreadable.summary
-        assert any(word in unreadable.evidence[0].detail for word in ("RemoteProtocolError", "ConnectionClosed"))
+        assert any(
+            word in unreadable.evidence[0].detail for word in ("RemoteProtocolError", "ConnectionClosed", "Unreachable")
+        )
     finally:
         agent.terminate()
         agent.wait(10)

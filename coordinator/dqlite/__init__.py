@@ -21,6 +21,7 @@ from coordinator.dqlite.errors import (
     ProtocolError,
     RemoteProtocolError,
     Timeout,
+    Unreachable,
 )
 from coordinator.dqlite.wire import Metadata, NodeInfo, Result, Role, Row, Server, Value
 
@@ -45,6 +46,7 @@ __all__ = [
     "Rowset",
     "Server",
     "Timeout",
+    "Unreachable",
     "Value",
     "connect",
     "connect_leader",

@@ -30,6 +30,7 @@ from coordinator.dqlite.errors import (
     OutcomeUnknown,
     RemoteProtocolError,
     Timeout,
+    Unreachable,
     failure_error,
 )
 
@@ -144,7 +145,7 @@ async def connect(address: str, *, timeout: float, ssl: _ssl.SSLContext | None =
     except TimeoutError:
         raise Timeout(f"connecting to {address} took more than {timeout}s") from None
     except OSError as exc:
-        raise ConnectionClosed(f"cannot connect to {address}: {exc}") from exc
+        raise Unreachable(f"cannot connect to {address}: {exc}") from exc
     connection = Connection(sock, address, timeout)
     try:
         async with asyncio.timeout(timeout):
@@ -336,13 +337,17 @@ async def connect_leader(
     dialled address itself means this is the leader (an exact string match, so list addresses
     as the nodes spell them); any other address is dialled in turn, at most ``max_redirects``
     hops. Rounds repeat with backoff (an election may be under way) until ``timeout`` seconds
-    have passed, then NoLeader. The returned connection's default call timeout is ``timeout``.
+    have passed, then NoLeader; but a round in which no address could be reached at all ends the
+    search at once: nothing listens, so no election is under way (a node that has not started its
+    engine yet would otherwise wait out its whole timeout on every read). The returned connection's
+    default call timeout is ``timeout``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     attempts: dict[str, str] = {}
     backoff = _BACKOFF_START
     while True:
+        reached = False
         for start in addresses:
             target, hops = start, 0
             while (remaining := deadline - loop.time()) > 0:
@@ -350,7 +355,9 @@ async def connect_leader(
                     found = await _probe(target, remaining, ssl, client_id)
                 except DqliteError as exc:
                     attempts[target] = f"{type(exc).__name__}: {exc}"
+                    reached = reached or not isinstance(exc, Unreachable)
                     break
+                reached = True
                 if isinstance(found, Connection):
                     found.timeout = timeout
                     return found
@@ -362,6 +369,8 @@ async def connect_leader(
                     break
                 target, hops = found, hops + 1
         remaining = deadline - loop.time()
+        if not reached:
+            raise NoLeader(f"none of {list(addresses)} could be reached", attempts)
         if remaining <= 0:
             raise NoLeader(f"no leader found among {list(addresses)} within {timeout}s", attempts)
         await asyncio.sleep(min(backoff, remaining))

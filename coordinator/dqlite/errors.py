@@ -44,6 +44,10 @@ class ConnectionClosed(DqliteError):
     """The connection is gone: closed by the peer, failed, or closed by us."""
 
 
+class Unreachable(ConnectionClosed):
+    """Nothing answered at the address: the connection was refused, or its TLS handshake failed."""
+
+
 class Timeout(DqliteError):
     """A call did not finish in time. If it had started talking, the connection was closed."""
 

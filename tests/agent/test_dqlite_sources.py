@@ -194,7 +194,9 @@ async def test_a_plain_tcp_agent_against_tls_nodes_gets_typed_errors(
             report, took = await read(readers[source])
             assert not report.records and took < timeout + SLACK
             # The node's TLS proxy drops the connection; which typed error names it depends on when it does.
-            assert any(name in report.error for name in ("ConnectionClosed", "RemoteProtocolError")), report.error
+            assert any(name in report.error for name in ("Unreachable", "ConnectionClosed", "RemoteProtocolError")), (
+                report.error
+            )
             if source is not Source.RAFT_NODE_VIEW:
                 assert report.error.startswith("no leader"), report.error
 
@@ -267,7 +269,7 @@ async def test_a_killed_follower_then_a_lost_quorum(own_cluster: Cluster, agent:
     kill(follower)
     # Its own node is gone: its view is an error, at once.
     view, took = await read(mine[Source.RAFT_NODE_VIEW])
-    assert view.error.startswith("ConnectionClosed") and not view.records and took < TIMEOUT + SLACK
+    assert view.error.startswith("Unreachable") and not view.records and took < TIMEOUT + SLACK
     # Its agent still reads the leader: over the kept connection, and from scratch through the addresses in
     # its cluster.yaml. The leader keeps the dead node as a voter (there is no spare to replace it with).
     for readers in (mine, agent(follower), theirs):

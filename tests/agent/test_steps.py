@@ -292,7 +292,6 @@ async def test_malformed_steps_get_every_field_violation_and_change_nothing(
     assert {p: p.read_bytes() for p in cluster.root.rglob("*") if p.is_file()} == files
 
 
-
 # --- epochs -------------------------------------------------------------------------------------------------
 
 
