@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from memberguard.v1 import agent_pb2, membership_pb2
@@ -32,7 +32,7 @@ from coordinator.agent.dqlite_sources import ROLES, SslFactory, find_leader
 from coordinator.agent.engine import JOIN_FLAG, Engine
 from coordinator.agent.members_table import DELETE_MEMBER, UPSERT_MEMBER
 from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader, write_raft_config
-from coordinator.agent.steps import TruststoreSteps, checked_step
+from coordinator.agent.steps import NodeSteps
 from coordinator.agent.truststore import TruststoreReader
 from coordinator.core.model import Role, Source
 from coordinator.dqlite import Busy, Connection, DqliteError, FailureError, NodeInfo
@@ -50,7 +50,7 @@ _POLL = 0.05
 _SQLITE_CONSTRAINT = 19  # the primary code; a UNIQUE violation's extended code is 2067
 
 
-class DqliteSteps:
+class DqliteSteps(NodeSteps):
     """The steps of one node of the `dqlite` backend (the arguments are those of dqlite_backend, plus its engine)."""
 
     def __init__(
@@ -68,25 +68,15 @@ class DqliteSteps:
         self._ssl = ssl
         self._engine = engine
         self._budget = budget
-        self._truststore = TruststoreSteps(state_dir / "truststore")
+        super().__init__(state_dir / "truststore")
         self._trusted = TruststoreReader(state_dir / "truststore")
         self._cache = RaftConfigFileReader(engine.data_dir / "cluster.yaml", Source.RAFT_CACHE)
         self._info = NodeInfoReader(engine.data_dir / "info.yaml")
-        self._steps: dict[str, Callable[[agent_pb2.ApplyStepRequest], Awaitable[tuple[bool, str]]]] = {
-            "ensure_truststore_record": self._truststore.ensure,
-            "remove_truststore_record": self._truststore.remove,
-            "ensure_member_row": self._ensure_member_row,
-            "remove_member_row": self._remove_member_row,
-            "ensure_raft_entry": self._ensure_raft_entry,
-            "remove_raft_entry": self._remove_raft_entry,
-            "fence_node": self._fence_node,
-        }
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        step = self._steps[checked_step(request)]
         try:
             async with asyncio.timeout(self._budget):
-                return await step(request)
+                return await self._step(request)
         except TimeoutError:
             raise EngineUnavailable(f"the step did not finish within {self._budget:g} s") from None
         except DqliteError as error:

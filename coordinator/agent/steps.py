@@ -12,6 +12,7 @@ when it wakes up, even after this agent restarts.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import os
 import sqlite3
@@ -261,7 +262,43 @@ class TruststoreSteps:
         return True, f"removed {', '.join(removed)} from the truststore"
 
 
-class LocalSteps:
+class NodeSteps(abc.ABC):
+    """What every backend's steps share: the truststore's steps, and the table from a request's step to the method
+    that applies it. A backend writes the other five."""
+
+    def __init__(self, truststore: Path) -> None:
+        self._truststore = TruststoreSteps(truststore)
+        self._steps: dict[str, Callable[[agent_pb2.ApplyStepRequest], Awaitable[tuple[bool, str]]]] = {
+            "ensure_truststore_record": self._truststore.ensure,
+            "remove_truststore_record": self._truststore.remove,
+            "ensure_member_row": self._ensure_member_row,
+            "remove_member_row": self._remove_member_row,
+            "ensure_raft_entry": self._ensure_raft_entry,
+            "remove_raft_entry": self._remove_raft_entry,
+            "fence_node": self._fence_node,
+        }
+
+    async def _step(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+        """Checks the request, then applies its step."""
+        return await self._steps[checked_step(request)](request)
+
+    @abc.abstractmethod
+    async def _ensure_member_row(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...
+
+    @abc.abstractmethod
+    async def _remove_member_row(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...
+
+    @abc.abstractmethod
+    async def _ensure_raft_entry(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...
+
+    @abc.abstractmethod
+    async def _remove_raft_entry(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...
+
+    @abc.abstractmethod
+    async def _fence_node(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...
+
+
+class LocalSteps(NodeSteps):
     """The `local` backend's steps, on the files `local_backend` reads (same arguments).
 
     After each step, this node's `database/cluster.yaml` catches up with the shared Raft configuration file: the
@@ -276,28 +313,15 @@ class LocalSteps:
         self._readers: dict[Source, SourceReader] = {
             reader.source: reader for reader in local_backend(state_dir, members_table, raft_config)
         }
-        self._truststore = TruststoreSteps(state_dir / "truststore")
+        super().__init__(state_dir / "truststore")
         self._members_table = members_table
         self._raft_config = raft_config
         database = state_dir / "database"
         self._cache = database / "cluster.yaml"
         self._engine_files = (database / "info.yaml", self._cache, database / "join")
-        self._steps: dict[str, Callable[[agent_pb2.ApplyStepRequest], Awaitable[tuple[bool, str]]]] = {
-            "ensure_truststore_record": self._truststore.ensure,
-            "remove_truststore_record": self._truststore.remove,
-            "ensure_member_row": self._ensure_member_row,
-            "remove_member_row": self._remove_member_row,
-            "ensure_raft_entry": self._ensure_raft_entry,
-            "remove_raft_entry": self._remove_raft_entry,
-            "fence_node": self._fence_node,
-        }
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        kind = checked_step(request)
-        step = self._steps.get(kind)
-        if step is None:
-            raise InvalidRequest([FieldViolation(kind, f"the local backend cannot apply {kind}")])
-        changed, detail = await step(request)
+        changed, detail = await self._step(request)
         if await self._catch_up_cache():
             detail += "; cluster.yaml caught up with the Raft configuration"
         return changed, detail
