@@ -8,13 +8,15 @@ test waits, within two role-adjustment intervals, until the BLOCKING and WARNING
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from memberguard import Client
+from memberguard import Client, DirtyMembership
 from memberguard.v1 import membership_pb2 as pb
 from memberguard.v1 import operation_pb2 as o
 
@@ -161,3 +163,50 @@ def test_ten_joins_at_once_all_succeed_on_the_real_engine(dqlite_lab: labs.Lab) 
         assert sorted(m.name for m in diff.members) == sorted(["n1", "n2", "n3", *names])
     _, nodes, rows = _leader_view(dqlite_lab)
     assert len(nodes) == 3 + CONCURRENT and len(rows) == 3 + CONCURRENT
+
+
+def _kill_node(lab: labs.Lab, name: str) -> None:
+    """kill -9 of a node's agent and engine: the member is dead, its records stay."""
+    node = labs.Lab.load(lab.dir).node(name)
+    for pid in (node["pid"], _engine_pid(lab, name)):
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dead_member_is_removed_by_force_with_its_discrepancies_acknowledged(dqlite_lab: labs.Lab) -> None:
+    leader, _, _ = _leader_view(dqlite_lab)
+    dead = next(n["name"] for n in dqlite_lab.document["nodes"] if n["address"] != leader)
+    _kill_node(dqlite_lab, dead)
+    with Client(dqlite_lab.endpoint) as client:
+        with pytest.raises(DirtyMembership) as refused:
+            client.remove_member(dead, timeout=30)
+        assert refused.value.diff is not None
+        about = [d.id for d in refused.value.diff.discrepancies if d.severity != pb.SEVERITY_INFO]
+        assert about, "the dead member's agent and engine are reported"
+        operation = client.remove_member(dead, force=True, acknowledged=about, timeout=30)
+        assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+        assert "was not fenced" in operation.plan, "the remainder says the dead node must be reset"
+        assert sorted(m.name for m in _settled(client).members) == sorted(
+            n["name"] for n in dqlite_lab.document["nodes"] if n["name"] != dead
+        )
+    _, nodes, rows = _leader_view(dqlite_lab, via="n1" if dead != "n1" else "n2")
+    assert len(nodes) == 2 and dead not in rows
+
+
+def test_no_leader_refuses_every_change_and_says_how_to_recover(dqlite_lab: labs.Lab) -> None:
+    for name in ("n2", "n3"):  # two of three voters gone: no quorum, no leader
+        pid = _engine_pid(dqlite_lab, name)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    with Client(dqlite_lab.endpoint) as client:
+        deadline = time.monotonic() + 10  # the old leader steps down once it misses its quorum's heartbeats
+        while not any(
+            d.kind == pb.DISCREPANCY_KIND_NO_LEADER for d in client.check_membership(timeout=10).diff.discrepancies
+        ):
+            assert time.monotonic() < deadline, "the coordinator never saw the leader go"
+            time.sleep(0.1)
+        with pytest.raises(DirtyMembership) as refused:
+            client.issue_token("n4", timeout=30)
+        [advice] = [description for kind, _, description in refused.value.violations if kind == "NO_LEADER"]
+        assert ".reconfigure" in advice and "cluster edit" in advice
+        assert client.list_tokens() == [], "nothing was issued"
