@@ -269,6 +269,8 @@ def render_diff(diff: membership_pb2.MembershipDiff) -> str:
     lines = [header]
     for row, discrepancy in zip(rows, diff.discrepancies, strict=True):
         lines.append(row)
+        if discrepancy.explained_by_operation_id:
+            lines.append(f"    explained by operation {discrepancy.explained_by_operation_id}, in flight")
         for remedy in discrepancy.remedies:
             safety = _enum_name(membership_pb2.RemedySafety.DESCRIPTOR, remedy.safety, "REMEDY_SAFETY_")
             lines.append(f"    remedy ({safety}): {_one_line(remedy.action)}")

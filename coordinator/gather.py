@@ -3,6 +3,8 @@
 All of the coordinator's knowledge of the sources comes through here; it opens no source file itself.
 Channels are persistent (a new mTLS channel per call would cost more than the whole check) and each pins
 exactly one certificate: the member's own, with its name as the TLS server name.
+Every gather and step also tells which agents went silent; `Agents.reconnected` is set when one of them answers
+again, the reconciler's cue that an operation parked for want of that agent may now finish.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class Agents:
         self._pems: dict[str, str] = {}  # fingerprint → PEM, as truststores reported them
         self._vouched: dict[str, frozenset[str]] = {}  # member name → fingerprints truststores hold for it
         self._learned_from: tuple[NodeView | None, ...] = ()  # the views _vouched was learned from
+        self._registered: frozenset[str] = frozenset()  # the registry's members at the last gather
+        self._unanswered: set[str] = set()  # members whose agent did not answer the last gather or step sent to it
+        # Set when one of those answers again: the reconciler waits on it, since what parked an operation may be
+        # an agent that was away. Whoever waits clears it.
+        self.reconnected = asyncio.Event()
 
     def _roots(self, member: RegisteredMember) -> bytes:
         pems = [member.certificate_pem] if member.certificate_pem else []
@@ -102,11 +109,19 @@ class Agents:
     async def gather(self, timeout: float) -> ClusterView:
         """Every registered member's observation; an agent that does not answer in time is UNREACHABLE."""
         members = self._registry.members()
-        for gone in set(self._links) - {m.name for m in members}:
-            await self._links.pop(gone).channel.close(None)
+        names = frozenset(m.name for m in members)
+        # Only a member that left the registry loses its channel. A joiner is not registered until its join is done,
+        # and closing the channel its steps go over would cancel the step in flight.
+        for gone in self._registered - names:
+            link = self._links.pop(gone, None)
+            if link is not None:
+                await link.channel.close(None)
+        self._registered = names
         started = time.monotonic()
         roots = {m.name: self._roots(m) for m in members}
         observations = list(await asyncio.gather(*(self._observe(m, timeout) for m in members)))
+        for observation in observations:
+            self._heard(observation.node, observation.view is not None)
         views = tuple(o.view for o in observations)
         if views == self._learned_from:
             # Every agent answered with the view it gave last time (the same objects): nothing new to trust.
@@ -128,6 +143,13 @@ class Agents:
             self._learn(observations)
         self._learned_from = tuple(o.view for o in observations)
         return ClusterView(nodes=tuple(observations), now=time.time())
+
+    def _heard(self, name: str, answered: bool) -> None:
+        if not answered:
+            self._unanswered.add(name)
+        elif name in self._unanswered:
+            self._unanswered.discard(name)
+            self.reconnected.set()
 
     def _learn(self, observations: list[NodeObservation]) -> bool:
         """Records which certificates the reachable truststores hold; True if some PEM is still unknown."""
@@ -187,12 +209,21 @@ class Agents:
         link = self._link(member)
         if link is None:
             raise KeyError(f"{member.name}: no certificate to trust its agent with")
-        response = await link.stub.ApplyStep(request, timeout=timeout)
+        try:
+            response = await link.stub.ApplyStep(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            # A refusal is an answer; only silence makes the agent one to wait for.
+            self._heard(member.name, error.code() not in _SILENT)
+            raise
+        self._heard(member.name, True)
         return response.detail
 
     async def node_id_of(self, member: RegisteredMember, timeout: float) -> int | None:
         """The dqlite node ID that `member`'s agent reports (its info.yaml), asked over a channel pinned to the
         member's certificate; None when it does not answer as that certificate's holder or reports no ID."""
+        if member.name not in self._registered and (stale := self._links.pop(member.name, None)) is not None:
+            # A joiner's channel from an earlier attempt may be backing off from an agent that was away: dial anew.
+            await stale.channel.close(None)
         observation = await self._observe(member, timeout)
         report = observation.view.report(Source.NODE_INFO) if observation.view else None
         ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
@@ -208,6 +239,9 @@ class Agents:
         for link in self._links.values():
             await link.channel.close(None)
         self._links.clear()
+
+
+_SILENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 async def _same(observation: NodeObservation) -> NodeObservation:

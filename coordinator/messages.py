@@ -137,6 +137,7 @@ def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
         ],
         remedies=[pb.Remedy(action=r.action, safety=pb.RemedySafety.ValueType(r.safety)) for r in discrepancy.remedies],
         age=_duration(discrepancy.age),
+        explained_by_operation_id=discrepancy.explained_by,
     )
     if discrepancy.member is not None:
         message.member.CopyFrom(member_to_proto(discrepancy.member))

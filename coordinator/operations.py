@@ -7,18 +7,27 @@ recorded. A step that fails before the commit point rolls the operation back; af
 if it keeps failing, the operation is parked: visible, blocking, with what would clear it.
 
 The run belongs to the coordinator, not to the request: a caller whose deadline runs out gets the operation as it
-stands and can follow it with WaitOperation. After a crash, `reconcile` decides each unfinished operation from a
-fresh observation, never from the journal alone: the commit step may have been applied and not yet recorded.
+stands and can follow it with WaitOperation. `reconcile` decides each unfinished operation that nothing in this
+process is running from a fresh observation, never from the journal alone (the commit step may have been applied
+and not yet recorded): forward past the commit point, back before it. It runs at start (after a crash), then every
+reconcile interval and as soon as a silent agent answers again (`reconcile_periodically`): each pass retries every
+parked operation once, unless the agent its next step needs is still silent, and costs a single journal query when
+nothing is unfinished.
 
-MEMBERGUARD_FAULT ("before-step:N" or "after-step:N") makes the coordinator process exit at that step boundary of
-every operation, and "fail-step:N" makes step N fail every time: the tests arm it; unset, it does nothing.
+MEMBERGUARD_FAULT arms a fault for the tests; unset, it does nothing. "before-step:N" or "after-step:N" makes the
+coordinator process exit at that step boundary of every operation; "stop-before-step:N" or "stop-after-step:N"
+makes it stop itself (SIGSTOP) there, the first time it gets there, so that a test can act while it is frozen and
+then continue it (SIGCONT); "fail-step:N" makes step N fail every time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,7 +40,7 @@ from coordinator import pki
 from coordinator.core import tokens
 from coordinator.core.diff import compute_diff
 from coordinator.core.guard import Proceed, Refused, Request, Stale, decide
-from coordinator.core.model import DiscrepancyKind, Member, MembershipDiff
+from coordinator.core.model import DiscrepancyKind, Member, MembershipDiff, Source
 from coordinator.core.operation import (
     Audit,
     OperationKind,
@@ -85,11 +94,16 @@ from coordinator.journal import Journal
 from coordinator.messages import diff_to_proto
 from coordinator.registry import RegisteredMember, Registry
 
+log = logging.getLogger("memberguard.operations")
+
 FAULT_ENV = "MEMBERGUARD_FAULT"
 STEP_TIMEOUT = 5.0
 # After the commit point a failing step is retried this many times before the operation is parked.
 STEP_ATTEMPTS = 3
 MAX_REQUEST_ID = 128
+# Joins a rollback's cause and why undoing it failed, in a parked operation's error; a later pass that finishes the
+# rollback records the cause alone.
+_UNDOING_FAILED = "; undoing failed: "
 
 
 class DeadlinePassed(Exception):
@@ -389,17 +403,23 @@ class Operations:
         if record.state is OperationState.QUEUED:
             record = self._save(apply(record, Start(), time.time()))
         while (index := next_step(record)) is not None:
-            self._die_if_armed("before-step", index)
+            self._fault_at("before-step", index)
             step = record.steps[index]
             error = await self._apply_with_retries(record, index, step)
+            if error is not None and step.commit_point and await self._took_effect(record):
+                # Silence is not a refusal: a commit step that took effect all the same cannot be rolled back.
+                error = None
             if error is not None:
                 if committed(record):
                     remaining = ", ".join(s.name for s in record.steps[index:])
                     return self._save(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
                 return await self._roll_back(record, error)
             record = self._save(apply(record, StepDone(index), time.time()))
-            self._die_if_armed("after-step", index)
+            self._fault_at("after-step", index)
         return self._save(apply(record, Succeed(), time.time()))
+
+    async def _took_effect(self, record: OperationRecord) -> bool:
+        return _commit_applied(record, compute_diff(await self._agents.gather(self._agent_timeout)))
 
     async def _roll_back(self, record: OperationRecord, error: str) -> OperationRecord:
         """Undoes the done steps, last first; a joiner is fenced before anything else, so that it cannot add itself
@@ -418,7 +438,8 @@ class Operations:
                     await self._apply(record, index, replace(step, action=action))
                 except StepFailed as failure:
                     plan = f"undo by hand: {', '.join(record.steps[i].name for i in undo_order(record))}"
-                    return self._save(apply(record, Park(f"{error}; undoing failed: {failure}", plan), time.time()))
+                    parked = Park(f"{error}{_UNDOING_FAILED}{failure}", plan)
+                    return self._save(apply(record, parked, time.time()))
             record = self._save(apply(record, StepUndone(index), time.time()))
         if record.kind is OperationKind.JOIN:
             held = self._journal.token(record.member.name)
@@ -449,6 +470,10 @@ class Operations:
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
             await self._agents.apply_step(self._target(record, step.target), request, STEP_TIMEOUT)
+        except asyncio.CancelledError as error:
+            if _own_cancellation():
+                raise
+            raise StepFailed("the call was cancelled: its channel to the agent was closed") from error
         except Exception as error:
             raise StepFailed(str(error)) from error
 
@@ -479,26 +504,55 @@ class Operations:
     # --- recovery ------------------------------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Finishes or rolls back what a crash left unfinished, deciding from a fresh observation."""
+        """Finishes or rolls back every unfinished operation that no run of this process is following: what a crash
+        left, and what was parked."""
+        # Looked up before the lock is taken, so that a pass with nothing to do never waits for a running operation.
+        if not self._unattended():
+            return
         async with self._lock:
-            for record in self._journal.unfinished():
-                if record.state is OperationState.PARKED:
-                    # Past its commit point: try again to finish it (whatever stopped it may have been fixed).
-                    await self._follow(self._save(apply(record, Resume(), time.time())))
-                    continue
-                diff = compute_diff(await self._agents.gather(self._agent_timeout))
-                if record.state is OperationState.QUEUED:
-                    self._save(apply(record, RollBack("the coordinator stopped before it ran"), time.time()))
-                    continue
-                if not committed(record) and _commit_applied(record, diff):
-                    # The commit step ran but its completion was not recorded: the operation is past its commit
-                    # point, whatever the journal says.
-                    index = next(i for i, s in enumerate(record.steps) if s.commit_point)
-                    record = self._save(apply(record, StepDone(index), time.time()))
-                if committed(record):
-                    await self._follow(record)
-                else:
-                    await self._roll_back(record, "interrupted before its commit point")
+            for record in self._unattended():
+                await self._recover(record)
+
+    async def reconcile_periodically(self, interval: float) -> None:
+        """Reconciles every `interval` seconds, and at once when a silent agent answers again; until cancelled."""
+        reconnected = self._agents.reconnected
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reconnected.wait(), interval)
+            reconnected.clear()
+            try:
+                await self.reconcile()
+            except (Exception, asyncio.CancelledError) as error:
+                if isinstance(error, asyncio.CancelledError) and _own_cancellation():
+                    raise
+                # An operation this pass could not handle must not end recovery for good: the next pass tries again.
+                log.exception("reconciling failed; the next pass tries again")
+
+    def _unattended(self) -> list[OperationRecord]:
+        return [record for record in self._journal.unfinished() if record.id not in self._runs]
+
+    async def _recover(self, record: OperationRecord) -> None:
+        """Decides one unattended operation from a fresh observation: forward past its commit point, back before."""
+        if record.state is OperationState.QUEUED:
+            self._save(apply(record, RollBack("the coordinator stopped before it ran"), time.time()))
+            return
+        diff = compute_diff(await self._agents.gather(self._agent_timeout))
+        cause = "interrupted before its commit point"
+        if record.state is OperationState.PARKED:
+            if _waits_for_silent_agent(record, diff):
+                return  # it still cannot finish: it stays parked, with its reason
+            # Only a rollback whose undoing failed is parked before its commit point: it finishes with its own cause.
+            cause = record.error.partition(_UNDOING_FAILED)[0]
+            record = self._save(apply(record, Resume(), time.time()))
+        index = next_step(record)
+        if index is not None and record.steps[index].commit_point and _commit_applied(record, diff):
+            # The commit step ran but its completion was not recorded: the operation is past its commit point,
+            # whatever the journal says.
+            record = self._save(apply(record, StepDone(index), time.time()))
+        if committed(record):
+            await self._follow(record)
+        else:
+            await self._roll_back(record, cause)
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -528,9 +582,20 @@ class Operations:
         self._journal.save(record)
         return record
 
-    def _die_if_armed(self, boundary: str, index: int) -> None:
+    def _fault_at(self, boundary: str, index: int) -> None:
         if self._fault == f"{boundary}:{index}":
             os._exit(137)  # what kill -9 does, at a chosen moment
+        if self._fault == f"stop-{boundary}:{index}":
+            # Once: a frozen coordinator that the reconciler froze again at the same boundary would never finish.
+            self._fault = ""
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _own_cancellation() -> bool:
+    """Whether the running task is being cancelled. gRPC raises CancelledError too, in a task that is not, for a call
+    whose channel was closed under it: that is a failed call, not the end of the task."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class StepFailed(Exception):
@@ -593,6 +658,10 @@ def _resolve(diff: MembershipDiff, target: str, address: str) -> Member:
     return found[0]
 
 
+# What a diff reports, with no node, for a cluster-wide source that no node could read.
+_NOBODY_READ = (DiscrepancyKind.NO_LEADER, DiscrepancyKind.SOURCE_UNREADABLE)
+
+
 def _unreachable(diff: MembershipDiff, node: str) -> bool:
     return any(
         d.node == node and d.kind in (DiscrepancyKind.AGENT_UNREACHABLE, DiscrepancyKind.AGENT_UNTRUSTED)
@@ -600,14 +669,23 @@ def _unreachable(diff: MembershipDiff, node: str) -> bool:
     )
 
 
+def _waits_for_silent_agent(record: OperationRecord, diff: MembershipDiff) -> bool:
+    """True when the agent that the operation's next step (forward, or undoing) goes to did not answer."""
+    pending = [next_step(record)] if committed(record) else undo_order(record)[:1]
+    return any(index is not None and _unreachable(diff, record.steps[index].target) for index in pending)
+
+
 def _commit_applied(record: OperationRecord, diff: MembershipDiff) -> bool:
+    """Whether the diff shows the commit step's effect. A source nobody could read shows nothing: a member absent
+    from a Raft configuration that is unknown has not been removed from it."""
     commit = next((s for s in record.steps if s.commit_point), None)
     if commit is None:
         return False
+    unknown = {d.source for d in diff.discrepancies if d.kind in _NOBODY_READ and not d.node}
     match commit.action:
-        case RemoveRaftEntry(node_id=node_id, address=address):
+        case RemoveRaftEntry(node_id=node_id, address=address) if Source.RAFT_CONFIG not in unknown:
             return not any(m.node_id == node_id and m.address == address for m in diff.members)
-        case RemoveMemberRow(name=name):
+        case RemoveMemberRow(name=name) if Source.MEMBERS_TABLE not in unknown:
             return not any(m.name == name for m in diff.members)
         case EnsureRaftEntry(node_id=node_id, address=address):
             return any(m.node_id == node_id and m.address == address and m.role is not None for m in diff.members)
@@ -639,8 +717,11 @@ def _step_request(action: Action) -> agent_pb2.ApplyStepRequest:
             return agent_pb2.ApplyStepRequest(
                 ensure_raft_entry=agent_pb2.RaftEntry(node_id=node_id, address=address, role=pb.Role.ValueType(role))
             )
-        case RemoveRaftEntry(node_id=node_id, address=address):
-            return agent_pb2.ApplyStepRequest(remove_raft_entry=agent_pb2.RaftEntry(node_id=node_id, address=address))
+        case RemoveRaftEntry(node_id=node_id, address=address, role=role):
+            entry = agent_pb2.RaftEntry(node_id=node_id, address=address)
+            if role is not None:
+                entry.role = pb.Role.ValueType(role)
+            return agent_pb2.ApplyStepRequest(remove_raft_entry=entry)
         case FenceNode():
             return agent_pb2.ApplyStepRequest(fence_node=True)
         case ForgetMember() | RegisterMember():

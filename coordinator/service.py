@@ -5,6 +5,8 @@
      "journal": PATH (the operations journal, SQLite; the coordinator holds its lock),
      "cluster_id": "..." (what join tokens name the cluster by),
      "join_listen": "127.0.0.1:0" (the join listener: no client certificate, joins only),
+     "reconcile_interval": 2.0 (optional, seconds: how often the reconciler looks for unfinished operations; it
+                                also runs at start and when a silent agent answers again),
      "port_file": PATH, "join_port_file": PATH (optional: the bound ports, written once serving)}
 The servicer only parses, calls the core (or operations.py for guarded operations) and renders.
 """
@@ -12,6 +14,7 @@ The servicer only parses, calls the core (or operations.py for guarded operation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -27,6 +30,7 @@ from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 from coordinator.auth import Principal, Trust, UnionTrust, peer_fingerprint
 from coordinator.core import tokens
 from coordinator.core.diff import compute_diff
+from coordinator.core.inflight import explain_in_flight
 from coordinator.core.model import ClusterView, MembershipDiff, Severity
 from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotFound, OperationInFlight
 from coordinator.files import write_atomically
@@ -42,6 +46,7 @@ from coordinator.status import abort_with
 log = logging.getLogger("memberguard.coordinator")
 
 DEFAULT_AGENT_TIMEOUT = 1.0
+DEFAULT_RECONCILE_INTERVAL = 2.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_AGENT_TIMEOUT = 60.0
@@ -116,7 +121,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - _RESPONSE_MARGIN))
-        diff = self._diff(await self._agents.gather(timeout))
+        diff = explain_in_flight(self._diff(await self._agents.gather(timeout)), self._journal.unfinished())
         minimum = Severity(request.minimum_severity) if request.minimum_severity else None
         return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
 
@@ -227,6 +232,9 @@ def _join_service(coordinator: CoordinatorServicer) -> grpc.GenericRpcHandler[An
 
 
 async def serve(config: dict[str, Any]) -> None:
+    interval = float(config.get("reconcile_interval", DEFAULT_RECONCILE_INTERVAL))
+    if not 0 < interval < float("inf"):
+        raise ValueError(f"reconcile_interval must be a positive number of seconds, not {interval!r}")
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry(Path(config["registry"]))
     agents = Agents(identity, registry)
@@ -262,6 +270,7 @@ async def serve(config: dict[str, Any]) -> None:
     # What a crash left unfinished is finished or rolled back before the coordinator says it is up; requests that
     # arrive meanwhile queue behind it on the membership lock.
     await operations.reconcile()
+    reconciler = asyncio.create_task(operations.reconcile_periodically(interval))
     if config.get("port_file"):
         write_atomically(Path(config["port_file"]), str(port).encode())
     stop = asyncio.Event()
@@ -269,6 +278,10 @@ async def serve(config: dict[str, Any]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Cut short mid-operation, the reconciler leaves it as a crash would: journaled, for the next start.
+    reconciler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reconciler
     await joins.stop(grace=1.0)
     await server.stop(grace=1.0)
     await agents.close()

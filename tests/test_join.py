@@ -59,8 +59,12 @@ def test_a_node_joins_with_its_token_and_the_cluster_stays_consistent(
         assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3", "n4"]
         assert list(diff.nodes) == ["n1", "n2", "n3", "n4"], "the coordinator now asks n4's agent too"
         assert client.list_tokens() == [], "the token was consumed"
-        # A retried join returns the first attempt's outcome; a second use of the token is refused.
-        assert joining.join(token).id == operation.id
+        # The token is spent: joining again with it is refused and runs nothing twice.
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            joining.join(token)
+        assert again.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert _names(client) == ["n1", "n2", "n3", "n4"]
+        assert len(client.list_operations().operations) == 2, "the token's issue and the one join"
 
 
 def _forged(token: str) -> str:

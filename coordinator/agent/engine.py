@@ -73,8 +73,10 @@ class Engine:
             self._child.wait(_STOP_TIMEOUT)
             self._child = None
         else:
+            # Waited for by its state, not its command line: an exiting process loses its command line before it
+            # has stopped running.
             deadline = time.monotonic() + _STOP_TIMEOUT
-            while _is_engine(pid, Path(self._command[0]).name) and time.monotonic() < deadline:
+            while _state(pid) not in (None, b"Z", b"X") and time.monotonic() < deadline:
                 time.sleep(0.01)
         return True
 
@@ -84,13 +86,20 @@ def write_pid_file(state_dir: Path, pid: int) -> None:
     write_atomically(state_dir / PID_FILE, f"{pid}\n".encode())
 
 
+def _state(pid: int) -> bytes | None:
+    """The process's state letter (/proc/PID/stat), or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _is_engine(pid: int, binary: str) -> bool:
     """The process lives (a zombie does not) and runs `binary`: a pid file that outlived its engine may name a
     process the pid was reused for, which must never be killed."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            state = stat.read().rsplit(b")", 1)[1].split()[0]
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return state != b"Z" and os.path.basename(command) == binary.encode()
+    return _state(pid) not in (None, b"Z", b"X") and os.path.basename(command) == binary.encode()

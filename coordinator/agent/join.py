@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import ssl
 from pathlib import Path
 
@@ -56,7 +57,8 @@ async def request_join(
 
     pins is the file of coordinator certificates the joiner's agent answers: the verified coordinator is written
     there first, so that the coordinator can reach the agent to check the joiner's key and apply its steps. The
-    request id derives from the token and name, so that a retried join returns the first attempt's outcome.
+    request id is new for every call: a join that rolled back released its token, and the same token may then join
+    again (a join that did succeed is not run twice either way: the name is a member by then).
     """
     token = tokens.decode_token(token_text)
     join_address, coordinator_pem = await verified_coordinator(token, min(timeout, 10.0))
@@ -64,7 +66,7 @@ async def request_join(
     server_name = (dns_names(coordinator_pem) or [""])[0]
     credentials = grpc.ssl_channel_credentials(root_certificates=coordinator_pem.encode())
     request = coordinator_pb2.GuardedOperationRequest(
-        request_id=f"join-{name}-{token.secret_digest[:16]}",
+        request_id=f"join-{name}-{secrets.token_hex(8)}",
         join=operation_pb2.JoinOperation(
             token=token_text,
             name=name,

@@ -88,7 +88,7 @@ def compute_diff(view: ClusterView) -> MembershipDiff:
         found += _node_findings(node, node_view, ref)
     return MembershipDiff(
         fingerprint=fingerprint(view),
-        discrepancies=tuple(sorted(found, key=_discrepancy_order)),
+        discrepancies=tuple(sorted(found, key=discrepancy_order)),
         members=tuple(sorted((joined.member for joined in ref.joined), key=_identity)),
         nodes=tuple(o.node for o in observations),
         observed_at=view.now,
@@ -911,7 +911,8 @@ def _role_name(role: Role | None) -> str:
     return "unknown" if role is None else role.name.lower().replace("_", "-")
 
 
-def _discrepancy_order(d: Discrepancy) -> tuple[int, int, str, str, str, str]:
+def discrepancy_order(d: Discrepancy) -> tuple[int, int, str, str, str, str]:
+    """The order a diff lists its discrepancies in: most severe first, then by kind, node, member and id."""
     member = d.member or Member()
     return -d.severity, d.kind, d.node, member.name, member.address, d.id
 

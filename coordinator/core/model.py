@@ -209,6 +209,8 @@ class Discrepancy:
     evidence: tuple[Evidence, ...] = ()
     remedies: tuple[Remedy, ...] = ()
     age: float | None = None
+    # The operation in flight that explains it (coordinator/core/inflight.py); "" when none does.
+    explained_by: str = ""
 
 
 @dataclass(frozen=True)

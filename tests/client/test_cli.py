@@ -84,6 +84,20 @@ def test_inconsistent_prints_a_table(lab: Lab, capsys: pytest.CaptureFixture[str
     assert len(lines) == 6
 
 
+def test_a_discrepancy_explained_by_an_operation_in_flight_says_which(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    diff = inconsistent_diff()
+    diff.discrepancies[0].severity = membership_pb2.SEVERITY_INFO
+    diff.discrepancies[0].explained_by_operation_id = "op-7"
+    lab.fake.behaviour = respond(diff)
+    assert main(check(lab)) == 1, "the warning still counts"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["info", "missing"]
+    assert lines[2] == "    explained by operation op-7, in flight"
+    assert lines[3].startswith("    remedy (safe): ")
+
+
 @pytest.mark.parametrize(
     ("severity", "status"),
     [(membership_pb2.SEVERITY_INFO, 0), (membership_pb2.SEVERITY_WARNING, 1), (membership_pb2.SEVERITY_BLOCKING, 1)],

@@ -521,6 +521,7 @@ class Discrepancy(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     REMEDIES_FIELD_NUMBER: _builtins.int
     AGE_FIELD_NUMBER: _builtins.int
+    EXPLAINED_BY_OPERATION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is stable across gathers: a digest of (kind, member identity, source, node). Acknowledge it by this id."""
     kind: Global___DiscrepancyKind.ValueType
@@ -533,6 +534,11 @@ class Discrepancy(_message.Message):
     """node is the node on which the source disagrees; empty for cluster-wide sources."""
     summary: _builtins.str
     """summary is one human sentence saying what is wrong."""
+    explained_by_operation_id: _builtins.str
+    """explained_by_operation_id is the id of the operation in flight (queued or running, not parked) that changes this
+    discrepancy's member, which explains it: its severity is then INFO, whatever it would be otherwise, and its kind
+    and id are unchanged. Empty when no operation in flight explains it.
+    """
     @_builtins.property
     def member(self) -> Global___Member:
         """member is the member it is about, as far as the sources identify it; unset for cluster-wide facts (no leader)."""
@@ -562,10 +568,11 @@ class Discrepancy(_message.Message):
         evidence: _abc.Iterable[Global___Evidence] | None = ...,
         remedies: _abc.Iterable[Global___Remedy] | None = ...,
         age: _duration_pb2.Duration | None = ...,
+        explained_by_operation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "member", b"member"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "evidence", b"evidence", "id", b"id", "kind", b"kind", "member", b"member", "node", b"node", "remedies", b"remedies", "severity", b"severity", "source", b"source", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "evidence", b"evidence", "explained_by_operation_id", b"explained_by_operation_id", "id", b"id", "kind", b"kind", "member", b"member", "node", b"node", "remedies", b"remedies", "severity", b"severity", "source", b"source", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
