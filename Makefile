@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LAB ?= /tmp/memberguard-demo
 
-.PHONY: venv system go protos demo test bench clean
+.PHONY: venv system go protos demo test crash-matrix bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ protos: venv
 
 test: venv go
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The real engine's crash matrix in full: every step boundary of a join and a removal, with each of five targets
+# killed there (`make test` runs each boundary once, its target rotating); -s prints each case's outcome.
+crash-matrix: venv go
+	MEMBERGUARD_CRASH_MATRIX=full $(BIN)/pytest -q -s -p no:cacheprovider tests/test_crash_matrix_dqlite.py
 
 demo: venv
 	@set -e; \

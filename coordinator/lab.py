@@ -442,6 +442,9 @@ def down(directory: Path) -> list[int]:
     _stop([pid for pid in running if pid not in engines])
     for pid in reversed([pid for pid in engines if pid in running]):
         _stop([pid], timeout=10.0)
+    for pid, child in list(_children.items()):  # an engine its agent fenced is gone already: reap it too
+        if child.poll() is not None:
+            del _children[pid]
     return running
 
 

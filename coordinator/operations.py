@@ -428,8 +428,10 @@ class Operations:
             fence = Step(f"fence {record.member.name}", False, target=record.member.name, action=FenceNode())
             try:
                 await self._apply(record, -1, fence)
-            except StepFailed:
-                pass  # a joiner that cannot be reached is still cut off: its records are removed below
+            except StepFailed as failure:
+                # A joiner that cannot be reached is still cut off: no member trusts it once its records are removed
+                # below, so its engine, if it runs, reaches nobody. The operation says so: the node must be reset.
+                error = f"{error}; {record.member.name} was not fenced ({failure}): reset it before it comes back"
         for index in undo_order(record):
             step = record.steps[index]
             action = undo(step.action) if step.action is not None else None
