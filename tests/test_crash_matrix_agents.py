@@ -39,8 +39,8 @@ from coordinator.core.plan import Joiner, PlannedStep, plan_join, plan_removal
 from coordinator.operations import FAULT_ENV
 from tests.core.views import consistent_view
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
+from tests.settling import settled
 
-FINISHED = (o.OPERATION_STATE_SUCCEEDED, o.OPERATION_STATE_ROLLED_BACK)
 SETTLE_TIMEOUT = 20.0  # seconds for the cluster to settle once the killed agent is back
 RESTART_AFTER = 0.5  # seconds between the kill and the agent's restart
 # A joiner's agent is not gathered before it is registered, so only the periodic pass notices it is back: keep the
@@ -102,21 +102,7 @@ class Case:
         return first
 
     def settled(self, client: Client) -> membership_pb2.MembershipDiff:
-        """The diff once every operation is finished and nothing is WARNING or worse; fails after SETTLE_TIMEOUT with
-        what was left."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            operations = client.list_operations().operations
-            diff = client.check_membership(timeout=10).diff
-            loud = [d for d in diff.discrepancies if d.severity != membership_pb2.SEVERITY_INFO]
-            unfinished = [op for op in operations if op.state not in FINISHED]
-            if not (loud or unfinished):
-                return diff
-            if time.monotonic() > deadline:
-                parked = [(op.id, op.error, op.plan) for op in unfinished if op.state == o.OPERATION_STATE_PARKED]
-                assert all(error for _, error, _ in parked), "a parked operation must say why"
-                pytest.fail(f"not settled: unfinished {unfinished}, discrepancies {loud}")
-            time.sleep(0.1)
+        return settled(client, SETTLE_TIMEOUT)
 
     def finished(self, client: Client, operation_id: str) -> o.Operation:
         self.settled(client)
@@ -219,9 +205,8 @@ def test_a_join_survives_an_agent_killed_at_every_step_boundary(tmp_path: Path, 
         if operation.state == o.OPERATION_STATE_ROLLED_BACK:
             assert operation.error, "a rollback says why"
             assert _members(case.settled(client)) == ["n1", "n2", "n3"], "no trace of n4"
-            # The token was released, but a join's request id derives from its token: a retry needs a new one.
+            # The fenced joiner gets a fresh engine identity and asks again with the same token, released.
             _reset(joiner)
-            token = client.issue_token("n4", request_id="token-n4-again").token
             retried = joiner.join(token)
             case.outcome.append(f"retried: {_state(retried)}")
             assert retried.state == o.OPERATION_STATE_SUCCEEDED, retried

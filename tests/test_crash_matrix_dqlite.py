@@ -49,6 +49,7 @@ from coordinator.operations import FAULT_ENV
 from tests.core.views import consistent_view
 from tests.engines import LeaderView, engine_pid, kill_engine, leader_view, reap, restart_engine
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
+from tests.settling import settled
 
 pytestmark = pytest.mark.dqlite
 
@@ -57,7 +58,6 @@ ROLES_INTERVAL = 0.5
 RESTART_AFTER = 0.5  # seconds between the kill and the target's restart
 RECOVERY = 15.0  # seconds for the reconciler to finish what the kill left, once the target is back
 SETTLE_TIMEOUT = 2 * ROLES_INTERVAL + RECOVERY
-FINISHED = (o.OPERATION_STATE_SUCCEEDED, o.OPERATION_STATE_ROLLED_BACK)
 TARGETS = ("coordinator", "changed-agent", "via-agent", "changed-engine", "leader-engine")
 REMOVED, JOINER, STAYS = "n3", "n4", "n2"  # STAYS: a member never removed, whose certificate reads the cluster
 
@@ -229,27 +229,7 @@ class Case:
             self.outcome.append(self.last)
 
     def settled(self, client: Client) -> membership_pb2.MembershipDiff:
-        """The diff once every operation is finished and nothing is WARNING or worse; fails after SETTLE_TIMEOUT with
-        what was left."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            operations = client.list_operations().operations
-            diff = client.check_membership(timeout=10).diff
-            loud = [d for d in diff.discrepancies if d.severity != membership_pb2.SEVERITY_INFO]
-            unfinished = [op for op in operations if op.state not in FINISHED]
-            parked = [op for op in unfinished if op.state == o.OPERATION_STATE_PARKED]
-            assert all(op.error for op in parked), "a parked operation must say why"
-            for op in parked:
-                self.record(op)
-            if not (loud or unfinished):
-                return diff
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"not settled within {SETTLE_TIMEOUT:g} s (lab {self.lab.dir}): unfinished "
-                    f"{[(op.id, _state(op), op.error, op.plan) for op in unfinished]}, discrepancies "
-                    f"{[(membership_pb2.DiscrepancyKind.Name(d.kind), d.summary) for d in loud]}"
-                )
-            time.sleep(0.1)
+        return settled(client, SETTLE_TIMEOUT, parked=self.record)
 
     def finished(self, client: Client, operation_id: str) -> o.Operation:
         """The operation once everything settled (see settled), which the outcome says with the time it took."""
@@ -373,7 +353,8 @@ def test_a_join_survives_a_kill_at_every_step_boundary(tmp_path: Path, boundary:
             assert _names(case.settled(client)) == ["n1", "n2", "n3"], "no trace of n4"
             _check_leader(case, ["n1", "n2", "n3"])
             _check_cut_off(case)
-            # The token was released, but a join's request id derives from its token: a retry needs a new one.
+            # The fenced joiner gets a fresh engine identity and asks again. A new token: a coordinator the case
+            # restarted listens for joins on another port than the one the first token names.
             _reset(joiner)
             token = client.issue_token(JOINER, request_id="token-n4-again").token
             retried = joiner.join(token)

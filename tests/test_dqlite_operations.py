@@ -27,6 +27,7 @@ from coordinator.dqlite.cluster import DATABASE
 from coordinator.dqlite.nodes import client_ssl_context
 from coordinator.operations import FAULT_ENV
 from tests.restarts import start_coordinator
+from tests.settling import settled
 
 pytestmark = pytest.mark.dqlite
 
@@ -72,16 +73,8 @@ def _leader_view(lab: labs.Lab, via: str = "n1") -> tuple[str, list[NodeInfo], l
     return asyncio.run(read())
 
 
-def _settled(client: Client, *, within: float = 4 * ROLES_INTERVAL + 5) -> pb.MembershipDiff:
-    """The diff once nothing BLOCKING or WARNING is left (the engine's own lag is INFO)."""
-    deadline = time.monotonic() + within
-    while True:
-        diff = client.check_membership(timeout=10).diff
-        loud = [d for d in diff.discrepancies if d.severity != pb.SEVERITY_INFO]
-        if not loud:
-            return diff
-        assert time.monotonic() < deadline, [(pb.DiscrepancyKind.Name(d.kind), d.summary) for d in loud]
-        time.sleep(0.1)
+def _settled(client: Client) -> pb.MembershipDiff:
+    return settled(client, 4 * ROLES_INTERVAL + 5)
 
 
 def test_a_node_joins_the_real_engine_through_its_token(dqlite_lab: labs.Lab) -> None:

@@ -10,7 +10,6 @@ memberguard and run on both backends. `membership` and `force-removal` are in te
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,22 +22,14 @@ from memberguard.v1 import operation_pb2 as o
 from coordinator import lab as labs
 from coordinator.operations import FAULT_ENV
 from tests.restarts import start_coordinator
+from tests.settling import settled
 
 BACKENDS = ["local", pytest.param("dqlite", marks=pytest.mark.dqlite)]
 SETTLE = 10.0
 
 
 def _settled(client: Client) -> pb.MembershipDiff:
-    """The diff once nothing is BLOCKING or WARNING and no member is PENDING (the engine's own lag is INFO)."""
-    deadline = time.monotonic() + SETTLE
-    while True:
-        diff = client.check_membership(timeout=10).diff
-        loud = [d.summary for d in diff.discrepancies if d.severity != pb.SEVERITY_INFO]
-        pending = [m.name for m in diff.members if m.role == pb.ROLE_PENDING]
-        if not loud and not pending:
-            return diff
-        assert time.monotonic() < deadline, (loud, pending)
-        time.sleep(0.1)
+    return settled(client, SETTLE)
 
 
 @pytest.fixture(params=BACKENDS)
