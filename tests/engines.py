@@ -61,8 +61,8 @@ def restart_engine(state_dir: Path) -> Engine | None:
 
 
 def reap(engine: Engine) -> None:
-    """Kills an engine this process started, if it still runs, and waits for it. Its Engine cannot tell: `stop`
-    finds no engine once its command line is gone, which an exiting process loses before it is a zombie."""
+    """Waits for an engine this process started, killing it first if it still runs: one that its agent fenced, or a
+    case killed, would otherwise stay a zombie child of the test process."""
     child = engine._child
     if child is not None:
         child.kill()  # nothing, if it was reaped already

@@ -7,7 +7,6 @@ test waits, within two role-adjustment intervals, until the BLOCKING and WARNING
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -21,11 +20,9 @@ from memberguard.v1 import membership_pb2 as pb
 from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
-from coordinator.agent.engine import PID_FILE
-from coordinator.dqlite import NodeInfo, connect_leader
-from coordinator.dqlite.cluster import DATABASE
-from coordinator.dqlite.nodes import client_ssl_context
+from coordinator.dqlite import NodeInfo
 from coordinator.operations import FAULT_ENV
+from tests.engines import engine_pid, leader_view
 from tests.restarts import start_coordinator
 from tests.settling import settled
 
@@ -42,35 +39,18 @@ def dqlite_lab(tmp_path: Path) -> Iterator[labs.Lab]:
     labs.down(running.dir)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
+def _state_dir(lab: labs.Lab, name: str) -> Path:
+    return Path(labs.Lab.load(lab.dir).node(name)["state_dir"])  # as lab.json is now: add-node appends to it
 
 
 def _engine_pid(lab: labs.Lab, name: str) -> int | None:
-    try:
-        pid = int((Path(labs.Lab.load(lab.dir).node(name)["state_dir"]) / PID_FILE).read_text())
-    except (OSError, StopIteration):
-        return None
-    return pid if _alive(pid) else None
+    return engine_pid(_state_dir(lab, name))
 
 
 def _leader_view(lab: labs.Lab, via: str = "n1") -> tuple[str, list[NodeInfo], list[str]]:
     """(the leader's address, its configuration, the members table's names), read with a member's certificate."""
-    state = Path(labs.Lab.load(lab.dir).node(via)["state_dir"])
-
-    async def read() -> tuple[str, list[NodeInfo], list[str]]:
-        context = client_ssl_context(state / "server.crt", state / "server.key", state / "truststore")
-        addresses = [n["address"] for n in labs.Lab.load(lab.dir).document["nodes"]]
-        async with await connect_leader(addresses, timeout=10, ssl=context) as leader:
-            nodes = await leader.cluster()
-            await leader.open(DATABASE)
-            rows = await leader.query("SELECT name FROM core_cluster_members ORDER BY name")
-            return leader.address, nodes, [str(row[0]) for row in rows]
-
-    return asyncio.run(read())
+    view = leader_view([n["address"] for n in labs.Lab.load(lab.dir).document["nodes"]], _state_dir(lab, via))
+    return view.address, view.nodes, view.rows
 
 
 def _settled(client: Client) -> pb.MembershipDiff:
@@ -79,7 +59,7 @@ def _settled(client: Client) -> pb.MembershipDiff:
 
 def test_a_node_joins_the_real_engine_through_its_token(dqlite_lab: labs.Lab) -> None:
     entry = labs.add_node(dqlite_lab.dir)
-    assert entry["name"] == "n4" and _alive(entry["dqlite"]["pid"])
+    assert entry["name"] == "n4" and _engine_pid(dqlite_lab, "n4") == entry["dqlite"]["pid"]
     with Client(dqlite_lab.endpoint) as client:
         diff = _settled(client)
         assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3", "n4"]
@@ -136,9 +116,11 @@ def test_a_join_that_fails_at_its_commit_point_fences_the_joiner_and_rolls_back(
                 assert "fail" in operation.error
                 diff = _settled(client)
                 assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3"]
+                # Fenced: no engine, and nothing left that could start one joining.
+                assert engine_pid(joiner.state_dir) is None
+                assert list((joiner.state_dir / "database").iterdir()) == []
         finally:
             joiner.stop()
-        assert _engine_pid(dqlite_lab, "n4") is None
         _, nodes, rows = _leader_view(dqlite_lab)
         assert len(nodes) == 3 and rows == ["n1", "n2", "n3"]
     finally:

@@ -141,12 +141,11 @@ def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[
     if not others:
         raise CannotPlan(f"no reachable node other than {member.name or member.address} can apply the removal")
     via = others[0]
-    in_raft = member.node_id != 0 and any(
-        m.address == member.address and m.node_id == member.node_id and m.role is not Role.PENDING for m in diff.members
-    )
+    # The role the removal is decided on: the re-read right before the Raft removal checks it still holds.
     decided_role = next(
         (m.role for m in diff.members if (m.node_id, m.address) == (member.node_id, member.address)), None
     )
+    in_raft = member.node_id != 0 and decided_role not in (None, Role.PENDING)
     in_table = bool(member.name) and any(m.name == member.name for m in diff.members)
     label = member.name or f"node {member.node_id} at {member.address}"
     steps: list[PlannedStep] = []
