@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LAB ?= /tmp/memberguard-demo
 
-.PHONY: venv system go protos demo test crash-matrix bench clean
+.PHONY: venv system go microcluster protos demo test-fast test crash-matrix crash-anywhere bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,19 +16,29 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Real dqlite for the tests: Debian's go-dqlite, and Go with go-dqlite's sources to build the test node.
+# Real dqlite for the tests, from Debian: libdqlite 1.11.1 and SQLite to link the Go programs against, and
+# go-dqlite's dqlite-demo (tests/dqlite). Go itself is not Debian's: build.sh takes /usr/local/go/bin/go.
 system:
-	@if ! command -v dqlite-demo >/dev/null || ! command -v go >/dev/null \
-	    || [ ! -d /usr/share/gocode/src/github.com/canonical/go-dqlite ]; then \
+	@if ! command -v dqlite-demo >/dev/null || ! command -v pkg-config >/dev/null || ! command -v gcc >/dev/null \
+	    || [ ! -f /usr/include/dqlite.h ] || [ ! -f /usr/include/sqlite3.h ]; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    go-dqlite golang-go golang-github-canonical-go-dqlite-dev libsqlite3-dev libdqlite-dev pkg-config gcc; \
+	    go-dqlite libdqlite-dev libsqlite3-dev pkg-config gcc; \
 	fi
 
+# The Go programs, in module mode with pinned versions (coordinator/lab/go): the dqlite test node and benchmark,
+# and microcluster's own example daemon and CLI (build/bin/microd, build/bin/microctl).
 go: system
-	bash coordinator/dqlite/build-go.sh
+	bash coordinator/lab/go/build.sh
+
+microcluster: system
+	bash coordinator/lab/go/build.sh microcluster
 
 protos: venv
 	$(BIN)/python protos/generate.py
+
+# The tests that start no process (the pure core, codecs, file readers, the status table): no Go, no lab.
+test-fast: venv
+	$(BIN)/pytest -q -p no:cacheprovider -m unit
 
 test: venv go
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -37,6 +47,11 @@ test: venv go
 # killed there (`make test` runs each boundary once, its target rotating); -s prints each case's outcome.
 crash-matrix: venv go
 	MEMBERGUARD_CRASH_MATRIX=full $(BIN)/pytest -q -s -p no:cacheprovider tests/test_crash_matrix_dqlite.py
+
+# Random-kill crash tests (tests/test_crash_anywhere.py) at length: 17 trials per backend and kill target, 51 per
+# backend (`make test` runs 3, their delays rotating with the date); -s prints each trial's delay and outcome.
+crash-anywhere: venv go
+	MEMBERGUARD_CRASH_TRIALS=17 $(BIN)/pytest -q -s -p no:cacheprovider tests/test_crash_anywhere.py
 
 demo: venv
 	@set -e; \

@@ -5,6 +5,9 @@ Two layers, because grpcio cannot ask for a client certificate without verifying
   connection (`grpc.dynamic_ssl_server_credentials`), so a certificate removed from its trust cannot connect;
 - `AuthInterceptor` looks the peer's fingerprint up in the live trust on every call and checks the method
   against the peer's principal, so a removed certificate is refused on connections already open too.
+
+The interceptor also answers every handler's failures from the one error table (coordinator/status.py, `answering`):
+no handler's exception text reaches a caller.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from coordinator.errors import FieldViolation, InvalidRequest, PermissionDenied, Unauthenticated
 from coordinator.pki import Identity, fingerprint
-from coordinator.status import abort_with
+from coordinator.status import answering, answering_stream
 
 
 class Principal(enum.Enum):
@@ -128,23 +131,24 @@ def authorize(trust: Trust, rules: Rules, method: str, context: Any) -> Peer:
     return peer
 
 
-@dataclass(frozen=True)
 class _Undecodable:
     """Stands in for a request whose bytes are not the message the method takes."""
 
-    error: str
+
+_UNDECODABLE = _Undecodable()
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    # grpc.aio answers UNKNOWN when a deserializer raises; catching it here lets the caller get INVALID_ARGUMENT.
+    # grpc.aio answers UNKNOWN, and logs a traceback, when a deserializer raises; catching it here lets the caller get
+    # INVALID_ARGUMENT.
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except DecodeError as error:
-            return _Undecodable(str(error))
+        except DecodeError:
+            return _UNDECODABLE
 
     return deserialize
 
@@ -170,26 +174,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         def guard(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    authorize(trust, rules, method, context)
-                    if isinstance(request, _Undecodable):
-                        raise InvalidRequest([FieldViolation("", f"the request does not decode: {request.error}")])
-                except (Unauthenticated, PermissionDenied, InvalidRequest) as error:
-                    await abort_with(context, error)
+                authorize(trust, rules, method, context)
+                if request is _UNDECODABLE:
+                    raise InvalidRequest([FieldViolation("", "the request does not decode as the method's message")])
                 return await behaviour(request, context)
 
-            return guarded
+            return answering(guarded, method)
 
         def guard_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    authorize(trust, rules, method, context)
-                except (Unauthenticated, PermissionDenied) as error:
-                    await abort_with(context, error)
+                authorize(trust, rules, method, context)
                 async for item in behaviour(request, context):
                     yield item
 
-            return guarded
+            return answering_stream(guarded, method)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

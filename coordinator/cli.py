@@ -3,13 +3,15 @@
 Every subcommand sets `handler` (args -> exit status) on its parser; `main` only parses and dispatches. The
 commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
 `token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). `join` is the joining
-node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). The other
+node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). `journal recover`
+runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). The other
 subcommands come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
 
 Exit status (EXIT_STATUSES, also the parser's epilog): 0 success; 1 `check` found a discrepancy WARNING or worse,
 or the operation shown did not succeed; 2 a usage error (bad arguments, a request the coordinator calls invalid, a
-missing or unreadable file); 3 the coordinator cannot be reached, refuses the call, or has no such token or
-operation; 4 the guard refused the change (DirtyMembership or StaleFingerprint).
+missing or unreadable file); 3 the coordinator cannot be reached, refuses the call (a token expired, refused or in
+use included), or has no such token or operation; 4 the guard refused the change (DirtyMembership, OperationParked
+or StaleFingerprint). `_failure` says which, by the error's type: the client decodes it by the ErrorInfo reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -57,10 +60,12 @@ exit status:
   1  check found a discrepancy WARNING or worse; or the operation shown (token issue, remove,
      ops ID) rolled back, is parked, or had not finished when the command returned
   2  usage error: bad arguments, a request the coordinator calls invalid, a missing or unreadable file
-  3  the coordinator is unreachable or refuses the call (certificate, role, already exists),
-     or has no such token or operation
-  4  the guard refused the change: blocking discrepancies (DirtyMembership) or a stale
-     --fingerprint (StaleFingerprint); the violations and the current fingerprint go to stderr
+  3  the coordinator is unreachable or refuses the call (certificate, role, already exists, a token
+     expired, refused or in use, too many failed attempts, an internal error), or has no such
+     token or operation
+  4  the guard refused the change: blocking discrepancies (DirtyMembership), a parked operation
+     (OperationParked) or a stale --fingerprint (StaleFingerprint); the violations and the
+     current fingerprint go to stderr
 """
 
 # Modules that add subcommands; one that is not there (yet) is skipped.
@@ -125,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _register_token(subparsers)
     _register_remove(subparsers)
     _register_ops(subparsers)
+    _register_abandon(subparsers)
     _register_join(subparsers)
+    _register_journal(subparsers)
     for name in _COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(subparsers)
@@ -186,21 +193,43 @@ def _connected(args: argparse.Namespace) -> Iterator[memberguard.Client]:
 
 
 def _failure(exc: memberguard.MemberguardError, where: str) -> _Exit:
-    """How a failed call ends the command: 2 an invalid request, 4 the guard said no, 3 anything else."""
+    """How a failed call ends the command, by the error's type: 2 an invalid request, 4 the guard said no, 3 anything
+    else, each with a line that says what it means."""
     if isinstance(exc, memberguard.InvalidArgument):
         return _Exit(EXIT_USAGE, f"invalid request: {exc}")
     if isinstance(exc, memberguard.MembershipRefused):
         return _refusal(exc)
-    return _Exit(EXIT_COORDINATOR, f"{where}: {exc}")
+    if isinstance(exc, memberguard.TokenInUse):
+        meaning = "the token is in use: a join in flight holds it; it can be revoked once that join ends"
+    elif isinstance(exc, memberguard.TokenExpired):
+        meaning = "the token has expired: issue a new one"
+    elif isinstance(exc, memberguard.TokenRefused):
+        meaning = "the token was refused"
+    elif isinstance(exc, memberguard.TooManyAttempts):
+        meaning = f"too many failed attempts from this address: retry in {math.ceil(exc.retry_after)} s"
+    elif isinstance(exc, memberguard.Internal):
+        meaning = f"the coordinator failed unexpectedly; its log has the details under error id {exc.error_id or '-'}"
+    else:
+        return _Exit(EXIT_COORDINATOR, f"{where}: {exc}")
+    return _Exit(EXIT_COORDINATOR, f"{where}: {meaning} ({exc})")
 
 
 def _refusal(exc: memberguard.MembershipRefused) -> _Exit:
-    """The guard said no: the violations (a dirty diff has them, a stale fingerprint none) and the fresh fingerprint."""
+    """The guard said no: why (the violations: a dirty diff and parked operations have them, a stale fingerprint none)
+    and the fresh fingerprint."""
     detail: list[str] = []
-    if isinstance(exc, memberguard.DirtyMembership) and exc.violations:
+    if exc.violations:
         detail += _table(("TYPE", "SUBJECT", "DESCRIPTION"), exc.violations)
+    if isinstance(exc, memberguard.OperationParked):
+        detail += [f"finish it first; see: memberguard ops {operation_id}" for operation_id in exc.operation_ids]
+    if exc.discrepancies_left_out:
+        detail.append(f"{exc.discrepancies_left_out} more discrepancies were left out of the refusal; check lists all")
     if exc.diff is not None:
         detail.append(f"fingerprint {exc.diff.fingerprint}")
+    if isinstance(exc, memberguard.OperationParked):
+        return _Exit(
+            EXIT_REFUSED, f"the guard refused: a parked operation must be finished first ({exc})", detail=detail
+        )
     return _Exit(EXIT_REFUSED, f"the guard refused: {exc}", detail=detail)
 
 
@@ -483,6 +512,32 @@ def _step_line(step: operation_pb2.Step) -> str:
 # --- ops -------------------------------------------------------------------------------------------------------
 
 
+def _register_abandon(subparsers: _Subparsers) -> None:
+    abandon = _operation_parser(
+        subparsers,
+        "abandon",
+        help="end a parked operation, leaving what it did as it stands",
+        description="Ends a parked operation (ABANDONED), journaled with who ended it and why. One that may be past\n"
+        "its commit point needs --force and the blocking discrepancies about its member acknowledged.",
+    )
+    abandon.add_argument("id", metavar="ID", help="the parked operation")
+    abandon.add_argument("--reason", required=True, help="why, for the journal")
+    abandon.add_argument("--force", action="store_true", help="abandon it even past its commit point")
+    abandon.add_argument(
+        "--ack", action="append", default=[], metavar="ID", help="acknowledge a discrepancy about its member (repeat)"
+    )
+    abandon.set_defaults(handler=_run_abandon)
+
+
+def _run_abandon(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        operation = client.abandon_operation(
+            args.id, args.reason, force=args.force, acknowledged_discrepancy_ids=args.ack, timeout=args.timeout
+        )
+    _show(args, operation, render_operation(operation))
+    return EXIT_OK
+
+
 def _register_ops(subparsers: _Subparsers) -> None:
     ops = _operation_parser(
         subparsers,
@@ -602,6 +657,57 @@ def _run_join(args: argparse.Namespace) -> int:
         raise _usage(parser, f"cannot write {args.pins}: {exc.strerror or exc}") from None
     _show(args, operation, render_operation(operation))
     return _outcome(args, operation)
+
+
+# --- journal recover -------------------------------------------------------------------------------------------
+
+
+def _register_journal(subparsers: _Subparsers) -> None:
+    journal = subparsers.add_parser(
+        "journal",
+        help="recover the coordinator's journal (run where the coordinator runs, with it stopped)",
+        description="The coordinator's journal, offline: the coordinator must be stopped (it holds the journal).",
+    )
+    commands = journal.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+    recover = commands.add_parser(
+        "recover",
+        help="start a new journal above every agent's epoch, keeping the damaged one aside",
+        description="For a coordinator that refuses to start because its journal is missing, empty, corrupt or\n"
+        "behind what the agents have seen: learn every agent's newest epoch (asked over mutual TLS with the\n"
+        "coordinator's certificate; with --lab, read from the state directory of an agent that does not answer),\n"
+        "move the journal's files aside (never deleting one) and start a new journal above all of them, which\n"
+        "records the recovery: who, when, from what. Exit 0 recovered; 1 nothing to recover, or some agent's\n"
+        "epoch is unknown; 2 a usage error; 3 the coordinator holds the journal.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = recover.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", metavar="FILE", type=Path, help="the coordinator's configuration (JSON)")
+    where.add_argument("--lab", metavar="DIR", type=Path, help="a lab directory: its coordinator's configuration")
+    recover.add_argument(
+        "--ignore-unreachable",
+        action="store_true",
+        help="recover even if some agent's epoch is unknown (its steps are refused until it is above it)",
+    )
+    recover.set_defaults(handler=_run_journal_recover, parser=recover)
+
+
+def _run_journal_recover(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs the journal itself, and every other command starts faster without it.
+    from coordinator import journal, journal_recovery
+
+    config = args.config or args.lab / "coordinator" / "coordinator.json"
+    try:
+        recovered = journal_recovery.recover_journal(config, lab=args.lab, ignore_unreachable=args.ignore_unreachable)
+    except journal.JournalLocked as exc:
+        raise _Exit(EXIT_COORDINATOR, f"{exc}: stop the coordinator first") from None
+    except (journal.JournalHealthy, journal_recovery.EpochsUnknown) as exc:
+        raise _Exit(EXIT_NOT_SUCCEEDED, str(exc)) from None
+    except OSError as exc:
+        raise _usage(args.parser, f"cannot read {exc.filename or config}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise _usage(args.parser, f"{config} is not a coordinator configuration: {exc}") from None
+    print("\n".join(journal_recovery.describe(recovered)))
+    return EXIT_OK
 
 
 # --- rendering pieces ------------------------------------------------------------------------------------------

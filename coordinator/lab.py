@@ -1,12 +1,18 @@
 """The lab: a coordinator and N agents as real background processes on loopback, with fresh certificates,
-a consistent cluster and an operator identity; `memberguard lab up|down|add-node`.
+a consistent cluster and an operator identity; `memberguard lab up|down|add-node|restart`.
 
 DIR/lab.json is a contract other tools read (absolute paths; later backends add keys, never rename them):
     {"backend": "local",
      "coordinator": {"address", "join_address", "ca", "server_name", "pid"},
      "operator": {"cert", "key"},
      "sources": {"members_table", "raft_config"},
-     "nodes": [{"name", "address", "agent_address", "pid", "state_dir"}]}
+     "nodes": [{"name", "address", "agent_address", "pid", "state_dir", "log"}],
+     "joining": [the same, for a node whose join may still finish (optional)]}
+
+Every process binds port 0 the first time and the lab then writes the port it got into that process's configuration
+(`listen`, and the coordinator's `join_listen`), so that `restart` starts it again on the same ports: its peers know
+it by its address, and the join tokens issued so far name the coordinator's join port. An agent's pid is also kept in
+`<state_dir>/agent.pid`, so that a joiner not yet in lab.json can be restarted too.
 
 `add_node` grows a running lab by one node through a real join (a token, then the joiner's own request). Several
 may run at once: DIR/lab.lock (an exclusive flock) serializes choosing a name and an address and updating lab.json;
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, e
 from memberguard.v1 import operation_pb2
 
 from coordinator.agent.dqlite_sources import ROLES
-from coordinator.agent.engine import PID_FILE, write_pid_file
+from coordinator.agent.engine import PID_FILE, Engine, write_pid_file
 from coordinator.agent.filecache import load_yaml
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.agent.members_table import create_members_table, upsert_member
@@ -61,11 +67,14 @@ from coordinator.files import write_atomically
 from coordinator.pki import Identity, make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
 
-# Every dqlite bootstrap node has this ID (research/microcluster.md §1.3); joiners get random ones.
+# Every dqlite bootstrap node has this ID (docs/design.md, "Backends"); joiners get random ones.
 BOOTSTRAP_ID = 0x2DC171858C3155BE
 COORDINATOR_NAME = "memberguard-coordinator"
 STARTUP_TIMEOUT = 30.0
 BACKENDS = ("local", "dqlite")
+AGENT_PID_FILE = "agent.pid"
+ENGINE_SUFFIX = "-engine"
+_LOG_TAIL_LINES = 5  # of a process that exited at start, quoted in the error
 
 
 class LabError(Exception):
@@ -114,19 +123,23 @@ class Lab:
         return Endpoint.from_lab(self.dir)
 
     def pids(self) -> list[int]:
-        """Every process of the lab: the coordinator, the agents and (dqlite backend) the engines."""
-        pids = [self.document["coordinator"]["pid"]] + [n["pid"] for n in self.document["nodes"]]
+        """Every process of the lab: the coordinator, the agents (joiners' included) and (dqlite) the engines."""
+        pids = [self.document["coordinator"]["pid"]] + [n["pid"] for n in self.entries()]
         return list(dict.fromkeys(pids + self.engine_pids()))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The nodes' entries, and those of the joiners whose join may still finish."""
+        return [*self.document["nodes"], *self.document.get("joining", [])]
 
     def engine_pids(self) -> list[int]:
         """The dqlite engines' pids, as each node's engine.pid says (an agent restarts or fences its node's engine;
         the pid lab.json recorded at start is the fallback)."""
         pids = []
-        for node in self.document["nodes"]:
-            if "dqlite" in node:
-                try:
-                    pids.append(int((Path(node["state_dir"]) / PID_FILE).read_text()))
-                except (OSError, ValueError):
+        for node in self.entries():
+            try:
+                pids.append(int((Path(node["state_dir"]) / PID_FILE).read_text()))
+            except (OSError, ValueError):
+                if "dqlite" in node:
                     pids.append(node["dqlite"]["pid"])
         return pids
 
@@ -134,7 +147,7 @@ class Lab:
         return [pid for pid in self.pids() if _is_ours(pid)]
 
     def node(self, name: str) -> dict[str, Any]:
-        return next(n for n in self.document["nodes"] if n["name"] == name)
+        return next(n for n in self.entries() if n["name"] == name)
 
 
 def _is_ours(pid: int) -> bool:
@@ -161,17 +174,24 @@ def loopback_addresses(count: int) -> list[str]:
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, environment: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
+        start = output.tell()
         process = subprocess.Popen(
             [sys.executable, *args],
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
+            env={**os.environ, **environment} if environment else None,
             start_new_session=True,  # the lab outlives the command that brought it up
         )
     _children[process.pid] = process
+    _log_starts[process.pid] = start
     return process
+
+
+# Where each spawned process's output starts in its log, to quote it if the process exits at start.
+_log_starts: dict[int, int] = {}
 
 
 def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], log: Path) -> int:
@@ -180,9 +200,32 @@ def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], log: Path)
         if port_file.exists():
             return int(port_file.read_text())
         if process.poll() is not None:
-            raise LabError(f"process {process.pid} exited with {process.returncode}; see {log}")
+            raise LabError(f"process {process.pid} exited with {process.returncode}{_said(process, log)}; see {log}")
         time.sleep(0.02)
     raise LabError(f"process {process.pid} did not start within {STARTUP_TIMEOUT:g} s; see {log}")
+
+
+def _said(process: subprocess.Popen[bytes], log: Path) -> str:
+    """The last lines process wrote to its log, as a clause: a refusal to start says why there."""
+    try:
+        with log.open("rb") as output:
+            output.seek(_log_starts.get(process.pid, 0))
+            lines = output.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    tail = [line.strip() for line in lines if line.strip()][-_LOG_TAIL_LINES:]
+    return f", saying: {' / '.join(tail)}" if tail else ""
+
+
+def _write_agent_pid(state_dir: Path, pid: int) -> None:
+    write_atomically(state_dir / AGENT_PID_FILE, f"{pid}\n".encode())
+
+
+def _pin_listen(config: Path, key: str, address: str) -> None:
+    """Writes the address a process bound into its configuration, for it to bind again when it restarts."""
+    document = json.loads(config.read_text())
+    if document.get(key) != address:
+        _write_json(config, {**document, key: address})
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
@@ -362,6 +405,8 @@ def _start(
             state_dir = cluster.state_dirs[name]
             port = _wait_for_port(state_dir / "agent.port", process, log)
             address = next(member[1] for member in cluster.members if member[0] == name)
+            _pin_listen(state_dir / "agent.json", "listen", f"127.0.0.1:{port}")
+            _write_agent_pid(state_dir, process.pid)
             node_entries.append(
                 {
                     "name": name,
@@ -369,6 +414,7 @@ def _start(
                     "agent_address": f"127.0.0.1:{port}",
                     "pid": process.pid,
                     "state_dir": str(state_dir),
+                    "log": str(log),
                     **cluster.node_entries[name],
                 }
             )
@@ -400,6 +446,8 @@ def _start(
     processes.append(process)
     port = _wait_for_port(directory / "coordinator" / "coordinator.port", process, log)
     join_port = _wait_for_port(directory / "coordinator" / "join.port", process, log)
+    _pin_listen(coordinator_config, "listen", f"127.0.0.1:{port}")
+    _pin_listen(coordinator_config, "join_listen", f"127.0.0.1:{join_port}")
 
     document = {
         "backend": backend,
@@ -462,6 +510,169 @@ def _stop(pids: list[int], timeout: float = 5.0) -> None:
             child.wait()
 
 
+def _stop_if_running(pid: int, timeout: float = 5.0) -> None:
+    """Stops pid if it is a process of the lab that still runs; reaps it if this process started it."""
+    if _is_ours(pid):
+        with contextlib.suppress(ProcessLookupError):
+            _stop([pid], timeout)
+    elif (child := _children.pop(pid, None)) is not None:
+        child.wait()
+
+
+def _update_document(directory: Path, change: Any) -> dict[str, Any]:
+    """Applies change (document -> document) to lab.json as it is now, under DIR/lab.lock; the new document."""
+    with _locked(directory):
+        document = change(Lab.load(directory).document)
+        _write_json(directory / "lab.json", document)
+        return dict(document)
+
+
+# --- restarting one process in place ----------------------------------------------------------------------------
+
+
+def restart(directory: Path, target: str) -> int:
+    """Restarts one process of the running lab in directory on the same ports with the same configuration, stopping
+    it first if it runs (SIGTERM, then SIGKILL), and returns its new pid; lab.json gets it. target is `coordinator`,
+    a node's name (its agent; agents sharing its process restart with it) or `NAME-engine` (its dqlite engine).
+    The node may be a joiner that lab.json does not list yet: its directory under DIR/nodes is enough."""
+    lab = Lab.load(directory)
+    if target == "coordinator":
+        return restart_coordinator(lab).pid
+    if _state_dir(lab, target) is not None:
+        return restart_agent(lab, target).pid
+    if target.endswith(ENGINE_SUFFIX) and _state_dir(lab, target.removesuffix(ENGINE_SUFFIX)) is not None:
+        return restart_engine(lab, target.removesuffix(ENGINE_SUFFIX))
+    raise BadNodeName(
+        f"the lab has no process {target!r}: name `coordinator`, a node (NAME) or its engine (NAME-engine)"
+    )
+
+
+def restart_coordinator(
+    lab: Lab,
+    *,
+    config: Path | None = None,
+    environment: Mapping[str, str] | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Restarts the coordinator (see restart); returns once it serves, after the reconciler's first pass. config and
+    environment replace its configuration file and add to its environment, for a test that arms a fault or changes
+    a setting (its ports stay those of the lab's configuration); log replaces DIR/logs/coordinator.log."""
+    lab = Lab.load(lab.dir)
+    _stop_if_running(lab.document["coordinator"]["pid"])
+    lab_config = lab.dir / "coordinator" / "coordinator.json"
+    document = json.loads((config or lab_config).read_text())
+    for port_file in (document.get("port_file"), document.get("join_port_file")):
+        if port_file:
+            Path(port_file).unlink(missing_ok=True)
+    log = log or lab.dir / "logs" / "coordinator.log"
+    process = _spawn(["-m", "coordinator.service", str(config or lab_config)], log, environment)
+    _wait_for_port(Path(document["port_file"]), process, log)
+
+    def pid(document: dict[str, Any]) -> dict[str, Any]:
+        return {**document, "coordinator": {**document["coordinator"], "pid": process.pid}}
+
+    _update_document(lab.dir, pid)
+    return process
+
+
+def _state_dir(lab: Lab, name: str) -> Path | None:
+    """The state directory of node name: from lab.json, or a joiner's directory with its agent's configuration."""
+    for entry in lab.entries():
+        if entry["name"] == name:
+            return Path(entry["state_dir"])
+    candidate = lab.dir / "nodes" / name
+    return candidate if not tokens.dns_name_problem(name) and (candidate / "agent.json").exists() else None
+
+
+def _agent_pid(lab: Lab, name: str, state_dir: Path) -> int | None:
+    for entry in lab.entries():
+        if entry["name"] == name:
+            return int(entry["pid"])
+    try:
+        return int((state_dir / AGENT_PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def restart_agent(lab: Lab, name: str, *, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Restarts node name's agent (see restart), with the agents that share its process, on their addresses;
+    returns once every one serves. log replaces the log the lab keeps for it."""
+    lab = Lab.load(lab.dir)
+    state_dir = _state_dir(lab, name)
+    if state_dir is None:
+        raise BadNodeName(f"the lab has no node {name!r}")
+    pid = _agent_pid(lab, name, state_dir)
+    # Agents packed into one process (--agents-per-process) go down and come back together.
+    batch = [e for e in lab.entries() if pid is not None and e["pid"] == pid] or [
+        {"name": name, "state_dir": str(state_dir)}
+    ]
+    if pid is not None:
+        _stop_if_running(pid)
+    configs = []
+    for entry in batch:
+        config = Path(entry["state_dir"]) / "agent.json"
+        document = json.loads(config.read_text())
+        if document["listen"].endswith(":0") and entry.get("agent_address"):
+            _pin_listen(config, "listen", entry["agent_address"])
+        Path(document["port_file"]).unlink(missing_ok=True)
+        configs.append((config, Path(document["port_file"])))
+    log = log or Path(batch[0].get("log") or lab.dir / "logs" / f"agent-{name}.log")
+    process = _spawn(["-m", "coordinator.agent", *(str(config) for config, _ in configs)], log)
+    for _, port_file in configs:
+        _wait_for_port(port_file, process, log)
+    names = {entry["name"] for entry in batch}
+    for entry in batch:
+        _write_agent_pid(Path(entry["state_dir"]), process.pid)
+
+    def pids(document: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **document,
+            **{
+                key: [{**e, "pid": process.pid} if e["name"] in names else e for e in document[key]]
+                for key in ("nodes", "joining")
+                if key in document
+            },
+        }
+
+    _update_document(lab.dir, pids)
+    return process
+
+
+def restart_engine(lab: Lab, name: str) -> int:
+    """Restarts node name's dqlite engine (see restart) as the node's daemon would: with its agent.json's command
+    and environment, only if its data still has an identity (a fenced node's daemon starts no engine). Its pid."""
+    lab = Lab.load(lab.dir)
+    state_dir = _state_dir(lab, name)
+    if lab.document["backend"] != "dqlite" or state_dir is None:
+        raise BadNodeName(f"the lab has no engine {name}{ENGINE_SUFFIX}: engines run on the dqlite backend only")
+    settings = json.loads((state_dir / "agent.json").read_text())["dqlite"]
+    engine = Engine(
+        state_dir, Path(settings["data_dir"]), settings["engine"]["command"], settings["engine"]["environment"]
+    )
+    running = engine.pid()
+    if running is not None:
+        # SIGTERM first: the engine hands leadership over before it stops.
+        _stop_if_running(running, timeout=10.0)
+    if not (engine.data_dir / "info.yaml").exists():
+        raise LabError(
+            f"{name}'s engine was not started: {engine.data_dir} holds no info.yaml (the node was fenced; reset it "
+            "before it joins again)"
+        )
+    pid = engine.start()
+    if engine._child is not None:  # the child Engine.start made: `down` reaps it (this process may outlive it)
+        _children[pid] = engine._child
+
+    def engine_pid(document: dict[str, Any]) -> dict[str, Any]:
+        nodes = [
+            {**e, "dqlite": {**e["dqlite"], "pid": pid}} if e["name"] == name and "dqlite" in e else e
+            for e in document["nodes"]
+        ]
+        return {**document, "nodes": nodes}
+
+    _update_document(lab.dir, engine_pid)
+    return pid
+
+
 # --- growing a lab: add-node ------------------------------------------------------------------------------------
 
 JOIN_TIMEOUT = 60.0
@@ -484,9 +695,17 @@ class JoiningNode:
     address: str
     identity: Identity
     state_dir: Path
-    pid: int
+    pid: int  # its agent's when it started; `lab restart` may have replaced it since (agent_pid)
     agent_address: str
     pins: Path
+
+    @property
+    def agent_pid(self) -> int:
+        """Its agent's pid now, as `<state_dir>/agent.pid` says (`lab restart` rewrites it)."""
+        try:
+            return int((self.state_dir / AGENT_PID_FILE).read_text())
+        except (OSError, ValueError):
+            return self.pid
 
     def join(self, token: str, *, timeout: float = JOIN_TIMEOUT) -> operation_pb2.Operation:
         """Asks the coordinator the token names; the finished (or rolled back) operation. A refusal raises
@@ -510,8 +729,9 @@ class JoiningNode:
             "name": self.name,
             "address": self.address,
             "agent_address": self.agent_address,
-            "pid": self.pid,
+            "pid": self.agent_pid,
             "state_dir": str(self.state_dir),
+            "log": str(self.state_dir.parent.parent / "logs" / f"agent-{self.name}.log"),
         }
 
     def stop(self) -> None:
@@ -520,10 +740,8 @@ class JoiningNode:
             engine = int((self.state_dir / PID_FILE).read_text())
             if _is_ours(engine):
                 _stop([engine])
-        if _is_ours(self.pid):
-            _stop([self.pid])
-        elif (child := _children.pop(self.pid, None)) is not None:
-            child.wait()
+        for pid in dict.fromkeys((self.agent_pid, self.pid)):
+            _stop_if_running(pid)
 
 
 @contextlib.contextmanager
@@ -588,6 +806,8 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
     process = _spawn(["-m", "coordinator.agent", str(config)], log)
     try:
         port = _wait_for_port(state_dir / "agent.port", process, log)
+        _pin_listen(config, "listen", f"127.0.0.1:{port}")
+        _write_agent_pid(state_dir, process.pid)
     except BaseException:
         process.kill()
         process.wait()
@@ -651,14 +871,16 @@ def add_node(directory: Path, name: str | None = None, *, timeout: float = JOIN_
     """Grows the running lab in directory by one node, through a real join, and returns its lab.json entry.
 
     Starts a joining node (start_joining_node), issues its token through the public client, has it join, and on
-    success appends the node to lab.json (so that `lab down` stops its agent). Otherwise its agent is stopped and a
-    LabError says why: the operation's state and error if the join ran, the coordinator's refusal if not. A join
-    that rolled back, or was refused, leaves nothing behind (its directory and token go); one that is parked or
-    unfinished keeps its directory for a look. Safe to run several at once: see _locked.
+    success appends the node to lab.json (so that `lab down` stops its agent). Otherwise a LabError says why: the
+    operation's state and error if the join ran, the coordinator's refusal if not. A join that is over without the
+    node (refused, rolled back) leaves nothing behind: its agent stops, its directory and token go. A join that may
+    still finish (cut short by a lost coordinator or a deadline, parked, unfinished) keeps the joiner's agent
+    running, since the coordinator's recovery may need it to finish the join or to undo it, and lists it under
+    "joining" in lab.json, where `lab down` and `lab restart` find it. Safe to run several at once: see _locked.
     """
     lab = Lab.load(directory)
     joiner = start_joining_node(lab, name)
-    release = True  # nothing of the join is left: its name may be chosen again, its token may go
+    over = True  # the join cannot finish any more: nothing of it needs the joiner
     try:
         with Client(lab.endpoint) as client:
             try:
@@ -669,34 +891,52 @@ def add_node(directory: Path, name: str | None = None, *, timeout: float = JOIN_
                 raise CoordinatorFailed(f"coordinator {lab.endpoint.address}: {error}") from None
             if issued.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
                 raise LabError(f"issuing {joiner.name}'s token {_state(issued)}: {issued.error or '-'}")
+            over = False  # from here the coordinator may be running the join, whatever this call hears of it
             try:
                 operation = joiner.join(issued.token, timeout=timeout)
             except CoordinatorNotVerified as error:
+                over = True  # the joiner asked nothing of a coordinator it could not verify
                 raise CoordinatorFailed(f"{joiner.name} cannot join: {error}") from None
             except grpc.aio.AioRpcError as error:
                 # A refusal changed nothing; a join cut short (a deadline, a lost connection) may still be running.
-                release = error.code() in _REFUSALS
+                over = error.code() in _REFUSALS
                 raise CoordinatorFailed(f"{joiner.name}'s join: {error_from_rpc(error)}") from None
             if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
-                release = operation.state == operation_pb2.OPERATION_STATE_ROLLED_BACK
+                over = operation.state == operation_pb2.OPERATION_STATE_ROLLED_BACK
                 raise LabError(
                     f"the join of {joiner.name} {_state(operation)}: {operation.error or '-'} "
                     f"(memberguard ops {operation.id} --lab {lab.dir})"
                 )
-    except BaseException:
-        joiner.stop()
-        if release:
+    except BaseException as error:
+        if over:
+            joiner.stop()
             _revoke_quietly(lab, joiner.name)
             shutil.rmtree(joiner.state_dir, ignore_errors=True)
+            raise
+        _keep_joining(lab.dir, joiner)
+        if isinstance(error, LabError):
+            raise type(error)(
+                f"{error}; the join may still finish, so {joiner.name}'s agent keeps running (pid "
+                f'{joiner.agent_pid}, under "joining" in lab.json: `memberguard lab down` stops it); follow it '
+                f"with `memberguard ops --lab {lab.dir}`"
+            ) from None
         raise
     entry = joiner.entry()
     if lab.document["backend"] == "dqlite":
         pid = int((joiner.state_dir / PID_FILE).read_text())
         entry["dqlite"] = {"address": joiner.address, "data_dir": str(joiner.state_dir / "database"), "pid": pid}
-    with _locked(lab.dir):
-        document = Lab.load(lab.dir).document
-        _write_json(lab.dir / "lab.json", {**document, "nodes": [*document["nodes"], entry]})
+    _update_document(lab.dir, lambda document: {**document, "nodes": [*document["nodes"], entry]})
     return entry
+
+
+def _keep_joining(directory: Path, joiner: JoiningNode) -> None:
+    """Lists the joiner under "joining" in lab.json, replacing an earlier entry of its name."""
+
+    def joining(document: dict[str, Any]) -> dict[str, Any]:
+        kept = [e for e in document.get("joining", []) if e["name"] != joiner.name]
+        return {**document, "joining": [*kept, joiner.entry()]}
+
+    _update_document(directory, joining)
 
 
 def _revoke_quietly(lab: Lab, name: str) -> None:
@@ -710,7 +950,7 @@ def _state(operation: operation_pb2.Operation) -> str:
 
 
 def register(subparsers: Any) -> None:
-    """Adds `lab up`, `lab down` and `lab add-node` to the memberguard CLI."""
+    """Adds `lab up`, `lab down`, `lab add-node` and `lab restart` to the memberguard CLI."""
     parser = subparsers.add_parser("lab", help="bring a local lab of real processes up or down")
     commands = parser.add_subparsers(dest="lab_command", required=True)
     up_parser = commands.add_parser("up", help="start a coordinator and N agents with a consistent cluster")
@@ -727,11 +967,12 @@ def register(subparsers: Any) -> None:
     down_parser.set_defaults(handler=_run_down)
     add_parser = commands.add_parser(
         "add-node",
-        help="join one more node to a running lab (local backend); prints its name and agent address",
+        help="join one more node to a running lab; prints its name and agent address",
         description="Start a new node's agent, issue its token and have it join, as a real joiner does; on success\n"
-        "the node is in lab.json (so `lab down` stops it). Several may run at once. Exit 0 joined, 1 the join\n"
-        "rolled back or did not finish, 2 a bad --name, 3 the coordinator is unreachable or refused, 4 the\n"
-        "guard refused to issue the token.",
+        "the node is in lab.json (so `lab down` stops it). A join that may still finish (the coordinator was\n"
+        'lost mid-join, or the join is parked) keeps the joiner\'s agent running, under "joining" in lab.json.\n'
+        "Several may run at once. Exit 0 joined, 1 the join rolled back or did not finish, 2 a bad --name, 3 the\n"
+        "coordinator is unreachable or refused, 4 the guard refused to issue the token.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_parser.add_argument("--dir", required=True, type=Path, help="the lab directory")
@@ -740,6 +981,19 @@ def register(subparsers: Any) -> None:
         "--timeout", type=float, default=JOIN_TIMEOUT, metavar="S", help=f"per call (default {JOIN_TIMEOUT:g})"
     )
     add_parser.set_defaults(handler=_run_add_node)
+    restart_parser = commands.add_parser(
+        "restart",
+        help="restart one process of a running lab in place, on the same ports",
+        description="Stop the process if it runs (SIGTERM, then SIGKILL) and start it again with the same\n"
+        "configuration on the same ports; lab.json gets its new pid. TARGET is `coordinator`, a node's name\n"
+        "(its agent; a joiner whose join may still finish too) or NAME-engine (its dqlite engine, started only\n"
+        "if the node was not fenced). Exit 0 restarted, 1 it did not start (its log's last lines say why), 2 no\n"
+        "such process.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    restart_parser.add_argument("--dir", required=True, type=Path, help="the lab directory")
+    restart_parser.add_argument("target", metavar="TARGET", help="coordinator, NAME or NAME-engine")
+    restart_parser.set_defaults(handler=_run_restart)
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -766,6 +1020,16 @@ def _run_down(args: argparse.Namespace) -> int:
         print(f"memberguard: {error}", file=sys.stderr)
         return 1
     print(f"lab down in {args.dir.resolve()}: stopped {len(stopped)} processes")
+    return 0
+
+
+def _run_restart(args: argparse.Namespace) -> int:
+    try:
+        pid = restart(args.dir, args.target)
+    except LabError as error:
+        print(f"memberguard: {error}", file=sys.stderr)
+        return error.exit_status
+    print(f"{args.target} restarted: pid {pid}")
     return 0
 
 

@@ -173,6 +173,7 @@ def operation_to_proto(record: OperationRecord, token: str = "") -> operation_pb
         ),
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
+        attempts=record.attempts,
     )
 
 

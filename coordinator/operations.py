@@ -14,10 +14,10 @@ reconcile interval and as soon as a silent agent answers again (`reconcile_perio
 parked operation once, unless the agent its next step needs is still silent, and costs a single journal query when
 nothing is unfinished.
 
-MEMBERGUARD_FAULT arms a fault for the tests; unset, it does nothing. "before-step:N" or "after-step:N" makes the
-coordinator process exit at that step boundary of every operation; "stop-before-step:N" or "stop-after-step:N"
-makes it stop itself (SIGSTOP) there, the first time it gets there, so that a test can act while it is frozen and
-then continue it (SIGCONT); "fail-step:N" makes step N fail every time.
+Recovery decisions are the pure core's (coordinator/core/recovery.py): this module gathers the observation it
+needs, journals what it decides and sends the steps. Every step is journaled SENT before it is sent (write-ahead
+intent), so a step applied by an agent just before a crash is undone or confirmed, never forgotten. Fault injection
+is a hook the runner is given (coordinator/faults.py), inert unless a test arms it.
 """
 
 from __future__ import annotations
@@ -25,23 +25,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import signal
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import grpc
 from memberguard.v1 import agent_pb2, coordinator_pb2, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
 
 from coordinator import pki
-from coordinator.core import tokens
+from coordinator.core import recovery, tokens
 from coordinator.core.diff import compute_diff
 from coordinator.core.guard import Proceed, Refused, Request, Stale, decide
-from coordinator.core.model import DiscrepancyKind, Member, MembershipDiff, Source
+from coordinator.core.model import Member, MembershipDiff
 from coordinator.core.operation import (
+    Abandon,
     Audit,
     OperationKind,
     OperationRecord,
@@ -52,12 +52,13 @@ from coordinator.core.operation import (
     Start,
     Step,
     StepDone,
+    StepSent,
+    StepSkipped,
     StepUndone,
     Succeed,
     apply,
     committed,
     next_step,
-    undo_order,
 )
 from coordinator.core.plan import (
     COORDINATOR,
@@ -76,34 +77,35 @@ from coordinator.core.plan import (
     RemoveTruststoreRecord,
     plan_join,
     plan_removal,
-    undo,
 )
+from coordinator.core.recovery import Back, Forward, Wait, commit_effect, silent_agents
 from coordinator.errors import (
     AlreadyExists,
     DirtyMembership,
     FieldViolation,
     InvalidRequest,
+    JoinerNotVerified,
+    NotAbandonable,
     NotFound,
+    OperationParked,
     PermissionDenied,
     PreconditionViolation,
     StaleFingerprint,
     TokenNotAccepted,
+    quoted,
 )
+from coordinator.faults import Faults
 from coordinator.gather import Agents
 from coordinator.journal import Journal
 from coordinator.messages import diff_to_proto
-from coordinator.registry import RegisteredMember, Registry
+from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 
 log = logging.getLogger("memberguard.operations")
 
-FAULT_ENV = "MEMBERGUARD_FAULT"
 STEP_TIMEOUT = 5.0
 # After the commit point a failing step is retried this many times before the operation is parked.
 STEP_ATTEMPTS = 3
 MAX_REQUEST_ID = 128
-# Joins a rollback's cause and why undoing it failed, in a parked operation's error; a later pass that finishes the
-# rollback records the cause alone.
-_UNDOING_FAILED = "; undoing failed: "
 
 
 class DeadlinePassed(Exception):
@@ -134,6 +136,7 @@ class Operations:
         cluster_id: str,
         certificate_fingerprint: str,
         agent_timeout: float,
+        faults: Faults | None = None,
     ) -> None:
         self._journal = journal
         self._agents = agents
@@ -144,7 +147,7 @@ class Operations:
         self._agent_timeout = agent_timeout
         self._lock = asyncio.Lock()
         self._runs: dict[str, asyncio.Future[OperationRecord]] = {}  # running now, for WaitOperation
-        self._fault = os.environ.get(FAULT_ENV, "")
+        self._faults = faults or Faults()
 
     def listening_on(self, addresses: Sequence[str]) -> None:
         """Where joiners reach this coordinator (tokens carry it); known once the server is bound."""
@@ -170,7 +173,7 @@ class Operations:
                 else "joins arrive on the join listener, with their token"
             )
         kind, target = _validate(request)
-        known = self._journal.by_request_id(request.request_id)
+        known = self._retried(request)
         if known is not None:
             return Outcome(known)
         admitted: asyncio.Future[OperationRecord] = asyncio.get_running_loop().create_future()
@@ -183,10 +186,56 @@ class Operations:
                 return Outcome(self._journal.get(admitted.result().id) or admitted.result())
             raise
 
+    def _retried(self, request: coordinator_pb2.GuardedOperationRequest) -> OperationRecord | None:
+        """The operation an earlier request with this request id started, if the caller may see it. An operator may
+        see any. A joiner is a stranger until its token is verified: it gets back only its own join, and only once it
+        presents the token that join was made with (whatever became of the token since); anything else about the
+        request id is none of its business."""
+        known = self._journal.by_request_id(request.request_id)
+        if known is None or request.WhichOneof("operation") != "join":
+            return known
+        join = request.join
+        own = known.kind is OperationKind.JOIN and known.member.name == join.name
+        if own and tokens.authenticates(join.token, self._journal.token(join.name)):
+            return known
+        self._admit_joiner(join)  # a refusal for the token as such: expired, forged, for another name, ...
+        raise AlreadyExists(f"request id {quoted(request.request_id)} belongs to another operation: use a new one")
+
+    async def abandon(self, request: coordinator_pb2.AbandonOperationRequest, caller: Caller) -> OperationRecord:
+        """Ends a parked operation at an operator's request, under the membership lock, if core/recovery.py's rule
+        lets it; journaled with who ended it and why."""
+        violations = []
+        if not request.operation_id:
+            violations.append(FieldViolation("operation_id", "is required"))
+        if not request.reason.strip():
+            violations.append(FieldViolation("reason", "is required: the journal keeps why"))
+        if violations:
+            raise InvalidRequest(violations)
+        async with self._lock:
+            record = self._journal.get(request.operation_id)
+            if record is None:
+                raise NotFound(f"no operation {quoted(request.operation_id)}")
+            diff = compute_diff(await self._agents.gather(self._agent_timeout))
+            refused = recovery.abandon_violations(
+                record, diff, force=request.force, acknowledged=frozenset(request.acknowledged_discrepancy_ids)
+            )
+            if refused:
+                raise NotAbandonable(
+                    f"operation {record.id} may not be abandoned: {len(refused)} violation(s)",
+                    diff_to_proto(diff),
+                    [PreconditionViolation(v.type, v.subject, v.description) for v in refused],
+                )
+            record = self._save(apply(record, Abandon(f"abandoned by {caller.name}: {request.reason}"), time.time()))
+            held = self._journal.token(record.member.name) if record.kind is OperationKind.JOIN else None
+            if held is not None and held.state is tokens.TokenState.ACTIVE:
+                self._journal.update_token(tokens.release(held))  # so that it can be revoked, or used again
+            log.info("operation %s abandoned by %s", record.id, caller.name)
+            return record
+
     async def wait(self, operation_id: str, timeout: float | None) -> OperationRecord:
         record = self._journal.get(operation_id)
         if record is None:
-            raise NotFound(f"no operation {operation_id}")
+            raise NotFound(f"no operation {quoted(operation_id)}")
         if not record.state.finished:
             try:
                 async with asyncio.timeout(timeout):
@@ -218,7 +267,7 @@ class Operations:
             if deadline is not None and loop.time() >= deadline:
                 raise DeadlinePassed(f"request {request.request_id} waited past its deadline for the membership lock")
             # A retry that queued behind the original must not run twice.
-            known = self._journal.by_request_id(request.request_id)
+            known = self._retried(request)
             if known is not None:
                 return Outcome(known)
             # A joiner is not trusted yet: its token is checked before it learns anything about the cluster.
@@ -227,8 +276,8 @@ class Operations:
             parked = [r for r in self._journal.unfinished() if r.state is OperationState.PARKED]
             if parked:
                 # A half-done change must be finished before another starts on top of it.
-                raise DirtyMembership(
-                    f"{len(parked)} parked operation(s) must be finished first",
+                raise OperationParked(
+                    f"{len(parked)} parked operation(s) must be finished (or abandoned) first",
                     diff_to_proto(diff),
                     [PreconditionViolation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked],
                 )
@@ -345,12 +394,12 @@ class Operations:
         joining = RegisteredMember(join.name, join.agent_address, join.certificate_pem)
         node_id = await self._agents.node_id_of(joining, self._agent_timeout)
         if node_id is None:
-            raise PermissionDenied(
+            raise JoinerNotVerified(
                 f"the joiner's agent at {join.agent_address} did not answer as the holder of the certificate it"
                 " submitted, with its node's identity"
             )
         fingerprint = pki.fingerprint(join.certificate_pem)
-        reachable = {node for node in diff.nodes if not _unreachable(diff, node)}
+        reachable = set(diff.nodes) - silent_agents(diff)
         joiner = Joiner(join.name, join.address, join.certificate_pem, join.agent_address, node_id)
         try:
             plan = plan_join(diff, joiner, reachable=reachable, certificates=self._agents.certificates())
@@ -375,7 +424,7 @@ class Operations:
         audit: Audit,
         admitted: asyncio.Future[OperationRecord],
     ) -> Outcome:
-        reachable = {node for node in diff.nodes if not _unreachable(diff, node)}
+        reachable = set(diff.nodes) - silent_agents(diff)
         try:
             plan = plan_removal(diff, member, reachable=reachable)
         except CannotPlan as error:
@@ -399,61 +448,103 @@ class Operations:
         return await run
 
     async def _run(self, record: OperationRecord) -> OperationRecord:
-        """Applies the record's pending steps in order; rolls back, parks or succeeds."""
+        """Applies the record's pending steps in order, each journaled SENT before it is sent; a failure is decided
+        by the recovery core on a fresh observation: roll back, park, or go on when the commit took effect."""
         if record.state is OperationState.QUEUED:
             record = self._save(apply(record, Start(), time.time()))
         while (index := next_step(record)) is not None:
-            self._fault_at("before-step", index)
+            self._faults.at("before-step", index)
             step = record.steps[index]
+            record = self._save(apply(record, StepSent(index), time.time()))
             error = await self._apply_with_retries(record, index, step)
-            if error is not None and step.commit_point and await self._took_effect(record):
-                # Silence is not a refusal: a commit step that took effect all the same cannot be rolled back.
-                error = None
-            if error is not None:
-                if committed(record):
-                    remaining = ", ".join(s.name for s in record.steps[index:])
-                    return self._save(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
-                return await self._roll_back(record, error)
-            record = self._save(apply(record, StepDone(index), time.time()))
-            self._fault_at("after-step", index)
+            if error is None:
+                self._faults.at("applied-step", index)  # applied by its agent, not yet recorded: write-ahead intent
+                record = self._save(apply(record, StepDone(index), time.time()))
+                self._faults.at("after-step", index)
+                continue
+            if committed(record):
+                remaining = ", ".join(s.name for s in record.steps[index:])
+                return self._save(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
+            # Silence is not a refusal: the sources say whether the step took effect all the same.
+            decision = await self._decide(record, error)
+            if isinstance(decision, Forward) and decision.confirm is not None:
+                record = self._save(apply(record, StepDone(decision.confirm), time.time()))
+                continue
+            return await self._settle(record, decision)
         return self._save(apply(record, Succeed(), time.time()))
 
-    async def _took_effect(self, record: OperationRecord) -> bool:
-        return _commit_applied(record, compute_diff(await self._agents.gather(self._agent_timeout)))
+    async def _decide(self, record: OperationRecord, cause: str) -> Forward | Back | Wait:
+        """Observes the sources now (and a joiner's agent, which no gather reaches before it is registered) and asks
+        the recovery core what to do with the record."""
+        diff = compute_diff(await self._agents.gather(self._agent_timeout))
+        silent = set(silent_agents(diff))
+        if record.kind is OperationKind.JOIN and not committed(record):
+            joiner = record.member.name
+            try:
+                answered = await self._agents.node_id_of(self._target(record, joiner), self._agent_timeout) is not None
+            except StepFailed:
+                answered = False
+            if not answered:
+                silent.add(joiner)
+        return recovery.decide(record, commit=commit_effect(record, diff), silent=silent, nodes=diff.nodes, cause=cause)
 
-    async def _roll_back(self, record: OperationRecord, error: str) -> OperationRecord:
-        """Undoes the done steps, last first; a joiner is fenced before anything else, so that it cannot add itself
-        again later (the zombie of microcluster #774). An undo that fails leaves the operation parked."""
-        if record.kind is OperationKind.JOIN:
+    async def _settle(self, record: OperationRecord, decision: Forward | Back | Wait) -> OperationRecord:
+        match decision:
+            case Forward(confirm=confirm):
+                if confirm is not None:
+                    record = self._save(apply(record, StepDone(confirm), time.time()))
+                return await self._follow(record)
+            case Back():
+                return await self._roll_back(record, decision)
+            case Wait(error=error, plan=plan):
+                return self._save(apply(record, Park(error, plan), time.time()))
+
+    async def _roll_back(self, record: OperationRecord, back: Back) -> OperationRecord:
+        """Reverses what may have been applied, in the order the recovery core chose: a joiner that answers is fenced
+        first; a joiner that is gone has its trust revoked first and the steps on its own node skipped. An undo that
+        fails parks the operation: the next pass decides again, on what the sources say then."""
+        if back.fence:
             fence = Step(f"fence {record.member.name}", False, target=record.member.name, action=FenceNode())
             try:
                 await self._apply(record, -1, fence)
-            except StepFailed as failure:
-                # A joiner that cannot be reached is still cut off: no member trusts it once its records are removed
-                # below, so its engine, if it runs, reaches nobody. The operation says so: the node must be reset.
-                error = f"{error}; {record.member.name} was not fenced ({failure}): reset it before it comes back"
-        for index in undo_order(record):
-            step = record.steps[index]
-            action = undo(step.action) if step.action is not None else None
-            if action is not None:
+            except StepFailed:
+                # It went away since it answered: decided again, it is a joiner gone, whose trust is revoked first.
+                decision = await self._decide(record, back.cause)
+                if not isinstance(decision, Back) or decision.fence:
+                    return self._park_undo(record, back.cause, f"{record.member.name} could not be fenced")
+                back = decision
+        for reverse in back.undo:
+            step = record.steps[reverse.index]
+            if reverse.skipped:
+                record = self._save(apply(record, StepSkipped(reverse.index), time.time()))
+                continue
+            if reverse.action is not None:
                 try:
-                    await self._apply(record, index, replace(step, action=action))
+                    await self._apply(
+                        record, reverse.index, replace(step, target=reverse.target, action=reverse.action)
+                    )
                 except StepFailed as failure:
-                    plan = f"undo by hand: {', '.join(record.steps[i].name for i in undo_order(record))}"
-                    parked = Park(f"{error}{_UNDOING_FAILED}{failure}", plan)
-                    return self._save(apply(record, parked, time.time()))
-            record = self._save(apply(record, StepUndone(index), time.time()))
+                    return self._park_undo(record, back.cause, f"undoing '{step.name}' failed: {failure}")
+            record = self._save(apply(record, StepUndone(reverse.index), time.time()))
         if record.kind is OperationKind.JOIN:
             held = self._journal.token(record.member.name)
             if held is not None and held.state is tokens.TokenState.ACTIVE:
                 self._journal.update_token(tokens.release(held))
+        error = back.cause
+        if back.unreset:
+            error = f"{error}; {back.unreset} was not reset: reset it before it comes back"
         return self._save(apply(record, RollBack(error), time.time()))
+
+    def _park_undo(self, record: OperationRecord, cause: str, why: str) -> OperationRecord:
+        return self._save(apply(record, Park(cause, f"{why}; the reconciler retries the rollback"), time.time()))
 
     async def _apply_with_retries(self, record: OperationRecord, index: int, step: Step) -> str | None:
         attempts = STEP_ATTEMPTS if committed(record) or step.commit_point else 1
         error = ""
         for attempt in range(attempts):
             try:
+                if self._faults.fails(index):
+                    raise StepFailed("failure injected by the fault hook")
                 await self._apply(record, index, step)
                 return None
             except StepFailed as failure:
@@ -463,8 +554,6 @@ class Operations:
 
     async def _apply(self, record: OperationRecord, index: int, step: Step) -> None:
         assert step.action is not None
-        if self._fault == f"fail-step:{index}":
-            raise StepFailed("failure injected by MEMBERGUARD_FAULT")
         if step.target == COORDINATOR:
             self._apply_own(step.action)
             return
@@ -476,10 +565,19 @@ class Operations:
             if _own_cancellation():
                 raise
             raise StepFailed("the call was cancelled: its channel to the agent was closed") from error
+        except grpc.aio.AioRpcError as error:
+            # The agent's own words, not gRPC's debug string: the operation's error is read by callers.
+            raise StepFailed(f"{error.code().name}: {error.details() or 'no details'}") from error
         except Exception as error:
-            raise StepFailed(str(error)) from error
+            raise StepFailed(f"{type(error).__name__}: {error}") from error
 
     def _apply_own(self, action: Action) -> None:
+        try:
+            self._apply_own_action(action)
+        except UnreadableRegistry as error:
+            raise StepFailed(f"the registry could not be read: {error}") from error
+
+    def _apply_own_action(self, action: Action) -> None:
         match action:
             case ForgetMember(name=name):
                 self._registry.forget(name)
@@ -534,27 +632,16 @@ class Operations:
         return [record for record in self._journal.unfinished() if record.id not in self._runs]
 
     async def _recover(self, record: OperationRecord) -> None:
-        """Decides one unattended operation from a fresh observation: forward past its commit point, back before."""
-        if record.state is OperationState.QUEUED:
+        """Decides one unattended operation from a fresh observation (coordinator/core/recovery.py)."""
+        decision = await self._decide(record, record.error or recovery.INTERRUPTED)
+        if record.state is OperationState.PARKED and isinstance(decision, Wait):
+            return  # it still cannot go on: it stays parked as it is, and the journal is not written
+        if record.state is OperationState.PARKED:
+            record = self._save(apply(record, Resume(), time.time()))
+        elif record.state is OperationState.QUEUED:
             self._save(apply(record, RollBack("the coordinator stopped before it ran"), time.time()))
             return
-        diff = compute_diff(await self._agents.gather(self._agent_timeout))
-        cause = "interrupted before its commit point"
-        if record.state is OperationState.PARKED:
-            if _waits_for_silent_agent(record, diff):
-                return  # it still cannot finish: it stays parked, with its reason
-            # Only a rollback whose undoing failed is parked before its commit point: it finishes with its own cause.
-            cause = record.error.partition(_UNDOING_FAILED)[0]
-            record = self._save(apply(record, Resume(), time.time()))
-        index = next_step(record)
-        if index is not None and record.steps[index].commit_point and _commit_applied(record, diff):
-            # The commit step ran but its completion was not recorded: the operation is past its commit point,
-            # whatever the journal says.
-            record = self._save(apply(record, StepDone(index), time.time()))
-        if committed(record):
-            await self._follow(record)
-        else:
-            await self._roll_back(record, cause)
+        await self._settle(record, decision)
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -583,14 +670,6 @@ class Operations:
     def _save(self, record: OperationRecord) -> OperationRecord:
         self._journal.save(record)
         return record
-
-    def _fault_at(self, boundary: str, index: int) -> None:
-        if self._fault == f"{boundary}:{index}":
-            os._exit(137)  # what kill -9 does, at a chosen moment
-        if self._fault == f"stop-{boundary}:{index}":
-            # Once: a frozen coordinator that the reconciler froze again at the same boundary would never finish.
-            self._fault = ""
-            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _own_cancellation() -> bool:
@@ -656,43 +735,8 @@ def _resolve(diff: MembershipDiff, target: str, address: str) -> Member:
     if address:
         found = [m for m in found if m.address == address]
     if not found:
-        raise NotFound(f"no member {target!r} in the members table or the Raft configuration")
+        raise NotFound(f"no member {quoted(target)} in the members table or the Raft configuration")
     return found[0]
-
-
-# What a diff reports, with no node, for a cluster-wide source that no node could read.
-_NOBODY_READ = (DiscrepancyKind.NO_LEADER, DiscrepancyKind.SOURCE_UNREADABLE)
-
-
-def _unreachable(diff: MembershipDiff, node: str) -> bool:
-    return any(
-        d.node == node and d.kind in (DiscrepancyKind.AGENT_UNREACHABLE, DiscrepancyKind.AGENT_UNTRUSTED)
-        for d in diff.discrepancies
-    )
-
-
-def _waits_for_silent_agent(record: OperationRecord, diff: MembershipDiff) -> bool:
-    """True when the agent that the operation's next step (forward, or undoing) goes to did not answer."""
-    pending = [next_step(record)] if committed(record) else undo_order(record)[:1]
-    return any(index is not None and _unreachable(diff, record.steps[index].target) for index in pending)
-
-
-def _commit_applied(record: OperationRecord, diff: MembershipDiff) -> bool:
-    """Whether the diff shows the commit step's effect. A source nobody could read shows nothing: a member absent
-    from a Raft configuration that is unknown has not been removed from it."""
-    commit = next((s for s in record.steps if s.commit_point), None)
-    if commit is None:
-        return False
-    unknown = {d.source for d in diff.discrepancies if d.kind in _NOBODY_READ and not d.node}
-    match commit.action:
-        case RemoveRaftEntry(node_id=node_id, address=address) if Source.RAFT_CONFIG not in unknown:
-            return not any(m.node_id == node_id and m.address == address for m in diff.members)
-        case RemoveMemberRow(name=name) if Source.MEMBERS_TABLE not in unknown:
-            return not any(m.name == name for m in diff.members)
-        case EnsureRaftEntry(node_id=node_id, address=address):
-            return any(m.node_id == node_id and m.address == address and m.role is not None for m in diff.members)
-        case _:
-            return False
 
 
 def _verdict(verdict: Proceed, request: coordinator_pb2.GuardedOperationRequest) -> str:

@@ -7,8 +7,12 @@
      "join_listen": "127.0.0.1:0" (the join listener: no client certificate, joins only),
      "reconcile_interval": 2.0 (optional, seconds: how often the reconciler looks for unfinished operations; it
                                 also runs at start and when a silent agent answers again),
+     "join_attempts": {"burst": 20, "per_second": 1.0} (optional: the failed token attempts a source may make on
+                                the join listener, and how fast they come back; coordinator/join_gate.py),
      "port_file": PATH, "join_port_file": PATH (optional: the bound ports, written once serving)}
-The servicer only parses, calls the core (or operations.py for guarded operations) and renders.
+The servicer only parses, calls the core (or operations.py for guarded operations) and renders; a failure is a typed
+error it raises, answered from the one error table by coordinator/status.py (`answering`, which the interceptor and the
+join listener wrap every handler in).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
 from coordinator.auth import Principal, Trust, UnionTrust, peer_fingerprint
@@ -32,16 +37,32 @@ from coordinator.core import tokens
 from coordinator.core.diff import compute_diff
 from coordinator.core.inflight import explain_in_flight
 from coordinator.core.model import ClusterView, MembershipDiff, Severity
-from coordinator.errors import FieldViolation, InvalidRequest, MemberguardError, NotFound, OperationInFlight
+from coordinator.core.throttle import Limit
+from coordinator.epochs import ask_agents
+from coordinator.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidRequest,
+    JoinerNotVerified,
+    MemberguardError,
+    NotFound,
+    PermissionDenied,
+    TokenNotAccepted,
+    TokenNotRevocable,
+    TooManyAttempts,
+    quoted,
+)
+from coordinator.faults import Faults
 from coordinator.files import write_atomically
 from coordinator.gather import Agents
-from coordinator.journal import InvalidPageToken, Journal
+from coordinator.join_gate import DEFAULT_LIMIT, JoinGate
+from coordinator.journal import InvalidPageToken, Journal, JournalDamaged
 from coordinator.messages import diff_to_proto, operation_to_proto, token_to_proto
 from coordinator.operations import Caller, DeadlinePassed, Operations
 from coordinator.pki import read_identity
-from coordinator.registry import Registry
+from coordinator.registry import Registry, UnreadableRegistry
 from coordinator.serving import start_join_listener, start_server
-from coordinator.status import abort_with
+from coordinator.status import answering
 
 log = logging.getLogger("memberguard.coordinator")
 
@@ -114,10 +135,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CheckMembership(
         self, request: coordinator_pb2.CheckMembershipRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.CheckMembershipResponse:
-        try:
-            timeout = _agent_timeout(request)
-        except MemberguardError as error:
-            await abort_with(context, error)
+        timeout = _agent_timeout(request)
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - _RESPONSE_MARGIN))
@@ -128,10 +146,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def GuardedOperation(
         self, request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GuardedOperationResponse:
+        return await self.guarded(request, context, self._caller(context), join_listener=False)
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         fingerprint = peer_fingerprint(context) or ""
         peer = self._trust.peers().get(fingerprint)
-        caller = Caller(peer.name if peer else "unknown", fingerprint)
-        return await self.guarded(request, context, caller, join_listener=False)
+        return Caller(peer.name if peer else "unknown", fingerprint)
+
+    async def AbandonOperation(
+        self, request: coordinator_pb2.AbandonOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.AbandonOperationResponse:
+        record = await self._operations.abandon(request, self._caller(context))
+        return coordinator_pb2.AbandonOperationResponse(header=self._header(), operation=operation_to_proto(record))
 
     async def guarded(
         self,
@@ -146,10 +172,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         deadline = None if remaining is None else loop.time() + max(0.0, remaining - _RESPONSE_MARGIN)
         try:
             outcome = await self._operations.submit(request, caller, deadline, join_listener=join_listener)
-        except MemberguardError as error:
-            await abort_with(context, error)
         except (TimeoutError, DeadlinePassed):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it ran")
+            raise DeadlineExceeded("the request's deadline passed before it ran") from None
         return coordinator_pb2.GuardedOperationResponse(
             header=self._header(), operation=operation_to_proto(outcome.record, outcome.token)
         )
@@ -159,7 +183,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.GetOperationResponse:
         record = self._journal.get(request.id)
         if record is None:
-            await abort_with(context, NotFound(f"no operation {request.id!r}"))
+            raise NotFound(f"no operation {quoted(request.id)}")
         return coordinator_pb2.GetOperationResponse(header=self._header(), operation=operation_to_proto(record))
 
     async def WaitOperation(
@@ -169,23 +193,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.HasField("timeout"):
             limits.append(request.timeout.ToNanoseconds() / 1e9)
         timeout = min((t for t in limits if t is not None), default=None)
-        try:
-            record = await self._operations.wait(request.id, None if timeout is None else max(0.0, timeout - 0.05))
-        except MemberguardError as error:
-            await abort_with(context, error)
+        record = await self._operations.wait(request.id, None if timeout is None else max(0.0, timeout - 0.05))
         return coordinator_pb2.WaitOperationResponse(header=self._header(), operation=operation_to_proto(record))
 
     async def ListOperations(
         self, request: coordinator_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListOperationsResponse:
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            await abort_with(
-                context, InvalidRequest([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
-            )
+            raise InvalidRequest([FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")])
         try:
             records, next_token = self._journal.page(request.page_size or DEFAULT_PAGE_SIZE, request.page_token)
         except InvalidPageToken:
-            await abort_with(context, InvalidRequest([FieldViolation("page_token", "is not a token this gave out")]))
+            raise InvalidRequest([FieldViolation("page_token", "is not a token this gave out")]) from None
         return coordinator_pb2.ListOperationsResponse(
             header=self._header(),
             operations=[operation_to_proto(record) for record in records],
@@ -204,31 +223,63 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.RevokeTokenResponse:
         record = self._journal.token(request.name)
-        if record is None or record.state is not tokens.TokenState.ACTIVE:
-            await abort_with(context, NotFound(f"no usable token for {request.name!r}"))
+        if record is None or record.state is tokens.TokenState.REVOKED:
+            raise NotFound(f"no usable token for {quoted(request.name)}")
         try:
             revoked = tokens.revoke(record)
         except tokens.TokenRefused as error:
-            await abort_with(context, OperationInFlight(str(error)))
+            # A join in flight holds it (TOKEN_IN_USE), or a finished one used it (TOKEN_CONSUMED).
+            raise TokenNotRevocable(error.message, error.reason) from None
         self._journal.update_token(revoked)
         return coordinator_pb2.RevokeTokenResponse(header=self._header(), token=token_to_proto(revoked))
 
 
-def _join_service(coordinator: CoordinatorServicer) -> grpc.GenericRpcHandler[Any, Any]:
+def _failed_attempt(error: MemberguardError) -> bool:
+    """Whether a join listener's refusal is one that fails before a valid token: garbage, a request that is not a
+    join, a refused token or a malformed field. A joiner whose token was good but whose agent did not answer, or
+    whom the guard refused, spent no attempt."""
+    if isinstance(error, JoinerNotVerified):
+        return False
+    return isinstance(error, InvalidRequest | TokenNotAccepted | PermissionDenied)
+
+
+def _join_service(coordinator: CoordinatorServicer, gate: JoinGate) -> grpc.GenericRpcHandler[Any, Any]:
     """The join listener's one method: GuardedOperation with a join, authorized by its token. Any other method is
-    UNIMPLEMENTED there."""
+    UNIMPLEMENTED there.
 
-    async def guarded(
-        request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> coordinator_pb2.GuardedOperationResponse:
-        return await coordinator.guarded(request, context, Caller("join token", ""), join_listener=True)
+    The method takes bytes and decodes them itself: garbage is INVALID_ARGUMENT, counted against its source, with no
+    traceback in the log (a deserializer that raises makes grpc answer UNKNOWN and log the exception). A source the
+    gate refuses is answered before its bytes are looked at."""
 
-    handler = grpc.unary_unary_rpc_method_handler(
-        guarded,
-        request_deserializer=coordinator_pb2.GuardedOperationRequest.FromString,
-        response_serializer=coordinator_pb2.GuardedOperationResponse.SerializeToString,
-    )
+    async def join(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            source = gate.admit(context.peer())
+        except TooManyAttempts as refusal:
+            await gate.hold(refusal)
+            raise
+        try:
+            try:
+                request = coordinator_pb2.GuardedOperationRequest.FromString(data)
+            except DecodeError:
+                raise InvalidRequest(
+                    [FieldViolation("", "the request does not decode as a GuardedOperationRequest")]
+                ) from None
+            response = await coordinator.guarded(request, context, Caller("join token", ""), join_listener=True)
+        except MemberguardError as error:
+            if _failed_attempt(error):
+                gate.failed(source)
+            raise
+        return response.SerializeToString()
+
+    handler = grpc.unary_unary_rpc_method_handler(answering(join, f"/{_SERVICE}/GuardedOperation"))
     return grpc.method_handlers_generic_handler(_SERVICE, {"GuardedOperation": handler})
+
+
+def _join_limit(config: dict[str, Any]) -> Limit:
+    settings = config.get("join_attempts")
+    if settings is None:
+        return DEFAULT_LIMIT
+    return Limit(burst=int(settings["burst"]), per_second=float(settings["per_second"]))
 
 
 async def serve(config: dict[str, Any]) -> None:
@@ -236,9 +287,12 @@ async def serve(config: dict[str, Any]) -> None:
     if not 0 < interval < float("inf"):
         raise ValueError(f"reconcile_interval must be a positive number of seconds, not {interval!r}")
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
-    registry = Registry(Path(config["registry"]))
+    registry = Registry.open(Path(config["registry"]))
     agents = Agents(identity, registry)
-    journal = Journal.open(Path(config["journal"]))
+    # The agents that answer are evidence of the journal's past: one that admitted an epoch the journal never reached
+    # proves the journal lost what it recorded, and opening it would start below that epoch (journal.py, `diagnose`).
+    seen = await ask_agents(identity, registry.members(), DEFAULT_AGENT_TIMEOUT)
+    journal = Journal.open(Path(config["journal"]), seen_epochs={a.name: a.epoch for a in seen if a.epoch is not None})
     trust = UnionTrust(registry, agents)
     listen = config["listen"]
     operations = Operations(
@@ -248,6 +302,7 @@ async def serve(config: dict[str, Any]) -> None:
         cluster_id=config["cluster_id"],
         certificate_fingerprint=identity.fingerprint,
         agent_timeout=DEFAULT_AGENT_TIMEOUT,
+        faults=Faults.from_environment(),
     )
     servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust)
     server, port = await start_server(
@@ -258,10 +313,11 @@ async def serve(config: dict[str, Any]) -> None:
         services=[(_SERVICE, lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s))],
     )
     join_listen = config.get("join_listen", f"{listen.rpartition(':')[0]}:0")
+    gate = JoinGate(_join_limit(config))
     joins, join_port = await start_join_listener(
         join_listen,
         identity,
-        lambda s: s.add_generic_rpc_handlers((_join_service(servicer),)),
+        lambda s: s.add_generic_rpc_handlers((_join_service(servicer, gate),)),
     )
     log.info("coordinator %s serving on port %d, joins on port %d", config["coordinator_id"], port, join_port)
     operations.listening_on([f"{join_listen.rpartition(':')[0]}:{join_port}"])
@@ -295,7 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.Formatter.converter = time.gmtime
-    asyncio.run(serve(json.loads(Path(args[0]).read_text())))
+    try:
+        asyncio.run(serve(json.loads(Path(args[0]).read_text())))
+    except UnreadableRegistry as error:
+        log.error("not starting: %s", error)
+        return 1
+    except JournalDamaged as error:
+        log.error("%s", error.refusal(args[0]))
+        return 1
     return 0
 
 

@@ -17,6 +17,9 @@ from coordinator.pki import Identity
 # Requests to memberguard servers are small; anything larger is a mistake or an attack, refused with
 # RESOURCE_EXHAUSTED before a handler sees it.
 MAX_REQUEST_BYTES = 1 << 20
+# gRPC binds with SO_REUSEPORT by default: a second process started on a fixed port (a lab restart reuses its ports)
+# would share it, and requests would reach either. A port is one server's.
+_OPTIONS = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)]
 
 
 async def start_join_listener(
@@ -25,7 +28,7 @@ async def start_join_listener(
     """The join listener: TLS with the coordinator's certificate and no client certificate, because a joiner is not
     trusted yet (grpcio cannot ask for a client certificate without requiring a trusted one). The token in the
     request authorizes it; the joiner verifies this server by the fingerprint its token pins."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    server = grpc.aio.server(options=_OPTIONS)
     add(server)
     port = server.add_secure_port(address, grpc.ssl_server_credentials([(identity.key_pem, identity.certificate_pem)]))
     if port == 0:
@@ -48,7 +51,7 @@ async def start_server(
     """
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(trust, rules)],
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        options=_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc-stubs lack health.aio
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

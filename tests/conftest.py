@@ -1,4 +1,6 @@
-"""Shared fixtures: a real lab (a coordinator and agents as processes, mutual TLS on loopback) and a client."""
+"""Shared fixtures: a real lab (a coordinator and agents as processes, mutual TLS on loopback) and a client; and the
+split of the suite into the tests that start no process (marker `unit`, `make test-fast`) and the rest (`process`:
+labs, engines, daemons, tools)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,24 @@ import pytest
 from memberguard import Client
 
 from coordinator import lab as labs
+
+# The test modules that start no process: the pure core, the codecs, the readers of files, the status table. One list,
+# so a maintainer sees at a glance what `make test-fast` covers; everything else is marked `process`.
+UNIT = (
+    "tests/core/",
+    "tests/agent/test_local_sources.py",
+    "tests/dqlite/test_wire.py",
+    "tests/dqlite/test_truststore.py",
+    "tests/test_registry.py",
+    "tests/test_status.py",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path.resolve().relative_to(ROOT).as_posix()
+        item.add_marker(pytest.mark.unit if path.startswith(UNIT) else pytest.mark.process)
 
 
 @pytest.fixture(scope="module")

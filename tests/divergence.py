@@ -1,6 +1,6 @@
 """Making a lab's sources disagree, for real, with the same writers the agents' backends use.
 
-Each function models what the real system leaves behind in one situation (research/microcluster.md §7); the
+Each function models what the real system leaves behind in one situation (docs/scenarios.md); the
 scenario tests name the situation and the discrepancies it must produce.
 """
 

@@ -1,5 +1,9 @@
-"""Running a lab's processes in processes of the test's own: its coordinator with a fault armed or restarted after a
-crash, an agent restarted after a kill; and freezing and killing them."""
+"""Restarting a lab's processes for a test, through the lab's own `restart` (coordinator/lab.py): its coordinator with
+a fault armed or a setting changed, or after a crash, an agent after a kill; and freezing and killing them.
+
+A restarted process binds the ports it had (the lab pins them in its configuration), is listed in lab.json (so that
+`lab down` stops it, whatever the test does) and is returned as a Popen for the test to stop, signal or wait for.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,30 +23,18 @@ from coordinator import lab as labs
 def start_coordinator(
     lab: labs.Lab, env: dict[str, str], settings: dict[str, Any] | None = None
 ) -> tuple[subprocess.Popen[bytes], Endpoint]:
-    """Starts the lab's coordinator configuration (the lab's own process must be stopped: it holds the journal), with
-    settings added to it, and returns once it serves — after its reconciler has run — with the endpoint of its
-    operators' listener. Its output goes to the lab's logs/coordinator-restarts.log."""
-    config = lab.dir / "coordinator" / "coordinator.json"
-    document = json.loads(config.read_text())
+    """Restarts the lab's coordinator (stopping the running one first: it holds the journal) with env added to its
+    environment and settings to its configuration, and returns once it serves — after its reconciler has run — with
+    the endpoint of its operators' listener. Its output goes to the lab's logs/coordinator-restarts.log."""
+    config = None
     if settings:
-        config = config.with_name("coordinator-test.json")
+        document = json.loads((lab.dir / "coordinator" / "coordinator.json").read_text())
+        config = lab.dir / "coordinator" / "coordinator-test.json"
         config.write_text(json.dumps({**document, **settings}))
-    port_file, join_port_file = Path(document["port_file"]), Path(document["join_port_file"])
-    port_file.unlink(missing_ok=True)
-    join_port_file.unlink(missing_ok=True)
-    with (lab.dir / "logs" / "coordinator-restarts.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.service", str(config)],
-            stdout=log,
-            stderr=log,
-            env={**os.environ, **env},
-        )
-    deadline = time.monotonic() + 30
-    while not (port_file.exists() and join_port_file.exists()):
-        assert process.poll() is None and time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
-    base = lab.endpoint
-    return process, Endpoint(f"127.0.0.1:{port_file.read_text()}", base.ca, base.server_name, base.cert, base.key)
+    process = labs.restart_coordinator(
+        lab, config=config, environment=env, log=lab.dir / "logs" / "coordinator-restarts.log"
+    )
+    return process, lab.endpoint
 
 
 def _state(pid: int) -> str:
@@ -74,25 +65,10 @@ def kill_agent(pid: int) -> None:
 
 
 def restart_agent(config: Path, agent_address: str, log: Path) -> subprocess.Popen[bytes]:
-    """Starts the agent of config again on the address it had (its coordinator knows it by that address, and the lab
-    lets the first start choose a free port); returns once it serves. The caller stops it."""
+    """Restarts the agent of config (a lab node's, a joiner's included) on the address it had, its coordinator knows
+    it by that address; returns once it serves, its output going to log. The caller stops it (or `lab down` does)."""
     document = json.loads(config.read_text())
+    assert document["listen"] == agent_address, f"{config} does not pin {agent_address}"
     state_dir = Path(document["state_dir"])
-    port_file = state_dir / "agent-restarted.port"
-    port_file.unlink(missing_ok=True)
-    restarted = state_dir / "agent-restarted.json"
-    restarted.write_text(json.dumps({**document, "listen": agent_address, "port_file": str(port_file)}))
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.agent", str(restarted)],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        assert process.poll() is None, f"the restarted agent exited; see {log}"
-        assert time.monotonic() < deadline, "the restarted agent did not start"
-        time.sleep(0.01)
-    return process
+    lab = labs.Lab.load(state_dir.parent.parent)  # a node's state directory is DIR/nodes/NAME
+    return labs.restart_agent(lab, document["name"], log=log)

@@ -45,7 +45,7 @@ from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.core.diff import compute_diff
 from coordinator.core.model import Role
 from coordinator.core.plan import Joiner, PlannedStep, plan_join, plan_removal
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from tests.core.views import consistent_view
 from tests.engines import LeaderView, engine_pid, kill_engine, leader_view, reap, restart_engine
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped

@@ -21,7 +21,7 @@ from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
 from coordinator.dqlite import NodeInfo
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from tests.engines import engine_pid, leader_view
 from tests.restarts import start_coordinator
 from tests.settling import settled

@@ -16,7 +16,7 @@ import pytest
 from memberguard import Client
 
 from coordinator import lab as labs
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 
 MEMBERGUARD = str(Path(sys.executable).parent / "memberguard")
 CONCURRENT = 10

@@ -1,4 +1,4 @@
-"""microcluster's own integration tests (example/test/main.sh, PR #515; research/microcluster.md §5), ported to
+"""microcluster's own integration tests (example/test/main.sh, PR #515; docs/scenarios.md), ported to
 memberguard and run on both backends. `membership` and `force-removal` are in tests/test_operations.py.
 
 * parallel-join: a one-member cluster, three tokens issued, three nodes joining at once: all succeed, nothing is
@@ -20,7 +20,7 @@ from memberguard.v1 import membership_pb2 as pb
 from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from tests.restarts import start_coordinator
 from tests.settling import settled
 

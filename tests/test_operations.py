@@ -1,6 +1,6 @@
 """GuardedOperation on the local backend, end to end: real lab processes, the guard, the journal, agent steps.
 
-Includes microcluster's own integration tests from PR #515 (research/microcluster.md §5), ported: membership
+Includes microcluster's own integration tests from PR #515 (docs/scenarios.md), ported: membership
 consistency and truststore force-removal, plus the crash matrix of a removal (the coordinator killed at every step
 boundary, then restarted: the reconciler finishes the removal).
 """
@@ -21,12 +21,13 @@ from memberguard import (
     InvalidArgument,
     MemberguardError,
     NotFound,
+    OperationParked,
     StaleFingerprint,
 )
 from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from tests import divergence as d
 from tests.restarts import start_coordinator
 
@@ -214,7 +215,7 @@ def test_a_parked_removal_blocks_every_mutation_until_it_is_finished(own_lab: la
             assert parked.state == o.OPERATION_STATE_PARKED
             assert "n1's truststore" in parked.plan and "failure injected" in parked.error
             assert [s.state for s in parked.steps[:2]] == [o.STEP_STATE_DONE] * 2, "past its commit point"
-            with pytest.raises(DirtyMembership) as refused:
+            with pytest.raises(OperationParked) as refused:
                 _issue(client, "n5", "token-n5")
             assert refused.value.violations[0][:2] == ("PARKED_OPERATION", parked.id)
     finally:

@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 from memberguard import Client, Endpoint
+from memberguard.errors import InvalidArgument, NotAbandonable, OperationParked
 from memberguard.v1 import membership_pb2
 from memberguard.v1 import operation_pb2 as o
 
 from coordinator import lab as labs
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
 
 # The removal of n3 from a 3-node lab: 0 leaves Raft (the commit point), 1 the row goes, 2-4 the truststores of n1,
@@ -165,3 +166,34 @@ def test_check_membership_explains_what_a_removal_in_flight_leaves_about_its_mem
             os.kill(n1["pid"], signal.SIGCONT)
         assert removal.result(30).state == o.OPERATION_STATE_SUCCEEDED
         assert list(client.check_membership(timeout=10).diff.discrepancies) == []
+
+
+def test_an_operator_abandons_a_parked_removal_only_by_force_with_its_discrepancies_acknowledged(
+    own_lab: labs.Lab,
+) -> None:
+    with _coordinator(own_lab, AFTER_ITS_ROW_IS_GONE, interval=60) as stopped, Client(stopped.endpoint) as client:
+        parked = _park_for_want_of_n3(stopped, client)
+        with pytest.raises(OperationParked):
+            client.issue_token("n5")  # a parked operation blocks every change
+        with pytest.raises(InvalidArgument):
+            client.abandon_operation(parked.id, " ")  # the journal keeps why
+        with pytest.raises(NotAbandonable) as refused:
+            client.abandon_operation(parked.id, "n3 is gone for good")
+        assert [v[0] for v in refused.value.violations] == ["PAST_COMMIT_POINT"]
+        assert client.get_operation(parked.id) == parked, "a refusal changes nothing"
+        with pytest.raises(NotAbandonable) as refused:
+            client.abandon_operation(parked.id, "n3 is gone for good", force=True)
+        about_n3 = [v[1] for v in refused.value.violations]
+        assert about_n3, "forced, it still needs the discrepancies about n3 acknowledged"
+        abandoned = client.abandon_operation(
+            parked.id, "n3 is gone for good", force=True, acknowledged_discrepancy_ids=about_n3
+        )
+        assert abandoned.state == o.OPERATION_STATE_ABANDONED
+        assert abandoned.error.startswith("abandoned by ") and "n3 is gone for good" in abandoned.error
+        assert [s.state for s in abandoned.steps] == [s.state for s in parked.steps], "what it did stays as it was"
+        with pytest.raises(NotAbandonable) as refused:
+            client.abandon_operation(parked.id, "again")
+        assert [v[0] for v in refused.value.violations] == ["NOT_PARKED"]
+        # No longer parked, it blocks nothing of its own; what it left is in the diff, for a repair or a removal.
+        assert client.get_operation(parked.id).state == o.OPERATION_STATE_ABANDONED
+        assert all(op.state != o.OPERATION_STATE_PARKED for op in client.list_operations().operations)

@@ -1,4 +1,4 @@
-"""The divergence scenarios of research/microcluster.md §7, made for real in a running lab and checked through
+"""The divergence scenarios of docs/scenarios.md, made for real in a running lab and checked through
 the coordinator: scenario → the exact discrepancies (kind, severity, source, node) it must produce.
 
 Each scenario writes the files the real system would leave behind; the coordinator learns of them only

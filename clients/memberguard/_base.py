@@ -242,19 +242,55 @@ def invalid_arguments(violations: Sequence[tuple[str, str]]) -> errors.InvalidAr
     )
 
 
+#: The ErrorInfo domain of the coordinator's reasons.
+DOMAIN = "memberguard.v1"
+
+# The coordinator's reasons (its error table, coordinator/status.py) that have a type of their own here; a TOKEN_
+# reason without one is a TokenRefused.
+_ERROR_BY_REASON: dict[str, type[errors.MemberguardError]] = {
+    "INVALID_REQUEST": errors.InvalidArgument,
+    "UNTRUSTED_CERTIFICATE": errors.Unauthenticated,
+    "ROLE_NOT_ALLOWED": errors.PermissionDenied,
+    "JOINER_NOT_VERIFIED": errors.PermissionDenied,
+    "NOT_FOUND": errors.NotFound,
+    "ALREADY_EXISTS": errors.AlreadyExists,
+    "MEMBERSHIP_INCONSISTENT": errors.DirtyMembership,
+    "OPERATION_PARKED": errors.OperationParked,
+    "NOT_ABANDONABLE": errors.NotAbandonable,
+    "FINGERPRINT_STALE": errors.StaleFingerprint,
+    "DEADLINE_PASSED": errors.DeadlineExceeded,
+    "TOO_MANY_FAILED_ATTEMPTS": errors.TooManyAttempts,
+    "INTERNAL": errors.Internal,
+    "TOKEN_EXPIRED": errors.TokenExpired,
+    "TOKEN_IN_USE": errors.TokenInUse,
+}
+
+# When the status carries no reason this client knows (another domain, an older or newer coordinator, a proxy).
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[errors.MemberguardError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.DirtyMembership,
-    grpc.StatusCode.ABORTED: errors.StaleFingerprint,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.ABORTED: errors.Aborted,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
     grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.INTERNAL: errors.Internal,
 }
+
+
+def error_type(code: grpc.StatusCode, reason: str, domain: str) -> type[errors.MemberguardError]:
+    """The type a failed call raises: by the coordinator's ErrorInfo reason, else by the status code."""
+    if domain == DOMAIN:
+        known = _ERROR_BY_REASON.get(reason)
+        if known is None and reason.startswith("TOKEN_"):
+            known = errors.TokenRefused
+        if known is not None:
+            return known
+    return _ERROR_BY_CODE.get(code, errors.MemberguardError)
 
 
 def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
@@ -268,6 +304,7 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
     error_info = error_details_pb2.ErrorInfo()
     bad_request = error_details_pb2.BadRequest()
     precondition = error_details_pb2.PreconditionFailure()
+    retry = error_details_pb2.RetryInfo()
     diff: membership_pb2.MembershipDiff | None = None
     for detail in _rich_status(exc).details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -276,14 +313,16 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
             detail.Unpack(bad_request)
         elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
             detail.Unpack(precondition)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            detail.Unpack(retry)
         elif detail.Is(membership_pb2.MembershipDiff.DESCRIPTOR):
             diff = membership_pb2.MembershipDiff()
             detail.Unpack(diff)
 
-    error_type = _ERROR_BY_CODE.get(code, errors.MemberguardError)
+    kind = error_type(code, error_info.reason, error_info.domain)
     metadata = dict(error_info.metadata)
-    if issubclass(error_type, errors.InvalidArgument):
-        return error_type(
+    if issubclass(kind, errors.InvalidArgument):
+        return kind(
             code,
             message,
             error_info.reason,
@@ -291,8 +330,8 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
             metadata=metadata,
             diff=diff,
         )
-    if issubclass(error_type, errors.DirtyMembership):
-        return error_type(
+    if issubclass(kind, errors.MembershipRefused):
+        return kind(
             code,
             message,
             error_info.reason,
@@ -300,7 +339,10 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
             metadata=metadata,
             diff=diff,
         )
-    return error_type(code, message, error_info.reason, metadata=metadata, diff=diff)
+    if issubclass(kind, errors.TooManyAttempts):
+        delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        return kind(code, message, error_info.reason, retry_after=delay, metadata=metadata, diff=diff)
+    return kind(code, message, error_info.reason, metadata=metadata, diff=diff)
 
 
 def _rich_status(exc: grpc.RpcError) -> status_pb2.Status:

@@ -134,6 +134,25 @@ class Client(BaseClient):
         request = coordinator_pb2.RevokeTokenRequest(name=name)
         return self._call(self._coordinator.RevokeToken, request, timeout).token
 
+    def abandon_operation(
+        self,
+        operation_id: str,
+        reason: str,
+        *,
+        force: bool = False,
+        acknowledged_discrepancy_ids: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> operation_pb2.Operation:
+        """Ends a parked operation (ABANDONED); NotAbandonable when it is not parked, or may be past its commit
+        point without force and the acknowledgements."""
+        request = coordinator_pb2.AbandonOperationRequest(
+            operation_id=operation_id,
+            reason=reason,
+            force=force,
+            acknowledged_discrepancy_ids=list(acknowledged_discrepancy_ids),
+        )
+        return self._call(self._coordinator.AbandonOperation, request, timeout).operation
+
     def ping(self, timeout: float = 5.0) -> None:
         """Asks the standard health service; raises Unavailable unless the coordinator is SERVING."""
         require_serving(self._call(self._health_check, health_request(), timeout))

@@ -1,6 +1,6 @@
 """The `dqlite` backend's readers: one node of a real dqlite cluster, read over the wire protocol and from its files.
 
-Which record each source is, and why they may disagree (research/dqlite.md §3):
+Which record each source is, and why they may disagree (docs/design.md, "Backends"):
 
 * MEMBERS_TABLE and RAFT_CONFIG come from the leader: the table is only readable there, and only the leader's
   CLUSTER answer is the cluster's configuration. They share one kept connection (`_Leader`), so one agent runs

@@ -1,5 +1,5 @@
 """The `dqlite` backend's steps: rows and the Raft configuration through the leader, the truststore as files, and
-the node's own engine started to join or stopped to fence (DESIGN.md "Operations", research/dqlite.md).
+the node's own engine started to join or stopped to fence (docs/design.md, "Operations" and "Backends").
 
 Every step reads before it writes, on the leader, so that a step re-sent after a crash or a retry answers
 changed=False; a write whose outcome is unknown (leadership lost under it) fails the step, and the retry reads again.

@@ -1,11 +1,11 @@
 """A node's dqlite engine process, as its agent starts and stops it for the steps that need it.
 
 On a real node the daemon runs the engine; in memberguard's lab the engine is the Go test node
-(coordinator/dqlite/testnode), and the agent is what a join or a fence asks to start or stop it. The engine's pid is
+(coordinator/lab/go/testnode), and the agent is what a join or a fence asks to start or stop it. The engine's pid is
 kept in `<state_dir>/engine.pid`, written by whoever started it (the lab for the members it lays out, the agent for
 a joiner), so that an agent that restarted still finds the engine it must fence.
 
-go-dqlite's files in the data directory decide what a started engine does (research/dqlite.md): info.yaml is its
+go-dqlite's files in the data directory decide what a started engine does (docs/design.md, "Backends"): info.yaml is its
 identity, cluster.yaml the addresses it looks for a leader at, and the `join` flag makes it add itself to the
 configuration — retried every second until it succeeds, on every start, which is why fencing clears the flag.
 """

@@ -1,19 +1,25 @@
-"""Parsed files cached by stat identity, and the atomic write that keeps that identity honest.
+"""Parsed files cached by content, with a stat to rule a change out cheaply.
 
 An agent re-reads every source on every check; for a truststore of 100 members, parsing YAML and hashing
-certificates costs ~5 ms a read, one os.stat per file ~0.2 ms (research/performance.md). So a file is
-parsed once per (inode, mtime, size) and a hit costs one stat. Every writer in this package replaces files
-by rename, which gives each version a new inode: a rewrite cannot hide behind an unchanged mtime and size.
+certificates costs ~5 ms a read, one os.stat per file ~0.2 ms. So a file is parsed once per content and a hit
+costs one stat: the writers are not all memberguard's (microcluster, an operator, a restore), and a same-size
+rewrite that restores the mtime must not hide, so a stat rules a change out only as coordinator/watched_file.py
+says (its ctime included, once settled); otherwise the file is read and its digest compared, and only a changed
+content is parsed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import yaml
+
+from coordinator.watched_file import Stamp
 
 try:
     from yaml import CSafeLoader as _Loader
@@ -35,11 +41,16 @@ class CachedFile(Generic[T]):
     mtime: float
 
 
-_Identity = tuple[int, int, int]
+@dataclass(frozen=True, slots=True)
+class _Seen(Generic[T]):
+    stamp: Stamp
+    settled: bool
+    digest: bytes
+    file: CachedFile[T]
 
 
 class FileCache(Generic[T]):
-    """Maps a path to its parsed content, re-parsing only when the file's stat identity changes.
+    """Maps a path to its parsed content, re-parsing only when the file's content changes.
 
     `parse(path, data)` returns the content or raises MalformedFile; it gets the path so that what it builds
     can name its entry once, at parse time, instead of on every hit.
@@ -47,26 +58,33 @@ class FileCache(Generic[T]):
 
     def __init__(self, parse: Callable[[str, bytes], T]) -> None:
         self._parse = parse
-        self._entries: dict[str, tuple[_Identity, CachedFile[T]]] = {}
+        self._entries: dict[str, _Seen[T]] = {}
 
     def load(self, path: str) -> CachedFile[T]:
         """The file's current content. Raises OSError when the file cannot be read."""
-        st = os.stat(path)
+        read_at = time.time()
+        stamp = Stamp.of(os.stat(path))
         cached = self._entries.get(path)
-        if cached is not None and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-            return cached[1]
+        if cached is not None and cached.settled and cached.stamp == stamp:
+            return cached.file
         with open(path, "rb") as handle:
-            # Key by the opened file's own stat: if the path was replaced after os.stat above, the content
-            # read here must not be cached under the older identity.
-            st = os.fstat(handle.fileno())
+            # Keep the opened file's own stamp: if the path was replaced after os.stat above, the content read here
+            # must not be kept under the older one.
+            stamp = Stamp.of(os.fstat(handle.fileno()))
             data = handle.read()
-        content: T | MalformedFile
-        try:
-            content = self._parse(path, data)
-        except MalformedFile as exc:
-            content = exc.with_traceback(None)  # kept for as long as the file is: not with the parser's frames
-        entry = CachedFile(content, st.st_mtime_ns / 1e9)
-        self._entries[path] = ((st.st_ino, st.st_mtime_ns, st.st_size), entry)
+        digest = hashlib.sha256(data).digest()
+        mtime = stamp.mtime_ns / 1e9
+        if cached is not None and cached.digest == digest:
+            # The same content: the same object, so that an unchanged source yields the same report.
+            entry = cached.file if cached.file.mtime == mtime else CachedFile(cached.file.content, mtime)
+        else:
+            content: T | MalformedFile
+            try:
+                content = self._parse(path, data)
+            except MalformedFile as exc:
+                content = exc.with_traceback(None)  # kept for as long as the file is: not with the parser's frames
+            entry = CachedFile(content, mtime)
+        self._entries[path] = _Seen(stamp, stamp.settled(read_at), digest, entry)
         return entry
 
     def retain(self, paths: Collection[str]) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -46,6 +45,7 @@ from coordinator.messages import view_to_proto
 from coordinator.pki import Identity, dns_names, fingerprint, read_identity
 from coordinator.serving import start_server
 from coordinator.status import abort_with
+from coordinator.watched_file import Version, WatchedFile
 
 log = logging.getLogger("memberguard.agent")
 
@@ -59,29 +59,29 @@ _PEM_END = b"-----END CERTIFICATE-----"
 
 
 class CoordinatorPins:
-    """The coordinators this agent answers: a PEM bundle file, re-read when its stat identity changes."""
+    """The coordinators this agent answers: a PEM bundle file, re-read when its content changes (see
+    coordinator/watched_file.py)."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stat: tuple[int, int, int] | None = None
+        self._file = WatchedFile(path)
+        self._version: Version | None = None
         self._bundle = b""
         self._peers: Mapping[str, Peer] = {}
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
         with self._lock:
-            st = os.stat(self._path)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if key == self._stat:
+            version = self._file.current()
+            if version is self._version:
                 return
-            bundle = self._path.read_bytes()
+            bundle = version.data
             peers = {}
             for block in bundle.split(_PEM_END)[:-1]:
                 pem = block.strip() + b"\n" + _PEM_END + b"\n"
                 fp = fingerprint(pem)
                 names = dns_names(pem)
                 peers[fp] = Peer(Principal.COORDINATOR, names[0] if names else fp[:12], fp)
-            self._bundle, self._peers, self._stat = bundle, peers, key
+            self._bundle, self._peers, self._version = bundle, peers, version
 
     def peers(self) -> Mapping[str, Peer]:
         self._refresh()
@@ -179,9 +179,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
             built = self._built[asked] = (reports, view, hashlib.sha256(view.SerializeToString()).hexdigest())
         _, view, digest = built
+        epoch = self._seen_epoch()
         if request.known_digest == digest:
-            return agent_pb2.GetNodeViewResponse(view_digest=digest, unchanged=True)
-        return agent_pb2.GetNodeViewResponse(view=view, view_digest=digest)
+            return agent_pb2.GetNodeViewResponse(view_digest=digest, unchanged=True, epoch=epoch)
+        return agent_pb2.GetNodeViewResponse(view=view, view_digest=digest, epoch=epoch)
+
+    def _seen_epoch(self) -> int:
+        """The newest epoch admitted, for a coordinator checking its journal against it. An unreadable epoch file
+        makes the guard refuse every step; the view still answers (0), so that the node can be looked at."""
+        try:
+            return self._epochs.newest()
+        except (OSError, ValueError) as error:
+            log.warning("the epoch file in %s is unreadable: %s", self._config.state_dir, error)
+            return 0
 
     async def ApplyStep(
         self, request: agent_pb2.ApplyStepRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -11,7 +11,7 @@ Two rules hold throughout:
 - Equal facts give an equal diff. Every input order is canonicalised before it is compared or reported, so ids,
   evidence and the fingerprint do not depend on the order in which agents answered or listed their records.
 
-Scenario names (S1, S2, ...) refer to the divergence catalogue in research/microcluster.md §7.
+Scenario names (S1, S2, ...) refer to the divergence catalogue in docs/scenarios.md.
 Pure: no I/O and no clock. Time comes from ClusterView.now.
 """
 

@@ -1,6 +1,6 @@
 """The guard: may this membership operation run against this diff? ("clear the diff before mutating")
 
-`decide` takes the request, a fresh diff and the quorum input, and answers in DESIGN.md's order:
+`decide` takes the request, a fresh diff and the quorum input, and answers in this order (docs/design.md, "The guard"):
 1. a discrepancy that blocks this operation and was not acknowledged → Refused, one violation per discrepancy;
    violations of the quorum rule (quorum.py) are refused in the same verdict, so the caller sees everything at once;
 2. a fingerprint that is not the diff's → Stale (the caller re-reads and retries: its test-and-set failed);

@@ -1,4 +1,4 @@
-"""Discrepancies explained by an operation in flight (DESIGN.md, "Identity, views and the diff").
+"""Discrepancies explained by an operation in flight (docs/design.md, "Identity, views and the diff").
 
 While a join or a removal runs, the sources disagree about its member by design: a removed member's row outlives
 its Raft entry by a step, a joiner is trusted on some nodes and not yet on others. CheckMembership still reports

@@ -1,5 +1,5 @@
-"""The lifecycle of a guarded operation and of its steps, as data (DESIGN.md, "Operations" and "The journal and
-recovery").
+"""The lifecycle of a guarded operation and of its steps, as data (docs/design.md, "Operations" and "The journal
+and recovery").
 
 An operation is a journaled list of idempotent steps. `apply(record, event, now)` is the only way a record changes:
 it returns the next record or raises IllegalTransition. Everything that decides whether an event is legal lives in
@@ -7,19 +7,27 @@ this module, in two places read together: TRANSITIONS ((state, event) → state)
 look like for a transition the table allows). The rules they encode:
 
 - A record is journaled QUEUED (waiting for the membership lock) with every step PENDING; Start makes it RUNNING.
-- Steps complete in order: StepDone(i) is legal only for the first PENDING step, so DONE steps are always a prefix.
-- Once the commit-point step is DONE the operation only goes forward: RollBack and every StepUndone are illegal.
-  (DESIGN.md: roll back before the commit point, forward after it; a committed join cannot be unjoined by undoing.)
-- Before it, a rollback undoes the DONE steps in reverse order (StepUndone(i) only for the last DONE step), then
-  RollBack(error) records the outcome; RollBack is illegal while any step is still DONE. Once a step is undone the
-  operation is rolling back and StepDone is illegal. So the steps, read in order, always match DONE* UNDONE* PENDING*.
+- Write-ahead intent: a step is marked SENT (StepSent) and journaled before it is sent, so a step that an agent
+  applied but whose completion was never recorded is known to be possibly applied. Steps go forward in order:
+  StepSent(i) and StepDone(i) are legal only for the next step (the first PENDING or SENT one), so the steps, read
+  in order, match DONE* (SENT | PENDING) PENDING* while the operation goes forward.
+- Once the commit-point step is DONE the operation only goes forward: every undo and RollBack are illegal.
+  (A committed join cannot be unjoined by undoing; a SENT commit step is not committed: recovery looks at the
+  sources to tell which it was.)
+- Before it, a rollback reverses each DONE or SENT step, in the order the recovery module (core/recovery.py) chose:
+  StepUndone(i) once its undo was applied, StepSkipped(i) when its node is gone and the undo cannot be applied
+  there (the operation's error says what must be reset). Once a step is undone or skipped nothing goes forward
+  again. RollBack(error) records the outcome, and is illegal while any step is still DONE or SENT.
 - A QUEUED operation may be rolled back before it starts (its guard refused it, or its caller's deadline passed).
 - Park(error, plan) sets aside a RUNNING operation that can neither finish nor roll back now; it stays visible and
-  blocks mutations until the reconciler picks it up again with Resume, which makes it RUNNING and clears error and
-  plan (the contract: error and plan are empty unless rolled back or parked).
-- Succeed requires every step DONE. SUCCEEDED and ROLLED_BACK are final: they accept no event.
+  blocks mutations until the reconciler picks it up again with Resume (RUNNING again, its error kept as the cause,
+  its plan cleared). Each Park counts one failed attempt, so a parked operation's error never grows with retries.
+- Abandon(error) ends a PARKED operation at an operator's explicit request (whether it may is the guard's
+  business, core/guard.py): ABANDONED is final, its steps as they were.
+- Succeed requires every step DONE. SUCCEEDED, ROLLED_BACK and ABANDONED are final: they accept no event.
 - Every applied event sets updated_at to `now`, the caller's clock reading (nothing here reads a clock); a clock set
   back cannot move updated_at back, so updated_at never decreases. A step's finished_at is the same reading.
+- Errors and plans are cut to MAX_TEXT characters: whatever a failure says, a record stays small enough to quote.
 
 Pure: the journal (coordinator/journal.py) stores records; the enums carry the protobuf numbers of
 protos/memberguard/v1/operation.proto, so adapters convert by number as they do for coordinator/core/model.py.
@@ -32,8 +40,12 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from types import MappingProxyType
 
+from coordinator.core.limits import cut
 from coordinator.core.model import Member
 from coordinator.core.plan import COORDINATOR, Action
+
+# The longest error or plan a record keeps: several can be quoted in one refusal, within gRPC's metadata limit.
+MAX_TEXT = 512
 
 
 class OperationKind(IntEnum):
@@ -55,17 +67,25 @@ class OperationState(IntEnum):
     SUCCEEDED = 3
     ROLLED_BACK = 4
     PARKED = 5
+    ABANDONED = 6  # ended by an operator while parked: what it had done stays as it was
 
     @property
     def finished(self) -> bool:
         """A finished operation accepts no event; the reconciler looks only at the others."""
-        return self in (OperationState.SUCCEEDED, OperationState.ROLLED_BACK)
+        return self in (OperationState.SUCCEEDED, OperationState.ROLLED_BACK, OperationState.ABANDONED)
 
 
 class StepState(IntEnum):
     PENDING = 1
     DONE = 2
     UNDONE = 3
+    SENT = 4  # journaled as sent, its outcome not recorded: it may have been applied
+    SKIPPED = 5  # its undo could not be applied: its node is gone
+
+    @property
+    def maybe_applied(self) -> bool:
+        """What a rollback must reverse: a step done, or sent without its outcome recorded."""
+        return self in (StepState.DONE, StepState.SENT)
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,7 @@ class OperationRecord:
     epoch: int  # the journal epoch of the coordinator that last wrote it
     created_at: float
     updated_at: float
+    attempts: int = 0  # how many times it was parked: failures are counted, not appended to the error
 
     def __post_init__(self) -> None:
         # "The" commit point: with two, committed() and the rollback rule would disagree about where it is.
@@ -128,12 +149,26 @@ class Start:
 
 
 @dataclass(frozen=True)
+class StepSent:
+    """The step is about to be sent: from now on it may have been applied."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class StepDone:
     index: int
 
 
 @dataclass(frozen=True)
 class StepUndone:
+    index: int
+
+
+@dataclass(frozen=True)
+class StepSkipped:
+    """A rollback could not reverse the step: its node is gone."""
+
     index: int
 
 
@@ -166,7 +201,18 @@ class Resume:
     """The reconciler picks a parked operation up again."""
 
 
-Event = Start | StepDone | StepUndone | Succeed | RollBack | Park | Resume
+@dataclass(frozen=True)
+class Abandon:
+    """An operator ends a parked operation; error says who and why."""
+
+    error: str
+
+    def __post_init__(self) -> None:
+        if not self.error:
+            raise ValueError("an abandoned operation must say who ended it, and why")
+
+
+Event = Start | StepSent | StepDone | StepUndone | StepSkipped | Succeed | RollBack | Park | Resume | Abandon
 
 
 class IllegalTransition(Exception):
@@ -184,15 +230,28 @@ class IllegalTransition(Exception):
 
 _S = OperationState
 __ = None  # illegal: IllegalTransition
-_EVENTS: tuple[type[Event], ...] = (Start, StepDone, StepUndone, Succeed, RollBack, Park, Resume)
+_EVENTS: tuple[type[Event], ...] = (
+    Start,
+    StepSent,
+    StepDone,
+    StepUndone,
+    StepSkipped,
+    Succeed,
+    RollBack,
+    Park,
+    Resume,
+    Abandon,
+)
+_R, _P = _S.RUNNING, _S.PARKED
 # fmt: off
 _ROWS: dict[OperationState, tuple[OperationState | None, ...]] = {
-    #                Start       StepDone    StepUndone  Succeed       RollBack        Park       Resume
-    _S.QUEUED:      (_S.RUNNING, __,         __,         __,           _S.ROLLED_BACK, __,        __),
-    _S.RUNNING:     (__,         _S.RUNNING, _S.RUNNING, _S.SUCCEEDED, _S.ROLLED_BACK, _S.PARKED, __),
-    _S.PARKED:      (__,         __,         __,         __,           __,             __,        _S.RUNNING),
-    _S.SUCCEEDED:   (__,         __,         __,         __,           __,             __,        __),
-    _S.ROLLED_BACK: (__,         __,         __,         __,           __,             __,        __),
+    #               Start Sent Done Undone Skipped Succeed       RollBack        Park Resume Abandon
+    _S.QUEUED:      (_R,  __,  __,  __,    __,     __,           _S.ROLLED_BACK, __,  __,    __),
+    _S.RUNNING:     (__,  _R,  _R,  _R,    _R,     _S.SUCCEEDED, _S.ROLLED_BACK, _P,  __,    __),
+    _S.PARKED:      (__,  __,  __,  __,    __,     __,           __,             __,  _R,    _S.ABANDONED),
+    _S.SUCCEEDED:   (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
+    _S.ROLLED_BACK: (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
+    _S.ABANDONED:   (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
 }
 # fmt: on
 
@@ -216,42 +275,47 @@ def apply(record: OperationRecord, event: Event, now: float) -> OperationRecord:
     if refusal is not None:
         raise IllegalTransition(record.id, record.state, event, refusal)
     at = max(record.updated_at, now)
-    steps, error, plan = record.steps, record.error, record.plan
+    steps, error, plan, attempts = record.steps, record.error, record.plan, record.attempts
     match event:
+        case StepSent(index=index):
+            steps = _mark(steps, index, StepState.SENT, None)
         case StepDone(index=index):
             steps = _mark(steps, index, StepState.DONE, at)
         case StepUndone(index=index):
             steps = _mark(steps, index, StepState.UNDONE, at)
-        case RollBack():
-            error = event.error
+        case StepSkipped(index=index):
+            steps = _mark(steps, index, StepState.SKIPPED, at)
+        case RollBack() | Abandon():
+            error = cut(event.error, MAX_TEXT)
         case Park():
-            error, plan = event.error, event.plan
+            error, plan, attempts = cut(event.error, MAX_TEXT), cut(event.plan, MAX_TEXT), attempts + 1
         case Resume():
-            error, plan = "", ""
-    return replace(record, state=new_state, steps=steps, error=error, plan=plan, updated_at=at)
+            plan = ""
+        case Succeed():
+            error = ""  # a parked cause that was cleared; the plan stays: a removal's remainder is reported
+    return replace(record, state=new_state, steps=steps, error=error, plan=plan, attempts=attempts, updated_at=at)
 
 
 def _refusal(record: OperationRecord, event: Event) -> str | None:
     """Why the steps forbid an event the table allows in this state; None when they do not."""
     match event:
-        case StepDone(index=index) | StepUndone(index=index) if not 0 <= index < len(record.steps):
+        case StepSent(index=index) | StepDone(index=index) | StepUndone(index=index) | StepSkipped(index=index) if (
+            not 0 <= index < len(record.steps)
+        ):
             return f"there is no step {index}"
-        case StepDone(index=index):
-            if any(step.state is StepState.UNDONE for step in record.steps):
+        case StepSent(index=index) | StepDone(index=index):
+            if rolling_back(record):
                 return "it is rolling back: no step is applied any more"
             following = next_step(record)
             if following is None:
                 return "every step is done"
             if index != following:
-                return f"steps complete in order: the next one is step {following}"
-        case StepUndone(index=index):
+                return f"steps go forward in order: the next one is step {following}"
+        case StepUndone(index=index) | StepSkipped(index=index):
             if committed(record):
                 return "its commit point is done: it only goes forward"
-            order = undo_order(record)
-            if not order:
-                return "no step is done"
-            if index != order[0]:
-                return f"steps are undone in reverse order: the next one is step {order[0]}"
+            if not record.steps[index].state.maybe_applied:
+                return f"step {index} is neither done nor sent: there is nothing to undo"
         case Succeed():
             pending = [i for i, step in enumerate(record.steps) if step.state is not StepState.DONE]
             if pending:
@@ -261,11 +325,11 @@ def _refusal(record: OperationRecord, event: Event) -> str | None:
                 return "its commit point is done: it only goes forward"
             order = undo_order(record)
             if order:
-                return f"steps {order} are still done: undo them first, in that order"
+                return f"steps {order} may still be applied: undo them first"
     return None
 
 
-def _mark(steps: tuple[Step, ...], index: int, state: StepState, at: float) -> tuple[Step, ...]:
+def _mark(steps: tuple[Step, ...], index: int, state: StepState, at: float | None) -> tuple[Step, ...]:
     return (*steps[:index], replace(steps[index], state=state, finished_at=at), *steps[index + 1 :])
 
 
@@ -277,15 +341,26 @@ def committed(record: OperationRecord) -> bool:
     return any(step.commit_point and step.state is StepState.DONE for step in record.steps)
 
 
+def rolling_back(record: OperationRecord) -> bool:
+    """True once a rollback has reversed (or skipped) a step: nothing goes forward after that."""
+    return any(step.state in (StepState.UNDONE, StepState.SKIPPED) for step in record.steps)
+
+
+def commit_index(record: OperationRecord) -> int | None:
+    return next((i for i, step in enumerate(record.steps) if step.commit_point), None)
+
+
 def next_step(record: OperationRecord) -> int | None:
-    """The index of the step to apply next; None when the operation is finished, rolling back, or has none left."""
-    if record.state.finished or any(step.state is StepState.UNDONE for step in record.steps):
+    """The index of the step to apply next (the first not done: pending, or sent and unconfirmed); None when the
+    operation is finished, rolling back, or has none left."""
+    if record.state.finished or rolling_back(record):
         return None
-    return next((i for i, step in enumerate(record.steps) if step.state is StepState.PENDING), None)
+    return next((i for i, step in enumerate(record.steps) if step.state is not StepState.DONE), None)
 
 
 def undo_order(record: OperationRecord) -> list[int]:
-    """The DONE steps a rollback must undo, last first; empty once committed (nothing is undone then) or finished."""
+    """The steps a rollback must still reverse (done, or sent and maybe applied), last first; empty once committed
+    (nothing is undone then) or finished."""
     if record.state.finished or committed(record):
         return []
-    return [i for i in reversed(range(len(record.steps))) if record.steps[i].state is StepState.DONE]
+    return [i for i in reversed(range(len(record.steps))) if record.steps[i].state.maybe_applied]

@@ -4,7 +4,7 @@
 Pure: the plan is computed before anything runs and journaled whole (coordinator/journal.py); running it is the
 runner's business. Every action is idempotent, so a step re-sent after a crash is harmless.
 
-Removal (DESIGN.md "Operations"), on the local backend:
+Removal (docs/design.md, "Operations"), on the local backend:
 1. the member leaves the Raft configuration — the commit point: from here on the removal rolls forward;
 2. its members-table row goes (after Raft: a row deleted first would de-trust a live Raft member, S6);
 3. its record leaves every reachable node's truststore (an unreachable node's copy is the remainder, reported);
@@ -13,7 +13,7 @@ Removal (DESIGN.md "Operations"), on the local backend:
 A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
 the commit point.
 
-Join (DESIGN.md's stages), the same on both backends:
+Join (its stages in docs/design.md, "Operations"), the same on both backends:
 1. reserve: the row is written PENDING, every reachable member's truststore learns the joiner (whoever leads must
    trust it), and the joiner's truststore learns every member (its engine must trust whoever it joins through);
 2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point (on the

@@ -472,6 +472,17 @@ def issue(
 # --- the join check -------------------------------------------------------------------------------------------------
 
 
+def authenticates(text: str, record: TokenRecord | None) -> bool:
+    """Whether the token text is the one stored in `record` (its name and secret), whatever the record's state: a
+    joiner that retries a join after its token was consumed is still the holder of that token. Malformed text does
+    not authenticate."""
+    try:
+        token = decode_token(text)
+    except MalformedToken:
+        return False
+    return record is not None and record.name == token.name and _same(record.secret_digest, token.secret_digest)
+
+
 def check_join(
     text: str,
     *,

@@ -29,7 +29,7 @@ READY_TIMEOUT = 20.0
 # default 5 s of its hand-over looking for a leader when it is stopped.
 NODE_ARGS = ("--network-latency", "5ms", "--handover-timeout", "1s")
 
-# microcluster's members table (research/microcluster.md §1.1).
+# microcluster's members table (docs/design.md, "Backends").
 MEMBERS_TABLE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS core_cluster_members (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -1,4 +1,4 @@
-"""Running memberguard's Go dqlite test node (coordinator/dqlite/testnode) from Python, for the lab and tests.
+"""Running memberguard's Go dqlite test node (coordinator/lab/go/testnode) from Python, for the lab and tests.
 
 The node prints one line on stdout, `ready id=<ID> address=<ADDR>`, once it has joined (or bootstrapped) its
 cluster; everything else goes to stderr, which lands in a log file. SIGTERM hands leadership over, then stops.

@@ -195,7 +195,7 @@ def test_an_unreachable_coordinator_exits_3(lab: Lab, tmp_path: Path, capsys: py
             abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "operator role required",
-                error_details_pb2.ErrorInfo(reason="ROLE_NOT_ALLOWED", domain="memberguard"),
+                error_details_pb2.ErrorInfo(reason="ROLE_NOT_ALLOWED", domain="memberguard.v1"),
             ),
             "PERMISSION_DENIED [ROLE_NOT_ALLOWED]: operator role required",
         ),

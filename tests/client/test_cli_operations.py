@@ -18,7 +18,7 @@ from memberguard.v1 import coordinator_pb2, operation_pb2
 
 from coordinator import lab as labs
 from coordinator.cli import main
-from coordinator.operations import FAULT_ENV
+from coordinator.faults import ENVIRONMENT as FAULT_ENV
 
 from . import unused_address
 
@@ -250,7 +250,7 @@ def test_a_parked_removal_exits_1_with_its_plan(parking_lab: labs.Lab, capsys: p
     lines = out.splitlines()
     assert "state        parked" in lines
     assert [line for line in lines if line.startswith("error ")] == [
-        "error        remove n3 from n1's truststore: failure injected by MEMBERGUARD_FAULT"
+        "error        remove n3 from n1's truststore: failure injected by the fault hook"
     ]
     assert "  · remove n3 from n1's truststore" in lines
     assert lines[-1].startswith("plan         finish it: remove n3 from n1's truststore")

@@ -114,13 +114,14 @@ ERROR_TYPES = [
     (grpc.StatusCode.UNAUTHENTICATED, memberguard.Unauthenticated),
     (grpc.StatusCode.NOT_FOUND, memberguard.NotFound),
     (grpc.StatusCode.ALREADY_EXISTS, memberguard.AlreadyExists),
-    (grpc.StatusCode.FAILED_PRECONDITION, memberguard.DirtyMembership),
-    (grpc.StatusCode.ABORTED, memberguard.StaleFingerprint),
+    # A reason the client has no type for is decoded by its code alone: not as a refused guard.
+    (grpc.StatusCode.FAILED_PRECONDITION, memberguard.FailedPrecondition),
+    (grpc.StatusCode.ABORTED, memberguard.Aborted),
     (grpc.StatusCode.UNAVAILABLE, memberguard.Unavailable),
     (grpc.StatusCode.DEADLINE_EXCEEDED, memberguard.DeadlineExceeded),
     (grpc.StatusCode.UNIMPLEMENTED, memberguard.Unimplemented),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, memberguard.ResourceExhausted),
-    (grpc.StatusCode.INTERNAL, memberguard.MemberguardError),
+    (grpc.StatusCode.INTERNAL, memberguard.Internal),
     (grpc.StatusCode.UNKNOWN, memberguard.MemberguardError),
     (grpc.StatusCode.CANCELLED, memberguard.MemberguardError),
 ]
@@ -132,8 +133,8 @@ def test_every_status_code_becomes_its_error(
 ) -> None:
     info = error_details_pb2.ErrorInfo(reason="SOMETHING_WRONG", domain="memberguard", metadata={"member": "n3"})
     # A detail type the client does not know is skipped, not an error.
-    retry = error_details_pb2.RetryInfo()
-    lab.fake.behaviour = abort(code, f"the coordinator says {code.name}", info, retry)
+    unknown = error_details_pb2.Help()
+    lab.fake.behaviour = abort(code, f"the coordinator says {code.name}", info, unknown)
     with pytest.raises(memberguard.MemberguardError) as caught:
         call(lab.endpoint, "check_membership")
     error = caught.value
@@ -161,7 +162,7 @@ def test_invalid_argument_carries_field_violations(lab: Lab, call: Call) -> None
             error_details_pb2.BadRequest.FieldViolation(field="request_id", description="required"),
         ]
     )
-    info = error_details_pb2.ErrorInfo(reason="INVALID_REQUEST", domain="memberguard")
+    info = error_details_pb2.ErrorInfo(reason="INVALID_REQUEST", domain="memberguard.v1")
     lab.fake.behaviour = abort(grpc.StatusCode.INVALID_ARGUMENT, "2 invalid fields", bad_request, info)
     with pytest.raises(memberguard.InvalidArgument) as caught:
         call(lab.endpoint, "check_membership")
@@ -178,14 +179,14 @@ def test_dirty_membership_carries_violations_and_diff(lab: Lab, call: Call) -> N
             )
         ]
     )
-    info = error_details_pb2.ErrorInfo(reason="MEMBERSHIP_DIRTY", domain="memberguard")
+    info = error_details_pb2.ErrorInfo(reason="MEMBERSHIP_INCONSISTENT", domain="memberguard.v1")
     lab.fake.behaviour = abort(grpc.StatusCode.FAILED_PRECONDITION, "1 blocking discrepancy", info, failure, diff)
     request = coordinator_pb2.GuardedOperationRequest(request_id="r1", expected_fingerprint=diff.fingerprint)
     with pytest.raises(memberguard.MembershipRefused) as caught:
         call(lab.endpoint, "guarded_operation", request)
     error = caught.value
     assert isinstance(error, memberguard.DirtyMembership)
-    assert error.reason == "MEMBERSHIP_DIRTY"
+    assert error.reason == "MEMBERSHIP_INCONSISTENT"
     assert error.violations == [("DISCREPANCY_KIND_MISSING", diff.discrepancies[0].id, "n2 lacks n3")]
     assert error.diff == diff
     assert lab.fake.requests == [request]
@@ -193,7 +194,7 @@ def test_dirty_membership_carries_violations_and_diff(lab: Lab, call: Call) -> N
 
 def test_stale_fingerprint_carries_the_new_diff(lab: Lab, call: Call) -> None:
     diff = inconsistent_diff()
-    info = error_details_pb2.ErrorInfo(reason="FINGERPRINT_STALE", domain="memberguard")
+    info = error_details_pb2.ErrorInfo(reason="FINGERPRINT_STALE", domain="memberguard.v1")
     lab.fake.behaviour = abort(grpc.StatusCode.ABORTED, "the membership changed", info, diff)
     request = coordinator_pb2.GuardedOperationRequest(request_id="r2", expected_fingerprint="00" * 32)
     with pytest.raises(memberguard.StaleFingerprint) as caught:
@@ -325,5 +326,5 @@ def test_public_names() -> None:
     others = {"Client", "AsyncClient", "Endpoint", "error_from_rpc"}
     errors = {getattr(memberguard, n) for n in memberguard.__all__ if n not in others}
     assert all(issubclass(e, memberguard.MemberguardError) for e in errors)
-    assert len(errors) == 13
+    assert len(errors) == 22
     assert callable(memberguard.error_from_rpc)

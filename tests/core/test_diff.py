@@ -1,6 +1,6 @@
 """The diff engine on plain values: one table of divergence scenarios, then properties checked with hypothesis.
 
-Scenario names (S1, S2, ...) are those of research/microcluster.md §7. Each scenario starts from a consistent
+Scenario names (S1, S2, ...) are those of docs/scenarios.md. Each scenario starts from a consistent
 cluster (tests/core/views.py) and breaks it the way the real failure does.
 """
 

@@ -1,7 +1,7 @@
 """The guard on plain values: the policy table row by row, its fixed points as named tests, microcluster's own
 integration tests replayed on diffs, then properties checked with hypothesis.
 
-Row tests do not read POLICY: each states what a discrepancy of one kind must do to each operation (from DESIGN.md),
+Row tests do not read POLICY: each states what a discrepancy of one kind must do to each operation (docs/design.md),
 builds a diff holding just that discrepancy, and asserts decide()'s verdict.
 """
 
@@ -409,7 +409,7 @@ def test_an_explicit_quorum_input_overrides_the_diffs() -> None:
     assert refused_types(verdict) == ["QUORUM"]
 
 
-# --- microcluster's integration tests (research/microcluster.md §5), replayed on diffs -------------------------------
+# --- microcluster's integration tests (docs/scenarios.md), replayed on diffs ------------------------------------------
 
 
 def forgotten(view: ClusterView, i: int) -> ClusterView:

@@ -1,7 +1,7 @@
 """The operation lifecycle on plain values: the transition table row by row, the step rules as named tests, then
 hypothesis (as h2's test_state_machines.py does): any sequence of events gives a legal record or IllegalTransition.
 
-Row tests do not read TRANSITIONS: LEGAL below restates the table from DESIGN.md and the module's rules.
+Row tests do not read TRANSITIONS: LEGAL below restates the table from docs/design.md and the module's rules.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from memberguard.v1 import operation_pb2
 
 from coordinator.core.model import Member
 from coordinator.core.operation import (
+    MAX_TEXT,
+    Abandon,
     Audit,
     Event,
     IllegalTransition,
@@ -27,6 +29,8 @@ from coordinator.core.operation import (
     Start,
     Step,
     StepDone,
+    StepSent,
+    StepSkipped,
     StepState,
     StepUndone,
     Succeed,
@@ -37,7 +41,13 @@ from coordinator.core.operation import (
 )
 
 S = OperationState
-_LETTER = {"P": StepState.PENDING, "D": StepState.DONE, "U": StepState.UNDONE}
+_LETTER = {
+    "P": StepState.PENDING,
+    "S": StepState.SENT,
+    "D": StepState.DONE,
+    "U": StepState.UNDONE,
+    "K": StepState.SKIPPED,
+}
 
 
 def record(
@@ -48,7 +58,8 @@ def record(
     plan: str = "",
     updated_at: float = 100.0,
 ) -> OperationRecord:
-    """A join of n4 whose steps are written one letter each (P pending, D done, U undone); commit marks a step."""
+    """A join of n4 whose steps are written one letter each (P pending, S sent, D done, U undone, K skipped); commit
+    marks a step."""
     return OperationRecord(
         id="op-1",
         kind=OperationKind.JOIN,
@@ -59,7 +70,7 @@ def record(
                 f"step {i}",
                 commit_point=i == commit,
                 state=_LETTER[letter],
-                finished_at=None if letter == "P" else updated_at,
+                finished_at=None if letter in "PS" else updated_at,
             )
             for i, letter in enumerate(steps)
         ),
@@ -93,14 +104,28 @@ def run(r: OperationRecord, *events: Event, now: float = 200.0) -> OperationReco
 LEGAL: dict[tuple[OperationState, type[Event]], OperationState] = {
     (S.QUEUED, Start): S.RUNNING,
     (S.QUEUED, RollBack): S.ROLLED_BACK,  # dropped before it ran: its guard refused it or its deadline passed
+    (S.RUNNING, StepSent): S.RUNNING,
     (S.RUNNING, StepDone): S.RUNNING,
     (S.RUNNING, StepUndone): S.RUNNING,
+    (S.RUNNING, StepSkipped): S.RUNNING,
     (S.RUNNING, Succeed): S.SUCCEEDED,
     (S.RUNNING, RollBack): S.ROLLED_BACK,
     (S.RUNNING, Park): S.PARKED,
     (S.PARKED, Resume): S.RUNNING,
+    (S.PARKED, Abandon): S.ABANDONED,  # an operator ends it; whether it may is core/recovery.py's rule
 }
-EVENT_TYPES: list[type[Event]] = [Start, StepDone, StepUndone, Succeed, RollBack, Park, Resume]
+EVENT_TYPES: list[type[Event]] = [
+    Start,
+    StepSent,
+    StepDone,
+    StepUndone,
+    StepSkipped,
+    Succeed,
+    RollBack,
+    Park,
+    Resume,
+    Abandon,
+]
 
 
 def ready(state: OperationState, event_type: type[Event]) -> tuple[OperationRecord, Event]:
@@ -110,13 +135,21 @@ def ready(state: OperationState, event_type: type[Event]) -> tuple[OperationReco
         S.QUEUED: "PPP",
         S.SUCCEEDED: "DDD",
         S.ROLLED_BACK: "UPP",
+        S.ABANDONED: "DPP",
     }.get(state, {Succeed: "DDD", RollBack: "UPP"}.get(event_type, "DPP"))
-    error, plan = {S.PARKED: ("stuck", "bring n4 back"), S.ROLLED_BACK: ("gone", "")}.get(state, ("", ""))
+    error, plan = {
+        S.PARKED: ("stuck", "bring n4 back"),
+        S.ROLLED_BACK: ("gone", ""),
+        S.ABANDONED: ("abandoned by ops: gone for good", "bring n4 back"),
+    }.get(state, ("", ""))
     r = record(steps, state=state, error=error, plan=plan)
     events: dict[type[Event], Event] = {
         Start: Start(),
+        StepSent: StepSent(next_step(r) or 0),
         StepDone: StepDone(next_step(r) or 0),
         StepUndone: StepUndone((undo_order(r) or [0])[0]),
+        StepSkipped: StepSkipped((undo_order(r) or [0])[0]),
+        Abandon: Abandon("abandoned by ops: n4 is gone for good"),
         Succeed: Succeed(),
         RollBack: RollBack("the joiner's engine did not start"),
         Park: Park("the joiner does not answer", "bring n4 back, or force-remove it"),
@@ -170,24 +203,35 @@ def test_a_step_out_of_range_is_refused(index: int) -> None:
             apply(record("DPP", state=S.RUNNING), event, 200.0)
 
 
-def test_rollback_before_the_commit_point_undoes_done_steps_last_first() -> None:
-    r = record("DDPP", commit=2, state=S.RUNNING)
-    assert not committed(r) and undo_order(r) == [1, 0]
-    with pytest.raises(IllegalTransition, match=re.escape("steps [1, 0] are still done")):
+def test_rollback_before_the_commit_point_reverses_every_step_that_may_have_been_applied() -> None:
+    r = record("DDSP", commit=2, state=S.RUNNING)
+    assert not committed(r) and undo_order(r) == [2, 1, 0]  # the sent commit step may have been applied
+    with pytest.raises(IllegalTransition, match=re.escape("steps [2, 1, 0] may still be applied")):
         apply(r, RollBack("fencing n4 failed"), 200.0)
-    with pytest.raises(IllegalTransition, match="reverse order: the next one is step 1"):
-        apply(r, StepUndone(0), 200.0)
-    r = run(r, StepUndone(1))
-    assert (letters(r), undo_order(r)) == ("DUPP", [0])
+    # The order is the recovery core's (a gone joiner's trust is revoked first): the lifecycle takes any.
+    r = run(r, StepUndone(0))
+    assert (letters(r), undo_order(r)) == ("UDSP", [2, 1])
     with pytest.raises(IllegalTransition, match="it is rolling back"):
         apply(r, StepDone(2), 200.0)  # the forward path is abandoned once a step is undone
-    r = run(r, StepUndone(0), RollBack("fencing n4 failed"))
-    assert (r.state, letters(r), r.error) == (S.ROLLED_BACK, "UUPP", "fencing n4 failed")
+    r = run(r, StepSkipped(2), StepUndone(1), RollBack("fencing n4 failed"))
+    assert (r.state, letters(r), r.error) == (S.ROLLED_BACK, "UUKP", "fencing n4 failed")
 
 
-def test_undoing_needs_a_done_step() -> None:
-    with pytest.raises(IllegalTransition, match="no step is done"):
+def test_a_step_is_sent_before_it_is_done_and_a_sent_step_is_still_next() -> None:
+    r = run(record(), Start(), StepSent(0))
+    assert (letters(r), next_step(r), r.steps[0].finished_at) == ("SPP", 0, None)
+    r = run(r, StepSent(0))  # re-sent after a crash: still the same step
+    with pytest.raises(IllegalTransition, match="the next one is step 0"):
+        apply(r, StepSent(1), 200.0)
+    r = run(r, StepDone(0))
+    assert (letters(r), next_step(r)) == ("DPP", 1)
+
+
+def test_undoing_needs_a_step_done_or_sent() -> None:
+    with pytest.raises(IllegalTransition, match="neither done nor sent"):
         apply(record("UPP", state=S.RUNNING), StepUndone(0), 200.0)
+    with pytest.raises(IllegalTransition, match="neither done nor sent"):
+        apply(record("DPP", state=S.RUNNING), StepSkipped(1), 200.0)
 
 
 def test_past_the_commit_point_an_operation_only_goes_forward() -> None:
@@ -215,19 +259,44 @@ def test_a_queued_operation_rolls_back_without_running() -> None:
     assert (r.state, letters(r), r.error) == (S.ROLLED_BACK, "PPP", "its caller's deadline passed in the queue")
 
 
-def test_park_then_resume() -> None:
+def test_park_then_resume_counts_attempts_and_keeps_the_cause() -> None:
     r = run(record("DDP", state=S.RUNNING), Park("n4 does not answer", "bring n4 back, or force-remove it"))
-    assert (r.state, r.error, r.plan) == (S.PARKED, "n4 does not answer", "bring n4 back, or force-remove it")
+    assert (r.state, r.error, r.plan, r.attempts) == (
+        S.PARKED,
+        "n4 does not answer",
+        "bring n4 back, or force-remove it",
+        1,
+    )
     assert next_step(r) == 2  # what the reconciler would do once it resumes
     for event in (StepDone(2), RollBack("no"), Park("again", "again"), Succeed()):
         with pytest.raises(IllegalTransition, match="from PARKED"):
             apply(r, event, 200.0)
     r = apply(r, Resume(), 300.0)
-    assert (r.state, r.error, r.plan, r.updated_at) == (S.RUNNING, "", "", 300.0)
+    assert (r.state, r.error, r.plan, r.updated_at) == (S.RUNNING, "n4 does not answer", "", 300.0)
+    for _ in range(1000):  # a reconciler pass every 2 s for half an hour: the record does not grow
+        r = run(r, Park("n4 does not answer", "bring n4 back"), Resume())
+    assert (r.attempts, r.error) == (1001, "n4 does not answer")
+    r = run(r, StepDone(2), Succeed())
+    assert (r.state, r.error) == (S.SUCCEEDED, "")
+
+
+def test_errors_and_plans_are_bounded() -> None:
+    r = run(record("DDP", state=S.RUNNING), Park("x" * 100_000, "y" * 100_000))
+    assert len(r.error) < MAX_TEXT + 40 and len(r.plan) < MAX_TEXT + 40 and "more characters" in r.error
+
+
+def test_an_abandoned_operation_is_final_and_keeps_its_steps() -> None:
+    r = run(record("DSP", state=S.PARKED, error="stuck", plan="bring n4 back"), Abandon("abandoned by ops: gone"))
+    assert (r.state, letters(r), r.error) == (S.ABANDONED, "DSP", "abandoned by ops: gone")
+    assert r.state.finished and next_step(r) is None and undo_order(r) == []
 
 
 def test_a_finished_operation_accepts_nothing() -> None:
-    for r in (record("DDD", state=S.SUCCEEDED), record("UUP", state=S.ROLLED_BACK, error="gone")):
+    for r in (
+        record("DDD", state=S.SUCCEEDED),
+        record("UUP", state=S.ROLLED_BACK, error="gone"),
+        record("DPP", state=S.ABANDONED, error="abandoned by ops"),
+    ):
         assert next_step(r) is None and undo_order(r) == []
         for event_type in EVENT_TYPES:
             with pytest.raises(IllegalTransition, match="it is finished"):
@@ -278,22 +347,26 @@ def test_enums_carry_the_proto_numbers(core: type, proto: object, prefix: str) -
 def invariant_violations(r: OperationRecord) -> list[str]:
     """What no reachable record may show (the module docstring's rules, restated as checks on one record)."""
     found = []
-    if not re.fullmatch("D*U*P*", letters(r)):
-        found.append(f"steps out of order: {letters(r)}")
-    if r.state is S.SUCCEEDED and "D" * len(r.steps) != letters(r):
+    text = letters(r)
+    if not re.fullmatch("[DSUK]*P*", text) or text.count("S") > 1:
+        found.append(f"steps out of order: {text}")
+    if not set(text) & set("UK") and not re.fullmatch("D*S?P*", text):
+        found.append(f"steps out of order going forward: {text}")
+    if r.state is S.SUCCEEDED and "D" * len(r.steps) != text:
         found.append("succeeded with a step not done")
-    if r.state is S.ROLLED_BACK and "D" in letters(r):
-        found.append("rolled back with a step still done")
-    # Stricter than "nothing at or before the commit point is undone": in order, nothing after it was ever done.
-    if committed(r) and "U" in letters(r):
+    if r.state is S.ROLLED_BACK and set(text) & set("DS"):
+        found.append("rolled back with a step that may still be applied")
+    if committed(r) and set(text) & set("UK"):
         found.append("a step undone in a committed operation")
-    if r.state is S.QUEUED and set(letters(r)) - {"P"}:
+    if r.state is S.QUEUED and set(text) - {"P"}:
         found.append("a queued operation with a step that ran")
-    if bool(r.error) != (r.state in (S.ROLLED_BACK, S.PARKED)):
-        found.append(f"error {r.error!r} when {r.state.name}")
-    if bool(r.plan) != (r.state is S.PARKED):
+    if r.state in (S.ROLLED_BACK, S.PARKED, S.ABANDONED) and not r.error:
+        found.append(f"no error when {r.state.name}")
+    if r.state in (S.QUEUED, S.SUCCEEDED) and (r.error or r.plan):
+        found.append(f"error {r.error!r} or plan {r.plan!r} when {r.state.name}")
+    if (bool(r.plan) and r.state not in (S.PARKED, S.ABANDONED)) or (r.state is S.PARKED and not r.plan):
         found.append(f"plan {r.plan!r} when {r.state.name}")
-    if any((step.finished_at is None) != (step.state is StepState.PENDING) for step in r.steps):
+    if any((step.finished_at is None) != (step.state in (StepState.PENDING, StepState.SENT)) for step in r.steps):
         found.append("finished_at set on a pending step or missing on a finished one")
     return found
 
@@ -311,17 +384,23 @@ def fresh_records(draw: st.DrawFn) -> OperationRecord:
 # expect next", so that sequences reach deep states (a long operation succeeding, a rollback after several steps)
 # before an event ends them.
 EVENT_DRAWS = st.tuples(
-    st.sampled_from([StepDone] * 5 + [StepUndone] * 2 + [Start] * 3 + [Succeed, RollBack, Park, Resume]),
+    st.sampled_from(
+        [StepSent] * 4
+        + [StepDone] * 5
+        + [StepUndone] * 2
+        + [Start] * 3
+        + [StepSkipped, Succeed, RollBack, Park, Resume, Abandon]
+    ),
     st.sampled_from([None] * 4 + list(range(-1, 6))),
     st.floats(0, 2e6),
 )
 
 
 def event_from(r: OperationRecord, event_type: type[Event], index: int | None) -> Event:
-    if event_type is StepDone:
-        return StepDone(next_step(r) or 0 if index is None else index)
-    if event_type is StepUndone:
-        return StepUndone((undo_order(r) or [0])[0] if index is None else index)
+    if event_type in (StepSent, StepDone):
+        return event_type(next_step(r) or 0 if index is None else index)  # type: ignore[call-arg]
+    if event_type in (StepUndone, StepSkipped):
+        return event_type((undo_order(r) or [0])[0] if index is None else index)  # type: ignore[call-arg]
     # What an error or a plan says does not matter here, only that it says something.
     others: dict[type[Event], Event] = {
         Start: Start(),
@@ -329,6 +408,7 @@ def event_from(r: OperationRecord, event_type: type[Event], index: int | None) -
         RollBack: RollBack("failed"),
         Park: Park("stuck", "wait"),
         Resume: Resume(),
+        Abandon: Abandon("abandoned by ops"),
     }
     return others[event_type]
 
@@ -360,7 +440,7 @@ def test_every_fresh_operation_can_succeed_and_can_roll_back(r: OperationRecord)
     started = apply(r, Start(), 0.0)
     forward = started
     while (index := next_step(forward)) is not None:
-        forward = apply(forward, StepDone(index), 0.0)
+        forward = apply(apply(forward, StepSent(index), 0.0), StepDone(index), 0.0)
     assert apply(forward, Succeed(), 0.0).state is S.SUCCEEDED
     back = started
     while (index := next_step(back)) is not None and not back.steps[index].commit_point:

@@ -256,10 +256,17 @@ class GetNodeViewResponse(_message.Message):
     VIEW_FIELD_NUMBER: _builtins.int
     VIEW_DIGEST_FIELD_NUMBER: _builtins.int
     UNCHANGED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     view_digest: _builtins.str
     """view_digest is the lowercase hex SHA-256 of the serialized view (with certificates if they were asked for)."""
     unchanged: _builtins.bool
     """unchanged is true when view_digest equals the request's known_digest, and the view is then left out."""
+    epoch: _builtins.int
+    """epoch is the newest journal epoch this agent has admitted a step of (kept in its state directory across
+    restarts), set whether or not the view is left out; 0 when it has admitted none, or when its record of it is
+    unreadable (it then refuses every step). A coordinator compares it with its journal's: an agent that has seen an
+    epoch the journal never reached proves the journal lost what it recorded, and a new journal must start above it.
+    """
     @_builtins.property
     def view(self) -> _membership_pb2.NodeView:
         """view is what the node sees; unset when unchanged is true."""
@@ -270,10 +277,11 @@ class GetNodeViewResponse(_message.Message):
         view: _membership_pb2.NodeView | None = ...,
         view_digest: _builtins.str = ...,
         unchanged: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["view", b"view"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["unchanged", b"unchanged", "view", b"view", "view_digest", b"view_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "unchanged", b"unchanged", "view", b"view", "view_digest", b"view_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -470,3 +470,69 @@ class RevokeTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeTokenResponse: _TypeAlias = RevokeTokenResponse  # noqa: Y015
+
+@_typing.final
+class AbandonOperationRequest(_message.Message):
+    """Asks to end a parked operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_DISCREPANCY_IDS_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """operation_id is the parked operation's id."""
+    reason: _builtins.str
+    """reason says why, for the journal; required."""
+    force: _builtins.bool
+    """force allows abandoning an operation that may be past its commit point: what it did stays, and the diff shows it."""
+    @_builtins.property
+    def acknowledged_discrepancy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """acknowledged_discrepancy_ids acknowledge the discrepancies about the operation's member; used with force."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        acknowledged_discrepancy_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged_discrepancy_ids", b"acknowledged_discrepancy_ids", "force", b"force", "operation_id", b"operation_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbandonOperationRequest: _TypeAlias = AbandonOperationRequest  # noqa: Y015
+
+@_typing.final
+class AbandonOperationResponse(_message.Message):
+    """The abandoned operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header says who answered, and when."""
+
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """operation is the operation as the journal now holds it (ABANDONED)."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ResponseHeader | None = ...,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbandonOperationResponse: _TypeAlias = AbandonOperationResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class CoordinatorServiceStub:
                 request_serializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.AbandonOperation = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/AbandonOperation',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -88,14 +93,14 @@ class CoordinatorServiceServicer:
         journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
         with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
         discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
-        MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
+        MembershipDiff). A join arrives only on the join listener, with its token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetOperation(self, request, context):
-        """GetOperation returns an operation as the journal holds it now. Not implemented yet.
+        """GetOperation returns an operation as the journal holds it now; NOT_FOUND for an unknown id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,28 +108,38 @@ class CoordinatorServiceServicer:
 
     def WaitOperation(self, request, context):
         """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
-        the wait or the caller's deadline runs out. Not implemented yet.
+        the wait or the caller's deadline runs out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListOperations(self, request, context):
-        """ListOperations lists operations, newest first, with their audit trail. Not implemented yet.
+        """ListOperations lists operations, newest first, with their audit trail, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTokens(self, request, context):
-        """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet.
+        """ListTokens lists the join tokens that can still be used (never their secrets).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeToken(self, request, context):
-        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet.
+        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbandonOperation(self, request, context):
+        """AbandonOperation ends a parked operation at an operator's request, leaving what it did as it stands; the
+        operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
+        operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
+        about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +182,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'AbandonOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbandonOperation,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +379,33 @@ class CoordinatorService:
             '/memberguard.v1.CoordinatorService/RevokeToken',
             memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenRequest.SerializeToString,
             memberguard_dot_v1_dot_coordinator__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbandonOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/AbandonOperation',
+            memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

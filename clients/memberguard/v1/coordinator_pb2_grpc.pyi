@@ -40,20 +40,26 @@ class CoordinatorServiceStub:
     journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
     with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
     discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
-    MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
+    MembershipDiff). A join arrives only on the join listener, with its token.
     """
     GetOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetOperationRequest, _coordinator_pb2.GetOperationResponse]
-    """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+    """GetOperation returns an operation as the journal holds it now; NOT_FOUND for an unknown id."""
     WaitOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.WaitOperationRequest, _coordinator_pb2.WaitOperationResponse]
     """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
-    the wait or the caller's deadline runs out. Not implemented yet.
+    the wait or the caller's deadline runs out.
     """
     ListOperations: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListOperationsRequest, _coordinator_pb2.ListOperationsResponse]
-    """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+    """ListOperations lists operations, newest first, with their audit trail, a page at a time."""
     ListTokens: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]
-    """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+    """ListTokens lists the join tokens that can still be used (never their secrets)."""
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.RevokeTokenResponse]
-    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
+    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none."""
+    AbandonOperation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AbandonOperationRequest, _coordinator_pb2.AbandonOperationResponse]
+    """AbandonOperation ends a parked operation at an operator's request, leaving what it did as it stands; the
+    operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
+    operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
+    about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -67,20 +73,26 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
     with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
     discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
-    MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
+    MembershipDiff). A join arrives only on the join listener, with its token.
     """
     GetOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetOperationRequest, _coordinator_pb2.GetOperationResponse]  # type: ignore[assignment]
-    """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+    """GetOperation returns an operation as the journal holds it now; NOT_FOUND for an unknown id."""
     WaitOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.WaitOperationRequest, _coordinator_pb2.WaitOperationResponse]  # type: ignore[assignment]
     """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
-    the wait or the caller's deadline runs out. Not implemented yet.
+    the wait or the caller's deadline runs out.
     """
     ListOperations: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListOperationsRequest, _coordinator_pb2.ListOperationsResponse]  # type: ignore[assignment]
-    """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+    """ListOperations lists operations, newest first, with their audit trail, a page at a time."""
     ListTokens: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListTokensRequest, _coordinator_pb2.ListTokensResponse]  # type: ignore[assignment]
-    """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+    """ListTokens lists the join tokens that can still be used (never their secrets)."""
     RevokeToken: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RevokeTokenRequest, _coordinator_pb2.RevokeTokenResponse]  # type: ignore[assignment]
-    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
+    """RevokeToken makes a name's token unusable; NOT_FOUND if there is none."""
+    AbandonOperation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AbandonOperationRequest, _coordinator_pb2.AbandonOperationResponse]  # type: ignore[assignment]
+    """AbandonOperation ends a parked operation at an operator's request, leaving what it did as it stands; the
+    operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
+    operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
+    about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator: compares every node's view of the membership records and guards every change to them."""
@@ -103,7 +115,7 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         journals the operation and runs it, waiting for the outcome while the caller's deadline allows. Refused, it fails
         with FAILED_PRECONDITION (unacknowledged blocking discrepancies; details: one PreconditionFailure violation per
         discrepancy, and the MembershipDiff) or ABORTED (the caller's fingerprint is stale; details: the new
-        MembershipDiff). Not implemented yet: answers UNIMPLEMENTED.
+        MembershipDiff). A join arrives only on the join listener, with its token.
         """
 
     @_abc_1.abstractmethod
@@ -112,7 +124,7 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GetOperationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GetOperationResponse, _abc.Awaitable[_coordinator_pb2.GetOperationResponse]]:
-        """GetOperation returns an operation as the journal holds it now. Not implemented yet."""
+        """GetOperation returns an operation as the journal holds it now; NOT_FOUND for an unknown id."""
 
     @_abc_1.abstractmethod
     def WaitOperation(
@@ -121,7 +133,7 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.WaitOperationResponse, _abc.Awaitable[_coordinator_pb2.WaitOperationResponse]]:
         """WaitOperation returns an operation once it has finished (succeeded, rolled back or parked), or as it stands when
-        the wait or the caller's deadline runs out. Not implemented yet.
+        the wait or the caller's deadline runs out.
         """
 
     @_abc_1.abstractmethod
@@ -130,7 +142,7 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.ListOperationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListOperationsResponse, _abc.Awaitable[_coordinator_pb2.ListOperationsResponse]]:
-        """ListOperations lists operations, newest first, with their audit trail. Not implemented yet."""
+        """ListOperations lists operations, newest first, with their audit trail, a page at a time."""
 
     @_abc_1.abstractmethod
     def ListTokens(
@@ -138,7 +150,7 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.ListTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListTokensResponse, _abc.Awaitable[_coordinator_pb2.ListTokensResponse]]:
-        """ListTokens lists the join tokens that can still be used (never their secrets). Not implemented yet."""
+        """ListTokens lists the join tokens that can still be used (never their secrets)."""
 
     @_abc_1.abstractmethod
     def RevokeToken(
@@ -146,6 +158,18 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RevokeTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RevokeTokenResponse, _abc.Awaitable[_coordinator_pb2.RevokeTokenResponse]]:
-        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none. Not implemented yet."""
+        """RevokeToken makes a name's token unusable; NOT_FOUND if there is none."""
+
+    @_abc_1.abstractmethod
+    def AbandonOperation(
+        self,
+        request: _coordinator_pb2.AbandonOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.AbandonOperationResponse, _abc.Awaitable[_coordinator_pb2.AbandonOperationResponse]]:
+        """AbandonOperation ends a parked operation at an operator's request, leaving what it did as it stands; the
+        operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
+        operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
+        about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

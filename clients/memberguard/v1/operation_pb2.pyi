@@ -69,11 +69,15 @@ class _OperationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operat
     OPERATION_STATE_SUCCEEDED: _OperationState.ValueType  # 3
     """Every step is done: the change is complete."""
     OPERATION_STATE_ROLLED_BACK: _OperationState.ValueType  # 4
-    """It failed before its commit point and was rolled back: nothing of it remains."""
-    OPERATION_STATE_PARKED: _OperationState.ValueType  # 5
-    """It can neither finish nor be rolled back now (e.g. its joiner never came back). It blocks further mutations;
-    `plan` says what would clear it.
+    """It failed before its commit point and was rolled back: nothing of it remains in the sources it reached (error
+    names a node that could not be reached and must be reset before it comes back).
     """
+    OPERATION_STATE_PARKED: _OperationState.ValueType  # 5
+    """It can neither finish nor be rolled back now (e.g. a node its next step needs does not answer). It blocks
+    further mutations; `plan` says what would clear it; the reconciler retries it.
+    """
+    OPERATION_STATE_ABANDONED: _OperationState.ValueType  # 6
+    """An operator ended it while it was parked (AbandonOperation): what it did stays as it was; error says who and why."""
 
 class OperationState(_OperationState, metaclass=_OperationStateEnumTypeWrapper):
     """Where an operation stands."""
@@ -87,11 +91,15 @@ OPERATION_STATE_RUNNING: OperationState.ValueType  # 2
 OPERATION_STATE_SUCCEEDED: OperationState.ValueType  # 3
 """Every step is done: the change is complete."""
 OPERATION_STATE_ROLLED_BACK: OperationState.ValueType  # 4
-"""It failed before its commit point and was rolled back: nothing of it remains."""
-OPERATION_STATE_PARKED: OperationState.ValueType  # 5
-"""It can neither finish nor be rolled back now (e.g. its joiner never came back). It blocks further mutations;
-`plan` says what would clear it.
+"""It failed before its commit point and was rolled back: nothing of it remains in the sources it reached (error
+names a node that could not be reached and must be reset before it comes back).
 """
+OPERATION_STATE_PARKED: OperationState.ValueType  # 5
+"""It can neither finish nor be rolled back now (e.g. a node its next step needs does not answer). It blocks
+further mutations; `plan` says what would clear it; the reconciler retries it.
+"""
+OPERATION_STATE_ABANDONED: OperationState.ValueType  # 6
+"""An operator ended it while it was parked (AbandonOperation): what it did stays as it was; error says who and why."""
 Global___OperationState: _TypeAlias = OperationState  # noqa: Y015
 
 class _StepState:
@@ -108,6 +116,10 @@ class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.V
     """Applied and recorded."""
     STEP_STATE_UNDONE: _StepState.ValueType  # 3
     """Undone during a rollback."""
+    STEP_STATE_SENT: _StepState.ValueType  # 4
+    """Journaled as sent before it was sent, its outcome not recorded yet: it may have been applied."""
+    STEP_STATE_SKIPPED: _StepState.ValueType  # 5
+    """A rollback could not undo it: its node is gone (the operation's error says which node must be reset)."""
 
 class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper):
     """Where one step stands."""
@@ -120,6 +132,10 @@ STEP_STATE_DONE: StepState.ValueType  # 2
 """Applied and recorded."""
 STEP_STATE_UNDONE: StepState.ValueType  # 3
 """Undone during a rollback."""
+STEP_STATE_SENT: StepState.ValueType  # 4
+"""Journaled as sent before it was sent, its outcome not recorded yet: it may have been applied."""
+STEP_STATE_SKIPPED: StepState.ValueType  # 5
+"""A rollback could not undo it: its node is gone (the operation's error says which node must be reset)."""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
 @_typing.final
@@ -219,6 +235,7 @@ class Operation(_message.Message):
     AUDIT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id identifies the operation; GetOperation and WaitOperation take it."""
     kind: Global___OperationKind.ValueType
@@ -226,7 +243,9 @@ class Operation(_message.Message):
     state: Global___OperationState.ValueType
     """state says where it stands."""
     error: _builtins.str
-    """error is why it was rolled back or parked, in one sentence; empty otherwise."""
+    """error is why it was rolled back, parked or abandoned, in one sentence (at most 512 characters); empty otherwise.
+    A resumed operation keeps the error it was parked with while it runs again.
+    """
     token: _builtins.str
     """token is, for ISSUE_TOKEN, the token itself. It is in the answer to the request that issued it and in no
     later answer: the journal keeps only its digest.
@@ -234,6 +253,10 @@ class Operation(_message.Message):
     plan: _builtins.str
     """plan says what is left to do by hand or by repair: for a parked operation what would clear it, for a removal what
     it could not reach (nodes that did not answer); empty when nothing is left.
+    """
+    attempts: _builtins.int
+    """attempts is how many times it was parked: a failure repeated by each recovery pass is counted here, never
+    appended to error.
     """
     @_builtins.property
     def member(self) -> _membership_pb2.Member:
@@ -269,10 +292,11 @@ class Operation(_message.Message):
         audit: Global___Audit | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "created_at", b"created_at", "member", b"member", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "created_at", b"created_at", "error", b"error", "id", b"id", "kind", b"kind", "member", b"member", "plan", b"plan", "state", b"state", "steps", b"steps", "token", b"token", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audit", b"audit", "created_at", b"created_at", "error", b"error", "id", b"id", "kind", b"kind", "member", b"member", "plan", b"plan", "state", b"state", "steps", b"steps", "token", b"token", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
