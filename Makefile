@@ -16,13 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Real dqlite for the tests, from Debian: libdqlite 1.11.1 and SQLite to link the Go programs against, and
-# go-dqlite's dqlite-demo (tests/dqlite). Go itself is not Debian's: build.sh takes /usr/local/go/bin/go.
+# Real dqlite for the tests, from Debian: libdqlite 1.11.1, its libraft and SQLite to link the Go programs against
+# (go-dqlite's bindings include raft.h), and go-dqlite's dqlite-demo (tests/dqlite). Go itself is not Debian's:
+# build.sh takes /usr/local/go/bin/go.
 system:
 	@if ! command -v dqlite-demo >/dev/null || ! command -v pkg-config >/dev/null || ! command -v gcc >/dev/null \
-	    || [ ! -f /usr/include/dqlite.h ] || [ ! -f /usr/include/sqlite3.h ]; then \
+	    || [ ! -f /usr/include/dqlite.h ] || [ ! -f /usr/include/raft.h ] || [ ! -f /usr/include/sqlite3.h ]; then \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-	    go-dqlite libdqlite-dev libsqlite3-dev pkg-config gcc; \
+	    go-dqlite libdqlite-dev libraft-dev libsqlite3-dev pkg-config gcc; \
 	fi
 
 # The Go programs, in module mode with pinned versions (coordinator/lab/go): the dqlite test node and benchmark,
@@ -69,11 +70,11 @@ demo: venv
 	$(BIN)/memberguard lab down --dir $(LAB)
 
 bench: venv go
-	$(BIN)/python -m coordinator.bench
-	$(BIN)/python -m coordinator.bench --backend dqlite --sizes 3,5
-	$(BIN)/python -m coordinator.bench --dqlite-client --calls 1000
-	$(BIN)/python -m coordinator.bench --operations --calls 20
-	$(BIN)/python -m coordinator.bench --operations --backend dqlite --calls 20
+	$(BIN)/python -m coordinator.lab.bench
+	$(BIN)/python -m coordinator.lab.bench --backend dqlite --sizes 3,5
+	$(BIN)/python -m coordinator.lab.bench --dqlite-client --calls 1000
+	$(BIN)/python -m coordinator.lab.bench --operations --calls 20
+	$(BIN)/python -m coordinator.lab.bench --operations --backend dqlite --calls 20
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -4,8 +4,8 @@ Every subcommand sets `handler` (args -> exit status) on its parser; `main` only
 commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
 `token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). `join` is the joining
 node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). `journal recover`
-runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). The other
-subcommands come from the modules in `_COMMAND_MODULES`, each exposing `register(subparsers)`.
+runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). `lab ...`
+comes from the lab (coordinator.lab.lab.register), the one import of the lab in the product.
 
 Exit status (EXIT_STATUSES, also the parser's epilog): 0 success; 1 `check` found a discrepancy WARNING or worse,
 or the operation shown did not succeed; 2 a usage error (bad arguments, a request the coordinator calls invalid, a
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import math
 import os
 import sys
@@ -45,6 +43,7 @@ from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.core.tokens import MalformedToken
+from coordinator.lab import lab as labs
 
 EXIT_OK = 0
 EXIT_DISCREPANCIES = 1
@@ -67,9 +66,6 @@ exit status:
      (OperationParked) or a stale --fingerprint (StaleFingerprint); the violations and the
      current fingerprint go to stderr
 """
-
-# Modules that add subcommands; one that is not there (yet) is skipped.
-_COMMAND_MODULES = ("coordinator.lab",)
 
 _SEVERITIES = {
     "info": membership_pb2.SEVERITY_INFO,
@@ -133,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_abandon(subparsers)
     _register_join(subparsers)
     _register_journal(subparsers)
-    for name in _COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(subparsers)
+    labs.register(subparsers)
     return parser
 
 

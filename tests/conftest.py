@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from memberguard import Client
 
-from coordinator import lab as labs
+from coordinator.lab import lab as labs
 
 # The test modules that start no process: the pure core, the codecs, the readers of files, the status table. One list,
 # so a maintainer sees at a glance what `make test-fast` covers; everything else is marked `process`.
@@ -21,6 +21,7 @@ UNIT = (
     "tests/dqlite/test_truststore.py",
     "tests/test_registry.py",
     "tests/test_status.py",
+    "tests/test_layout.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from coordinator.agent.members_table import delete_member, upsert_member
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.agent.truststore import remove_truststore_entry, write_truststore_entry
 from coordinator.core.model import Role
-from coordinator.lab import Lab
+from coordinator.lab.lab import Lab
 from coordinator.pki import make_identity
 
 RaftEntry = tuple[int, str, Role]

@@ -20,9 +20,10 @@ import pytest
 
 from coordinator import pki
 from coordinator.agent.dqlite_sources import SslFactory, dqlite_backend
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.sources import SourceReader
 from coordinator.core.model import Source
-from coordinator.dqlite.cluster import (
+from coordinator.lab.dqlite_cluster import (
     DATABASE,
     READY_TIMEOUT,
     MemberSpec,
@@ -30,8 +31,8 @@ from coordinator.dqlite.cluster import (
     record_members,
     start_members,
 )
-from coordinator.dqlite.nodes import DqliteNode, NodeTls, client_ssl_context, node_binary, stop_cluster, stop_node
-from coordinator.lab import loopback_addresses
+from coordinator.lab.dqlite_nodes import DqliteNode, NodeTls, node_binary, stop_cluster, stop_node
+from coordinator.lab.lab import loopback_addresses
 
 NAMES = ("n1", "n2", "n3")
 
@@ -93,7 +94,7 @@ class Cluster:
 
 
 def start_cluster(root: Path, names: tuple[str, ...] = NAMES) -> Cluster:
-    """The package's cluster (coordinator/dqlite/cluster.py), as the lab starts it. Fails the test with `make go`
+    """The package's cluster (coordinator/lab/dqlite_cluster.py), as the lab starts it. Fails the test with `make go`
     if the node is not built."""
     try:
         node_binary()

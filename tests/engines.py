@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import lab as labs
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.engine import Engine
 from coordinator.dqlite import NodeInfo, connect_leader
-from coordinator.dqlite.cluster import DATABASE
-from coordinator.dqlite.nodes import client_ssl_context
+from coordinator.lab import lab as labs
+from coordinator.lab.dqlite_cluster import DATABASE
 
 INFO = "info.yaml"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from memberguard import Client
 
-from coordinator import lab as labs
+from coordinator.lab import lab as labs
 
 GUARDED = "/memberguard.v1.CoordinatorService/GuardedOperation"
 

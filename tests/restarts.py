@@ -1,5 +1,5 @@
-"""Restarting a lab's processes for a test, through the lab's own `restart` (coordinator/lab.py): its coordinator with
-a fault armed or a setting changed, or after a crash, an agent after a kill; and freezing and killing them.
+"""Restarting a lab's processes for a test, through the lab's own `restart` (coordinator/lab/lab.py): its coordinator
+with a fault armed or a setting changed, or after a crash, an agent after a kill; and freezing and killing them.
 
 A restarted process binds the ports it had (the lab pins them in its configuration), is listed in lab.json (so that
 `lab down` stops it, whatever the test does) and is returned as a Popen for the test to stop, signal or wait for.
@@ -17,7 +17,7 @@ from typing import Any
 
 from memberguard import Endpoint
 
-from coordinator import lab as labs
+from coordinator.lab import lab as labs
 
 
 def start_coordinator(

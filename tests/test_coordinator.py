@@ -21,7 +21,7 @@ from memberguard import Client, InvalidArgument, PermissionDenied
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
 
-from coordinator import lab as labs
+from coordinator.lab import lab as labs
 
 SERVICE = "/memberguard.v1.CoordinatorService"
 

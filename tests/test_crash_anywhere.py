@@ -42,9 +42,9 @@ import pytest
 from memberguard import Client
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.core.model import Role
+from coordinator.lab import lab as labs
 from tests.engines import leader_view
 from tests.restarts import kill_agent
 from tests.settling import FINISHED, settled

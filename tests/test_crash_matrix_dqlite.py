@@ -39,13 +39,13 @@ from memberguard import Client, Endpoint
 from memberguard.v1 import membership_pb2
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.agent.engine import JOIN_FLAG, Engine
 from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.core.diff import compute_diff
 from coordinator.core.model import Role
 from coordinator.core.plan import Joiner, PlannedStep, plan_join, plan_removal
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests.core.views import consistent_view
 from tests.engines import LeaderView, engine_pid, kill_engine, leader_view, reap, restart_engine
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped

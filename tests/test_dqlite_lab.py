@@ -25,10 +25,11 @@ import pytest
 from memberguard import Client
 from memberguard.v1 import membership_pb2 as pb
 
-from coordinator import lab as labs
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.dqlite import Connection, Role, connect_leader
-from coordinator.dqlite.cluster import DATABASE, MemberSpec, start_members
-from coordinator.dqlite.nodes import NodeTls, client_ssl_context, stop_node
+from coordinator.lab import lab as labs
+from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, start_members
+from coordinator.lab.dqlite_nodes import NodeTls, stop_node
 
 pytestmark = pytest.mark.dqlite
 

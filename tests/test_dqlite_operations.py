@@ -19,9 +19,9 @@ from memberguard import Client, DirtyMembership
 from memberguard.v1 import membership_pb2 as pb
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.dqlite import NodeInfo
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests.engines import engine_pid, leader_view
 from tests.restarts import start_coordinator
 from tests.settling import settled

@@ -26,12 +26,12 @@ from google.rpc import code_pb2
 from memberguard import Client, Endpoint
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 
-from coordinator import lab as labs
 from coordinator import status
 from coordinator.agent.truststore import write_truststore_entry
 from coordinator.cli import EXIT_COORDINATOR, EXIT_REFUSED, main
 from coordinator.core import tokens
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from coordinator.pki import make_identity
 from tests import join_listener
 from tests.interceptor_server import serving

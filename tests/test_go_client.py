@@ -27,7 +27,7 @@ from grpc_tools import protoc
 from memberguard import Client, DirtyMembership
 from memberguard.v1 import membership_pb2
 
-from coordinator.lab import Lab
+from coordinator.lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "tests" / "go_client"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.lab import Lab
+from coordinator.lab.lab import Lab
 
 
 def _grpcurl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:

@@ -25,9 +25,9 @@ from grpc_status import rpc_status
 from memberguard import Client
 from memberguard.v1 import coordinator_pb2_grpc
 
-from coordinator import lab as labs
 from coordinator.agent.truststore import write_truststore_entry
 from coordinator.core import tokens
+from coordinator.lab import lab as labs
 from coordinator.pki import make_identity
 from tests import join_listener
 from tests.restarts import start_coordinator

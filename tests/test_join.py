@@ -18,9 +18,9 @@ import pytest
 from memberguard import Client
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.core import tokens
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from coordinator.pki import make_identity
 from tests.restarts import start_coordinator
 

@@ -19,9 +19,9 @@ import pytest
 from memberguard import Client
 
 from coordinator import cli
-from coordinator import lab as labs
 from coordinator.agent.steps import EPOCH_FILE
 from coordinator.journal import Journal, JournalDamaged, diagnose, marker_path
+from coordinator.lab import lab as labs
 from tests.test_journal import operation
 
 WAL_FRAME = 24 + 4096  # a WAL frame: its header and one page (SQLite's default page size)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from memberguard import Client
 
-from coordinator import lab as labs
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 
 MEMBERGUARD = str(Path(sys.executable).parent / "memberguard")
 CONCURRENT = 10

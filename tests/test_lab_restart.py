@@ -18,8 +18,8 @@ import pytest
 from memberguard import Client
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests.engines import engine_pid, kill_engine
 from tests.restarts import kill_agent, start_coordinator, wait_until_stopped
 from tests.settling import settled

@@ -19,8 +19,8 @@ from memberguard import Client
 from memberguard.v1 import membership_pb2 as pb
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests.restarts import start_coordinator
 from tests.settling import settled
 

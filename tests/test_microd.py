@@ -3,24 +3,14 @@ reads it (the members table through `microctl cluster list`, the truststore and 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# coordinator/lab.py still shadows the coordinator/lab/ directory (the lab becomes a package there later), so the
-# fixture module is loaded from its file until `from coordinator.lab import microcluster` can name it.
-_spec = importlib.util.spec_from_file_location("coordinator_lab_microcluster", ROOT / "coordinator/lab/microcluster.py")
-assert _spec is not None and _spec.loader is not None
-microcluster = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = microcluster
-_spec.loader.exec_module(microcluster)
+from coordinator.lab import microcluster
 
 pytestmark = pytest.mark.microcluster
 

@@ -26,8 +26,8 @@ from memberguard import (
 )
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests import divergence as d
 from tests.restarts import start_coordinator
 

@@ -25,8 +25,8 @@ from memberguard.errors import InvalidArgument, NotAbandonable, OperationParked
 from memberguard.v1 import membership_pb2
 from memberguard.v1 import operation_pb2 as o
 
-from coordinator import lab as labs
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
 
 # The removal of n3 from a 3-node lab: 0 leaves Raft (the commit point), 1 the row goes, 2-4 the truststores of n1,

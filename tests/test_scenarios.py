@@ -17,7 +17,7 @@ from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.core.model import Role
-from coordinator.lab import Lab
+from coordinator.lab.lab import Lab
 from tests import divergence as d
 
 Expected = list[tuple[str, str, str, str]]  # (kind, severity, source, node) with the enum prefixes dropped

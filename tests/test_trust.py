@@ -12,7 +12,7 @@ from memberguard import Client, Endpoint, PermissionDenied, Unauthenticated, Una
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 from memberguard.v1 import membership_pb2 as pb
 
-from coordinator import lab as labs
+from coordinator.lab import lab as labs
 from coordinator.pki import make_identity
 
 

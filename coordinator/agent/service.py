@@ -33,12 +33,12 @@ from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
 from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
 from coordinator.agent.dqlite_steps import DqliteSteps
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.engine import Engine
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import NodeView, SourceReport
-from coordinator.dqlite.nodes import client_ssl_context
 from coordinator.errors import MemberguardError
 from coordinator.files import write_atomically
 from coordinator.messages import view_to_proto

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.lab import loopback_addresses
+from coordinator.lab.lab import loopback_addresses
 
 _ROOT = Path(__file__).resolve().parents[2]
 MICROD = _ROOT / "build" / "bin" / "microd"

@@ -19,10 +19,11 @@ import pytest_asyncio
 
 from coordinator import pki
 from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.sources import SourceReader
 from coordinator.core.model import MemberRecord, Role, Source, SourceReport
 from coordinator.dqlite import connect_leader
-from coordinator.dqlite.nodes import client_ssl_context, node_binary
+from coordinator.lab.dqlite_nodes import node_binary
 from tests.dqlite_cluster import (
     DATABASE,
     Cluster,

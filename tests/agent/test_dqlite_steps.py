@@ -12,15 +12,15 @@ import pytest
 from memberguard.v1 import agent_pb2
 from memberguard.v1 import membership_pb2 as pb
 
-from coordinator import lab as labs
 from coordinator import pki
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.engine import PID_FILE
 from coordinator.agent.service import AgentConfig
 from coordinator.agent.steps import StepApplier
 from coordinator.dqlite import NodeInfo, connect_leader
-from coordinator.dqlite.cluster import DATABASE
-from coordinator.dqlite.nodes import client_ssl_context
 from coordinator.errors import AlreadyExists, ConfigurationMoved, InvalidRequest
+from coordinator.lab import lab as labs
+from coordinator.lab.dqlite_cluster import DATABASE
 
 pytestmark = pytest.mark.dqlite
 

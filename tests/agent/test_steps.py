@@ -16,7 +16,6 @@ from memberguard import Client
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 from memberguard.v1 import membership_pb2 as pb
 
-from coordinator import lab as labs
 from coordinator import pki
 from coordinator.agent.members_table import create_members_table, upsert_member
 from coordinator.agent.node_state import lay_out_node
@@ -25,6 +24,7 @@ from coordinator.agent.sources import local_backend
 from coordinator.agent.steps import EPOCH_FILE, EpochGuard, LocalSteps
 from coordinator.core.model import Role, Source, SourceReport
 from coordinator.errors import AlreadyExists, InvalidRequest, SourceNotRewritable, StaleEpoch
+from coordinator.lab import lab as labs
 
 NAMES = ("n1", "n2", "n3")
 ADDRESSES = {"n1": "10.0.0.1:9000", "n2": "10.0.0.2:9000", "n3": "10.0.0.3:9000", "n4": "10.0.0.4:9000"}
@@ -37,7 +37,7 @@ def identities() -> dict[str, pki.Identity]:
 
 
 class Cluster:
-    """A consistent 3-node local cluster, laid out as coordinator/lab.py lays one out, with a LocalSteps per node."""
+    """A consistent 3-node local cluster, laid out as the lab lays one out, with a LocalSteps per node."""
 
     def __init__(self, root: Path, identities: dict[str, pki.Identity]) -> None:
         self.root = root

@@ -16,9 +16,9 @@ import pytest
 from google.protobuf import json_format
 from memberguard.v1 import coordinator_pb2, operation_pb2
 
-from coordinator import lab as labs
 from coordinator.cli import main
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
+from coordinator.lab import lab as labs
 
 from . import unused_address
 

@@ -15,19 +15,12 @@ from pathlib import Path
 import pytest
 
 from coordinator import pki
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.truststore import remove_truststore_entry, trusted_certificates, write_truststore_entry
 from coordinator.dqlite import ConnectionClosed, NodeInfo, RemoteProtocolError, connect
-from coordinator.dqlite.cluster import NODE_ARGS, READY_TIMEOUT, MemberSpec, lay_out_members, start_members
-from coordinator.dqlite.nodes import (
-    DqliteNode,
-    NodeError,
-    NodeTls,
-    client_ssl_context,
-    start_node,
-    stop_cluster,
-    wait_ready,
-)
-from coordinator.lab import loopback_addresses
+from coordinator.lab.dqlite_cluster import NODE_ARGS, READY_TIMEOUT, MemberSpec, lay_out_members, start_members
+from coordinator.lab.dqlite_nodes import DqliteNode, NodeError, NodeTls, start_node, stop_cluster, wait_ready
+from coordinator.lab.lab import loopback_addresses
 
 # A trusted joiner is ready in ~0.2 s (it retries every second): not ready after this long means refused.
 REFUSED_FOR = 2.5

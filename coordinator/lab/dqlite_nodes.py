@@ -16,14 +16,13 @@ import re
 import select
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.agent.truststore import trusted_certificates
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.dqlite import wire
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -173,24 +172,6 @@ def stop_cluster(nodes: Sequence[DqliteNode], timeout: float = 10) -> None:
     leader = _leader_address(nodes)
     for node in sorted(nodes, key=lambda node: node.address == leader):
         stop_node(node, timeout)
-
-
-def client_ssl_context(cert: Path, key: Path, truststore: Path) -> ssl.SSLContext:
-    """TLS towards a test node: present (cert, key); trust a server whose certificate is one of the truststore's,
-    as the directory is now (a context does not follow later changes: make one per dial).
-
-    Member certificates are self-signed CAs, so they serve as CA data; an empty or unreadable truststore trusts
-    nobody. No hostname check: nodes are dialled by IP and their certificates name the member, not the address
-    (as the nodes do among themselves).
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    if certificates := trusted_certificates(truststore):
-        # One per line: a PEM without its final newline would otherwise run into the next one's BEGIN line.
-        context.load_verify_locations(cadata="\n".join(certificates))
-    context.load_cert_chain(cert, key)
-    return context
 
 
 def _leader_address(nodes: Sequence[DqliteNode]) -> str:

@@ -1,17 +1,17 @@
 """The benchmarks, each printing figures from one run with a same-run baseline (`make bench` runs them all).
 
-`python -m coordinator.bench [--backend local|dqlite] [--sizes 3,10,50,100] [--calls 200]` brings up a lab at
+`python -m coordinator.lab.bench [--backend local|dqlite] [--sizes 3,10,50,100] [--calls 200]` brings up a lab at
 each size (large labs pack several agents into one process: the same agent code), then interleaves a trivial
 unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
 same machine noise, and prints p50/p99 of each and their ratio.
 
-`python -m coordinator.bench --operations [--backend local|dqlite] [--calls 20]` times guarded operations in a
+`python -m coordinator.lab.bench --operations [--backend local|dqlite] [--calls 20]` times guarded operations in a
 3-node lab against a fresh CheckMembership in the same lab and run, over `--calls` rounds: issuing a token (gather,
 diff, guard, journal write with fsync), a guarded join (the joiner's agent's GuardedOperation call: 14 journaled
 steps; on dqlite its engine starts and joins), the guarded removal of the node that just joined, and a whole
 add-node (a new agent process, token, join); then ten add-nodes at once, against ten times one.
 
-`python -m coordinator.bench --dqlite-client [--calls 1000]` starts a 3-node TLS dqlite cluster and times
+`python -m coordinator.lab.bench --dqlite-client [--calls 1000]` starts a 3-node TLS dqlite cluster and times
 CLUSTER and a primary-key SELECT on one kept connection to the leader, with go-dqlite's own client (the Go
 benchmark program, `make go`) and with memberguard's native client, on the same cluster in the same run.
 """
@@ -36,11 +36,12 @@ from typing import TypeVar
 from memberguard import Client
 from memberguard.v1 import operation_pb2
 
-from coordinator import lab as labs
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import connect_leader
-from coordinator.dqlite.cluster import DATABASE, MemberSpec, lay_out_members, start_members
-from coordinator.dqlite.nodes import client_ssl_context, node_binary, stop_cluster
+from coordinator.lab import lab as labs
+from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, lay_out_members, start_members
+from coordinator.lab.dqlite_nodes import node_binary, stop_cluster
 
 T = TypeVar("T")
 
@@ -199,7 +200,7 @@ _OPERATIONS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordinator.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m coordinator.lab.bench", description=__doc__)
     parser.add_argument("--backend", default="local", choices=labs.BACKENDS, help="the lab's backend")
     parser.add_argument("--sizes", default="3,10,50,100", help="comma-separated lab sizes (default 3,10,50,100)")
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size (rounds)")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from coordinator import pki
 from coordinator.agent.dqlite_sources import ROLES
+from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.truststore import write_truststore_entry
 from coordinator.dqlite import Role, connect_leader
-from coordinator.dqlite.nodes import DqliteNode, NodeTls, client_ssl_context, start_node, stop_cluster, wait_ready
+from coordinator.lab.dqlite_nodes import DqliteNode, NodeTls, start_node, stop_cluster, wait_ready
 
 DATABASE = "memberguard"
 READY_TIMEOUT = 20.0

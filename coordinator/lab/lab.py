@@ -54,7 +54,8 @@ from coordinator.agent.raft_files import write_node_info, write_raft_config
 from coordinator.auth import Principal
 from coordinator.core import tokens
 from coordinator.core.model import Role
-from coordinator.dqlite.cluster import (
+from coordinator.files import write_atomically
+from coordinator.lab.dqlite_cluster import (
     DATABASE,
     NODE_ARGS,
     MemberSpec,
@@ -62,8 +63,7 @@ from coordinator.dqlite.cluster import (
     record_members,
     start_members,
 )
-from coordinator.dqlite.nodes import NodeTls, node_command, node_environment
-from coordinator.files import write_atomically
+from coordinator.lab.dqlite_nodes import NodeTls, node_command, node_environment
 from coordinator.pki import Identity, make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
 
