@@ -1,8 +1,9 @@
 """The gather: ask every registered member's agent for its view, concurrently, within one deadline.
 
 All of the coordinator's knowledge of the sources comes through here; it opens no source file itself.
-Channels are persistent (a new mTLS channel per call would cost more than the whole check) and each pins
-exactly one certificate: the member's own, with its name as the TLS server name.
+Channels are persistent (a new mTLS channel per call would cost more than the whole check) and each trusts only the
+certificates `LearnedTrust.roots` gives for its member (learned_trust.py), with the member's name as the TLS server
+name. `Agents` is the transport to the agents: the gather, the steps and the joiner's probe go through it.
 Every gather and step also tells which agents went silent; `Agents.reconnected` is set when one of them answers
 again, the reconciler's cue that an operation parked for want of that agent may now finish.
 """
@@ -11,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
-from coordinator.auth import Peer, Principal
-from coordinator.core.model import AgentFailure, ClusterView, MemberRecord, NodeObservation, NodeView, Source
+from coordinator.core.model import AgentFailure, ClusterView, NodeObservation, NodeView, Source
+from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import view_from_proto
 from coordinator.pki import Identity
 from coordinator.registry import RegisteredMember, Registry
@@ -56,34 +56,23 @@ class _Link:
 
 
 class Agents:
-    """Persistent channels to the agents of the registered members, kept in step with the registry.
+    """Persistent channels to the agents of the registered members, kept in step with the registry and with what
+    `trust` learns from each gather."""
 
-    A member's agent is trusted if it serves a certificate the registry pins for it, or one that a
-    reachable node's truststore records under its name. The second set is what the cluster itself trusts,
-    re-learned at every gather, so a certificate removed from every truststore stops being trusted at the
-    next gather. The same set is offered to the coordinator's own server (see `peers` and `bundle`).
-    """
-
-    def __init__(self, identity: Identity, registry: Registry) -> None:
+    def __init__(self, identity: Identity, registry: Registry, trust: LearnedTrust) -> None:
         self._identity = identity
         self._registry = registry
+        self._trust = trust
         self._links: dict[str, _Link] = {}
-        self._pems: dict[str, str] = {}  # fingerprint → PEM, as truststores reported them
-        self._vouched: dict[str, frozenset[str]] = {}  # member name → fingerprints truststores hold for it
-        self._learned_from: tuple[NodeView | None, ...] = ()  # the views _vouched was learned from
+        self._learned_from: tuple[NodeView | None, ...] = ()  # the views trust last learned from
         self._registered: frozenset[str] = frozenset()  # the registry's members at the last gather
         self._unanswered: set[str] = set()  # members whose agent did not answer the last gather or step sent to it
         # Set when one of those answers again: the reconciler waits on it, since what parked an operation may be
         # an agent that was away. Whoever waits clears it.
         self.reconnected = asyncio.Event()
 
-    def _roots(self, member: RegisteredMember) -> bytes:
-        pems = [member.certificate_pem] if member.certificate_pem else []
-        pems += sorted(self._pems[fp] for fp in self._vouched.get(member.name, ()) if fp in self._pems)
-        return "".join(dict.fromkeys(pems)).encode()
-
     def _link(self, member: RegisteredMember) -> _Link | None:
-        roots = self._roots(member)
+        roots = self._trust.roots(member)
         link = self._links.get(member.name)
         if link is not None and link.member == member and link.roots == roots:
             return link
@@ -118,7 +107,7 @@ class Agents:
                 await link.channel.close(None)
         self._registered = names
         started = time.monotonic()
-        roots = {m.name: self._roots(m) for m in members}
+        roots = {m.name: self._trust.roots(m) for m in members}
         observations = list(await asyncio.gather(*(self._observe(m, timeout) for m in members)))
         for observation in observations:
             self._heard(observation.node, observation.view is not None)
@@ -126,21 +115,21 @@ class Agents:
         if views == self._learned_from:
             # Every agent answered with the view it gave last time (the same objects): nothing new to trust.
             return ClusterView(nodes=tuple(observations), now=time.time())
-        if self._learn(observations) or any(self._roots(m) != roots[m.name] for m in members):
+        if self._trust.learn(observations) or any(self._trust.roots(m) != roots[m.name] for m in members):
             # Truststores hold a certificate not seen before: fetch its PEM once, from the nodes that hold it,
             # and ask again the agents whose trusted certificates just changed.
             remaining = max(0.0, timeout - (time.monotonic() - started))
             observations = list(
                 await asyncio.gather(
                     *(
-                        self._observe(m, remaining, include_certificates=self._unknown(o))
-                        if self._unknown(o) or self._roots(m) != roots[m.name]
+                        self._observe(m, remaining, include_certificates=self._trust.lacks_certificates(o))
+                        if self._trust.lacks_certificates(o) or self._trust.roots(m) != roots[m.name]
                         else _same(o)
                         for m, o in zip(members, observations, strict=True)
                     )
                 )
             )
-            self._learn(observations)
+            self._trust.learn(observations)
         self._learned_from = tuple(o.view for o in observations)
         return ClusterView(nodes=tuple(observations), now=time.time())
 
@@ -150,37 +139,6 @@ class Agents:
         elif name in self._unanswered:
             self._unanswered.discard(name)
             self.reconnected.set()
-
-    def _learn(self, observations: list[NodeObservation]) -> bool:
-        """Records which certificates the reachable truststores hold; True if some PEM is still unknown."""
-        vouched: dict[str, set[str]] = {}
-        pems = dict(self._pems)
-        for observation in observations:
-            for record in _truststore_records(observation):
-                vouched.setdefault(record.name, set()).add(record.certificate_fingerprint)
-                if record.certificate_pem:
-                    pems[record.certificate_fingerprint] = record.certificate_pem
-        # Replaced whole, never mutated: the TLS stack reads them from its own threads (peers, bundle).
-        self._pems = pems
-        self._vouched = {name: frozenset(fps) for name, fps in vouched.items()}
-        return any(self._unknown(o) for o in observations)
-
-    def _unknown(self, observation: NodeObservation) -> bool:
-        return any(r.certificate_fingerprint not in self._pems for r in _truststore_records(observation))
-
-    def peers(self) -> Mapping[str, Peer]:
-        """Trust for the coordinator's own server: the member certificates the truststores vouch for."""
-        return {
-            fp: Peer(Principal.MEMBER, name, fp)
-            for name, fps in self._vouched.items()
-            for fp in fps
-            if fp in self._pems
-        }
-
-    def bundle(self) -> bytes:
-        return "".join(
-            sorted(self._pems[fp] for fps in self._vouched.values() for fp in fps if fp in self._pems)
-        ).encode()
 
     async def _observe(
         self, member: RegisteredMember, timeout: float, *, include_certificates: bool = False
@@ -229,12 +187,6 @@ class Agents:
         ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
         return ids[0] if len(ids) == 1 else None
 
-    def certificates(self) -> dict[str, str]:
-        """Member name → certificate PEM: what the registry pins, else what the truststores vouch for."""
-        known = {name: self._pems[fp] for name, fps in self._vouched.items() for fp in sorted(fps) if fp in self._pems}
-        known.update({m.name: m.certificate_pem for m in self._registry.members() if m.certificate_pem})
-        return known
-
     async def close(self) -> None:
         for link in self._links.values():
             await link.channel.close(None)
@@ -246,11 +198,6 @@ _SILENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 async def _same(observation: NodeObservation) -> NodeObservation:
     return observation
-
-
-def _truststore_records(observation: NodeObservation) -> tuple[MemberRecord, ...]:
-    report = observation.view.report(Source.TRUSTSTORE) if observation.view else None
-    return report.records if report and not report.error else ()
 
 
 def _classify(error: grpc.aio.AioRpcError) -> tuple[AgentFailure, str]:

@@ -37,8 +37,9 @@ from memberguard.v1 import membership_pb2 as pb
 
 from coordinator import pki
 from coordinator.core import recovery, tokens
+from coordinator.core.addresses import address_problem
 from coordinator.core.diff import compute_diff
-from coordinator.core.guard import Proceed, Refused, Request, Stale, decide
+from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide
 from coordinator.core.model import Member, MembershipDiff
 from coordinator.core.operation import (
     Abandon,
@@ -97,6 +98,7 @@ from coordinator.errors import (
 from coordinator.faults import Faults
 from coordinator.gather import Agents
 from coordinator.journal import Journal
+from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import diff_to_proto
 from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 
@@ -132,6 +134,7 @@ class Operations:
         *,
         journal: Journal,
         agents: Agents,
+        trust: LearnedTrust,
         registry: Registry,
         cluster_id: str,
         certificate_fingerprint: str,
@@ -140,6 +143,7 @@ class Operations:
     ) -> None:
         self._journal = journal
         self._agents = agents
+        self._trust = trust
         self._registry = registry
         self._cluster_id = cluster_id
         self._fingerprint = certificate_fingerprint
@@ -273,16 +277,6 @@ class Operations:
             # A joiner is not trusted yet: its token is checked before it learns anything about the cluster.
             token = self._admit_joiner(request.join) if kind is OperationKind.JOIN else None
             diff = compute_diff(await self._agents.gather(self._agent_timeout))
-            parked = [r for r in self._journal.unfinished() if r.state is OperationState.PARKED]
-            if parked:
-                # A half-done change must be finished before another starts on top of it.
-                raise OperationParked(
-                    f"{len(parked)} parked operation(s) must be finished (or abandoned) first",
-                    diff_to_proto(diff),
-                    [PreconditionViolation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked],
-                )
-            # An unknown member is NOT_FOUND, not a dirty diff: there is nothing to clear.
-            member = _resolve(diff, target, request.remove_member.address) if kind.removes else None
             verdict = decide(
                 Request(
                     kind,
@@ -291,7 +285,16 @@ class Operations:
                     frozenset(request.acknowledged_discrepancy_ids),
                 ),
                 diff,
+                parked=[r for r in self._journal.unfinished() if r.state is OperationState.PARKED],
             )
+            if isinstance(verdict, Parked):
+                raise OperationParked(
+                    f"{len(verdict.violations)} parked operation(s) must be finished (or abandoned) first",
+                    diff_to_proto(diff),
+                    [PreconditionViolation(v.type, v.subject, v.description) for v in verdict.violations],
+                )
+            # An unknown member is NOT_FOUND, not a dirty diff: there is nothing to clear.
+            member = _resolve(diff, target, request.remove_member.address) if kind.removes else None
             if isinstance(verdict, Refused):
                 violations = [PreconditionViolation(v.type, v.subject, v.description) for v in verdict.violations]
                 raise DirtyMembership(
@@ -402,7 +405,9 @@ class Operations:
         reachable = set(diff.nodes) - silent_agents(diff)
         joiner = Joiner(join.name, join.address, join.certificate_pem, join.agent_address, node_id)
         try:
-            plan = plan_join(diff, joiner, reachable=reachable, certificates=self._agents.certificates())
+            plan = plan_join(
+                diff, joiner, reachable=reachable, certificates=self._trust.certificates(self._registry.members())
+            )
         except CannotPlan as error:
             violation = PreconditionViolation("CANNOT_PLAN", join.name, str(error))
             raise DirtyMembership(str(error), diff_to_proto(diff), [violation]) from None
@@ -638,9 +643,7 @@ class Operations:
             return  # it still cannot go on: it stays parked as it is, and the journal is not written
         if record.state is OperationState.PARKED:
             record = self._save(apply(record, Resume(), time.time()))
-        elif record.state is OperationState.QUEUED:
-            self._save(apply(record, RollBack("the coordinator stopped before it ran"), time.time()))
-            return
+        # A QUEUED one never sent a step: recovery decides Back with nothing to undo, and a join's token is released.
         await self._settle(record, decision)
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -720,9 +723,9 @@ def _join_violations(join: operation_pb2.JoinOperation) -> list[FieldViolation]:
     if problem is not None:
         violations.append(FieldViolation("join.name", f"a member name {problem}"))
     for field, value in (("join.address", join.address), ("join.agent_address", join.agent_address)):
-        host, colon, port = value.rpartition(":")
-        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
-            violations.append(FieldViolation(field, "must be host:port"))
+        problem = address_problem(value)
+        if problem is not None:
+            violations.append(FieldViolation(field, problem))
     try:
         pki.fingerprint(join.certificate_pem)
     except ValueError:

@@ -57,6 +57,7 @@ from coordinator.files import write_atomically
 from coordinator.gather import Agents
 from coordinator.join_gate import DEFAULT_LIMIT, JoinGate
 from coordinator.journal import InvalidPageToken, Journal, JournalDamaged
+from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import diff_to_proto, operation_to_proto, token_to_proto
 from coordinator.operations import Caller, DeadlinePassed, Operations
 from coordinator.pki import read_identity
@@ -288,16 +289,18 @@ async def serve(config: dict[str, Any]) -> None:
         raise ValueError(f"reconcile_interval must be a positive number of seconds, not {interval!r}")
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry.open(Path(config["registry"]))
-    agents = Agents(identity, registry)
+    learned = LearnedTrust()
+    agents = Agents(identity, registry, learned)
     # The agents that answer are evidence of the journal's past: one that admitted an epoch the journal never reached
     # proves the journal lost what it recorded, and opening it would start below that epoch (journal.py, `diagnose`).
     seen = await ask_agents(identity, registry.members(), DEFAULT_AGENT_TIMEOUT)
     journal = Journal.open(Path(config["journal"]), seen_epochs={a.name: a.epoch for a in seen if a.epoch is not None})
-    trust = UnionTrust(registry, agents)
+    trust = UnionTrust(registry, learned)
     listen = config["listen"]
     operations = Operations(
         journal=journal,
         agents=agents,
+        trust=learned,
         registry=registry,
         cluster_id=config["cluster_id"],
         certificate_fingerprint=identity.fingerprint,

@@ -28,6 +28,7 @@ from coordinator.agent.members_table import delete_member, upsert_member
 from coordinator.agent.raft_files import write_raft_config
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.agent.truststore import TruststoreReader, file_name_problem, write_truststore_entry
+from coordinator.core.addresses import address_problem
 from coordinator.core.model import Role, Source, SourceReport
 from coordinator.errors import AlreadyExists, FieldViolation, InvalidRequest, SourceNotRewritable, StaleEpoch
 from coordinator.files import write_atomically
@@ -98,10 +99,8 @@ def _usable_name(field: str, name: str) -> list[FieldViolation]:
 
 
 def _address(field: str, address: str) -> list[FieldViolation]:
-    host, colon, port = address.rpartition(":")
-    if not (colon and host and port.isdigit() and int(port) < 65536):
-        return [FieldViolation(field, f"{address!r} is not an address of the form ip:port")]
-    return []
+    problem = address_problem(address)
+    return [] if problem is None else [FieldViolation(field, problem)]
 
 
 def _certificate(field: str, pem: str) -> list[FieldViolation]:

@@ -1,6 +1,9 @@
 """The guard: may this membership operation run against this diff? ("clear the diff before mutating")
 
-`decide` takes the request, a fresh diff and the quorum input, and answers in this order (docs/design.md, "The guard"):
+`decide` takes the request, a fresh diff, the quorum input and the parked operations, and answers in this order
+(docs/design.md, "The guard"):
+0. a parked operation → Parked, whatever the diff says: a half-done change must be finished (or abandoned) before
+   another starts on top of it, and its violations say what would clear it;
 1. a discrepancy that blocks this operation and was not acknowledged → Refused, one violation per discrepancy;
    violations of the quorum rule (quorum.py) are refused in the same verdict, so the caller sees everything at once;
 2. a fingerprint that is not the diff's → Stale (the caller re-reads and retries: its test-and-set failed);
@@ -22,13 +25,13 @@ Pure: Refused and Stale become FAILED_PRECONDITION (with google.rpc.Precondition
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
 from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity
-from coordinator.core.operation import OperationKind
+from coordinator.core.operation import OperationKind, OperationRecord
 from coordinator.core.quorum import QuorumInput, QuorumViolation, check_add, check_remove, raft_key
 
 
@@ -62,14 +65,19 @@ class Request:
 class Violation:
     """One reason for a refusal, shaped like google.rpc.PreconditionFailure.Violation."""
 
-    type: str  # the discrepancy kind's name, "QUORUM" or "UNKNOWN_MEMBER"
-    subject: str  # the discrepancy id, or the member's name
+    type: str  # the discrepancy kind's name, "QUORUM", "UNKNOWN_MEMBER" or "PARKED_OPERATION"
+    subject: str  # the discrepancy id, the member's name, or the parked operation's id
     description: str
 
 
 @dataclass(frozen=True)
 class Proceed:
     acknowledged_used: frozenset[str]  # the acknowledged ids without which the operation would have been refused
+
+
+@dataclass(frozen=True)
+class Parked:
+    violations: tuple[Violation, ...]  # one PARKED_OPERATION per parked operation, in the order given
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class Stale:
     current_fingerprint: str
 
 
-Verdict = Proceed | Refused | Stale
+Verdict = Proceed | Parked | Refused | Stale
 
 
 _K = DiscrepancyKind
@@ -148,8 +156,15 @@ _DOING = {
 }
 
 
-def decide(request: Request, diff: MembershipDiff, quorum: QuorumInput | None = None) -> Verdict:
+def decide(
+    request: Request,
+    diff: MembershipDiff,
+    quorum: QuorumInput | None = None,
+    parked: Sequence[OperationRecord] = (),
+) -> Verdict:
     """The guard's verdict on request against a fresh diff; quorum defaults to what the diff itself shows."""
+    if parked:
+        return Parked(tuple(Violation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked))
     quorum = QuorumInput.from_diff(diff) if quorum is None else quorum
     target = _Target.named(request.member, diff)
     violations: list[Violation] = []

@@ -43,7 +43,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import json
 import math
 import re
@@ -51,6 +50,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
+
+from coordinator.core.addresses import address_problem
 
 PREFIX = "mgt1."
 DEFAULT_TTL = 3600.0  # seconds, when IssueTokenOperation.ttl is unset
@@ -71,11 +72,6 @@ _CLUSTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL_CHARACTERS = re.compile(r"[a-z0-9-]+")
 _DIGITS = re.compile(r"[0-9]+")
 _UPPERCASE = re.compile(r"[A-Z]")
-_ADDRESS = re.compile(
-    r"(?P<host>\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"  # [ipv6], ipv4 or DNS name
-    r":(?P<port>[1-9][0-9]{0,4})"
-)
-
 
 # --- errors ---------------------------------------------------------------------------------------------------------
 
@@ -191,21 +187,6 @@ def dns_name_problem(name: object) -> str | None:
     return None
 
 
-def _address_problem(address: object) -> str | None:
-    if not isinstance(address, str):
-        return "is not a string"
-    found = _ADDRESS.fullmatch(address)
-    if found is None or int(found["port"]) > 65535:
-        return 'is not "host:port" or "[ipv6]:port"'
-    host = found["host"]
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return "has a malformed IPv6 address"
-    return None
-
-
 def _token_problem(token: JoinToken) -> str | None:
     """What is wrong with a token's fields, naming the field and never its value."""
     problem = dns_name_problem(token.name)
@@ -218,7 +199,7 @@ def _token_problem(token: JoinToken) -> str | None:
     if not isinstance(token.join_addresses, tuple) or not 1 <= len(token.join_addresses) <= MAX_JOIN_ADDRESSES:
         return f"join_addresses must hold 1 to {MAX_JOIN_ADDRESSES} addresses"
     for number, address in enumerate(token.join_addresses, 1):
-        problem = _address_problem(address)
+        problem = address_problem(address)
         if problem is not None:
             return f"join address {number} {problem}"
     if len(set(token.join_addresses)) != len(token.join_addresses):

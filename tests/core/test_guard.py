@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from coordinator.core.diff import compute_diff, discrepancy_id
 from coordinator.core.guard import (
     POLICY,
+    Parked,
     Proceed,
     Refused,
     Request,
@@ -39,7 +40,7 @@ from coordinator.core.model import (
     Severity,
     Source,
 )
-from coordinator.core.operation import OperationKind
+from coordinator.core.operation import Audit, OperationKind, OperationRecord, OperationState
 from coordinator.core.quorum import QuorumInput
 
 from .views import (
@@ -296,6 +297,41 @@ def test_no_leader_refuses_every_operation_acknowledged_or_not_and_says_how_to_r
         (no_leader,) = [v for v in verdict.violations if v.type == "NO_LEADER"]
         assert ".reconfigure" in no_leader.description and "cluster edit" in no_leader.description
         assert "once" in no_leader.description
+
+
+def _parked(op_id: str, member: str) -> OperationRecord:
+    return OperationRecord(
+        id=op_id,
+        kind=OperationKind.REMOVE,
+        member=Member(name=member),
+        state=OperationState.PARKED,
+        steps=(),
+        error=f"{member}'s agent did not answer",
+        plan=f"bring {member} back",
+        audit=Audit(requested_by="operator", certificate_fingerprint="", request_id=op_id, verdict="", fingerprint=""),
+        epoch=1,
+        created_at=0.0,
+        updated_at=0.0,
+    )
+
+
+def test_a_parked_operation_stops_every_operation_before_anything_else_is_weighed() -> None:
+    # A clean diff, a dirty one, a stale fingerprint, an acknowledged id: a parked operation comes first in each case.
+    clean = compute_diff(consistent_view(3))
+    dirty = compute_diff(drop_records(consistent_view(3), Source.TRUSTSTORE, address(3), ["n2"]))
+    assert not clean.discrepancies and dirty.discrepancies
+    parked = [_parked("op-7", "n3"), _parked("op-9", "n2")]
+    for diff in (clean, dirty):
+        for operation in OperationKind:
+            every_id = [d.id for d in diff.discrepancies]
+            verdict = decide(request(operation, "n3", *every_id, fingerprint="stale"), diff, parked=parked)
+            assert verdict == Parked(
+                (
+                    Violation("PARKED_OPERATION", "op-7", "n3's agent did not answer; bring n3 back"),
+                    Violation("PARKED_OPERATION", "op-9", "n2's agent did not answer; bring n2 back"),
+                )
+            )
+    assert isinstance(decide(request(OperationKind.JOIN, "n4"), clean, parked=[]), Proceed)
 
 
 def test_an_unknown_kind_blocks_every_operation() -> None:
