@@ -101,7 +101,8 @@ def test_the_core_is_pure(path: Path) -> None:
     bad = [
         f"line {line}: {module}"
         for line, module in _imports(path)
-        if module.split(".")[0] in CORE_FORBIDDEN or (_in(module, "coordinator") and not _in(module, "coordinator.core"))
+        if module.split(".")[0] in CORE_FORBIDDEN
+        or (_in(module, "coordinator") and not _in(module, "coordinator.core"))
     ]
     bad += [f"line {line}: open()" for line in _opens_files(path.read_text())]
     assert not bad, f"{path.relative_to(ROOT)} reaches outside the pure core: {bad}"
