@@ -42,6 +42,7 @@ from coordinator.core.model import (
     Severity,
     Source,
     SourceReport,
+    same_member,
 )
 
 # Both encodings are compared across coordinators and releases: change them only together with their version.
@@ -822,14 +823,7 @@ def _holdings(member: Member, ref: _Reference) -> tuple[Evidence, ...]:
 
 
 def _about(member: Member, records: Iterable[MemberRecord]) -> tuple[MemberRecord, ...]:
-    return tuple(
-        record
-        for record in records
-        if (member.name and record.name == member.name)
-        or (member.certificate_fingerprint and record.certificate_fingerprint == member.certificate_fingerprint)
-        or (member.address and record.address == member.address)
-        or (member.node_id and record.node_id == member.node_id)
-    )
+    return tuple(record for record in records if same_member(record, member))
 
 
 def _same_entry(record: MemberRecord, entry: MemberRecord) -> bool:

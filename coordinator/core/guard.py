@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
-from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity
+from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity, same_member
 from coordinator.core.operation import OperationKind, OperationRecord
 from coordinator.core.quorum import QuorumInput, QuorumViolation, check_add, check_remove, raft_key
 
@@ -232,9 +232,7 @@ class _Target:
     name: str
     known: bool  # some member, discrepancy or node goes by this name
     members: tuple[Member, ...]  # the diff's members going by it
-    addresses: frozenset[str]
-    node_ids: frozenset[int]
-    certificates: frozenset[str]
+    identities: tuple[Member, ...]  # those and the members of the discrepancies going by it
 
     @classmethod
     def named(cls, name: str, diff: MembershipDiff) -> _Target:
@@ -248,9 +246,7 @@ class _Target:
             name=name,
             known=bool(identities) or name in diff.nodes,
             members=members,
-            addresses=frozenset(m.address for m in identities if m.address),
-            node_ids=frozenset(m.node_id for m in identities if m.node_id),
-            certificates=frozenset(m.certificate_fingerprint for m in identities if m.certificate_fingerprint),
+            identities=tuple(identities),
         )
 
     def about(self, d: Discrepancy) -> bool:
@@ -259,12 +255,7 @@ class _Target:
         m = d.member
         if m is None:
             return d.node in ("", self.name)
-        return (
-            (bool(m.name) and m.name == self.name)
-            or (bool(m.address) and m.address in self.addresses)
-            or (bool(m.node_id) and m.node_id in self.node_ids)
-            or (bool(m.certificate_fingerprint) and m.certificate_fingerprint in self.certificates)
-        )
+        return (bool(m.name) and m.name == self.name) or any(same_member(m, identity) for identity in self.identities)
 
 
 def _target_violations(request: Request, target: _Target) -> list[Violation]:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from coordinator.core.diff import discrepancy_order
-from coordinator.core.model import Discrepancy, Evidence, Member, MemberRecord, MembershipDiff, Severity
+from coordinator.core.model import Discrepancy, Evidence, Member, MemberRecord, MembershipDiff, Severity, same_member
 from coordinator.core.operation import OperationRecord, OperationState
 
 IN_FLIGHT = frozenset({OperationState.QUEUED, OperationState.RUNNING})
@@ -46,9 +46,9 @@ def is_about(discrepancy: Discrepancy, member: Member) -> bool:
     if member.name and discrepancy.node == member.name:
         return True
     if discrepancy.member is not None:
-        return _same(discrepancy.member, member)
+        return same_member(discrepancy.member, member)
     differing = _differing(discrepancy.evidence)
-    return bool(differing) and all(_same(record, member) for record in differing)
+    return bool(differing) and all(same_member(record, member) for record in differing)
 
 
 def _explained(discrepancy: Discrepancy, in_flight: Sequence[OperationRecord]) -> Discrepancy:
@@ -56,14 +56,6 @@ def _explained(discrepancy: Discrepancy, in_flight: Sequence[OperationRecord]) -
         if is_about(discrepancy, operation.member):
             return replace(discrepancy, severity=Severity.INFO, explained_by=operation.id)
     return discrepancy
-
-
-def _same(held: Member | MemberRecord, member: Member) -> bool:
-    return (
-        (bool(held.name) and held.name == member.name)
-        or (bool(held.address) and held.address == member.address)
-        or (held.node_id != 0 and held.node_id == member.node_id)
-    )
 
 
 def _differing(evidence: Sequence[Evidence]) -> list[MemberRecord]:

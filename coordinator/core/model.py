@@ -183,6 +183,18 @@ class Member:
     role: Role | None = None
 
 
+def same_member(held: Member | MemberRecord, member: Member) -> bool:
+    """Whether held is a record of member: the one rule for "is this about member M?". Each source records only part
+    of a member's identity (a Raft entry has no name, a truststore record no node ID), so sharing any non-empty part
+    of it (name, certificate fingerprint, address, node ID) is enough."""
+    return (
+        (bool(held.name) and held.name == member.name)
+        or (bool(held.certificate_fingerprint) and held.certificate_fingerprint == member.certificate_fingerprint)
+        or (bool(held.address) and held.address == member.address)
+        or (held.node_id != 0 and held.node_id == member.node_id)
+    )
+
+
 @dataclass(frozen=True)
 class Evidence:
     source: Source

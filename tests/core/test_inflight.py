@@ -73,10 +73,11 @@ def test_the_members_own_silent_agent_is_explained_even_once_it_is_no_member() -
     assert [(d.node, d.severity, d.explained_by) for d in unreachable] == [("n3", INFO, "op-1")]
 
 
-def test_a_member_is_recognised_by_any_one_of_name_address_and_node_id() -> None:
+def test_a_member_is_recognised_by_any_one_of_name_certificate_address_and_node_id() -> None:
     diff = compute_diff(removal_half_done())
     whole = explain_in_flight(diff, [operation(member(3))])
-    for partial in (Member(name="n3"), Member(address=address(3)), Member(node_id=3)):
+    certificate = Member(certificate_fingerprint=fingerprint_of("n3"))
+    for partial in (Member(name="n3"), certificate, Member(address=address(3)), Member(node_id=3)):
         explained = [d.id for d in explain_in_flight(diff, [operation(partial)]).discrepancies if d.explained_by]
         assert explained, partial
         assert set(explained) <= {d.id for d in whole.discrepancies if d.explained_by}, partial
