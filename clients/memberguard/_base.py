@@ -11,7 +11,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +33,18 @@ StrPath = str | os.PathLike[str]
 
 #: The most the coordinator lets an agent take (CheckMembershipRequest.agent_timeout).
 MAX_AGENT_TIMEOUT = 60.0
+
+#: The environment variables that name an endpoint, each overriding its field of the profile (as etcdctl's ETCDCTL_*).
+ENVIRONMENT = {
+    "address": "MEMBERGUARD_ADDRESS",
+    "ca": "MEMBERGUARD_CA",
+    "server_name": "MEMBERGUARD_SERVER_NAME",
+    "cert": "MEMBERGUARD_CERT",
+    "key": "MEMBERGUARD_KEY",
+}
+#: Where the profile is read from when MEMBERGUARD_PROFILE does not say: $XDG_CONFIG_HOME/memberguard/profile.json.
+PROFILE_VARIABLE = "MEMBERGUARD_PROFILE"
+_PATH_FIELDS = ("ca", "cert", "key")
 
 #: The ErrorInfo reason of an InvalidArgument raised by the client itself, before sending anything.
 CLIENT_VALIDATION = "CLIENT_VALIDATION"
@@ -97,6 +109,70 @@ class Endpoint:
             cert=directory / item("operator", "cert"),
             key=directory / item("operator", "key"),
         )
+
+    @classmethod
+    def from_profile(cls, environ: Mapping[str, str] | None = None, **given: str | None) -> Endpoint:
+        """The endpoint that `given` (the caller's own settings, e.g. command-line flags), the environment and the
+        profile name, each field from the first of them that has it.
+
+        The profile is a JSON object with the five fields (`memberguard adopt` writes one): address, ca, server_name,
+        cert and key, the last three paths relative to the profile's directory. It is MEMBERGUARD_PROFILE, else
+        $XDG_CONFIG_HOME/memberguard/profile.json (~/.config when unset); a missing default profile is no error.
+        Raises ValueError naming what is missing or malformed, OSError when a file cannot be read.
+        """
+        environ = os.environ if environ is None else environ
+        profile, base = _read_profile(environ)
+        fields: dict[str, str] = {}
+        for name, variable in ENVIRONMENT.items():
+            if given.get(name):
+                fields[name] = str(given[name])
+            elif environ.get(variable):
+                fields[name] = environ[variable]
+            elif name in profile:
+                fields[name] = str(base / profile[name]) if name in _PATH_FIELDS else profile[name]
+        missing = [name for name in ENVIRONMENT if name not in fields]
+        if missing:
+            where = f"the profile {profile_path(environ)}" if profile else "no profile"
+            raise ValueError(
+                f"no {', '.join(missing)} for the coordinator: give them as flags, as "
+                f"{', '.join(ENVIRONMENT[m] for m in missing)}, or in a profile ({where})"
+            )
+        return cls.from_files(
+            fields["address"],
+            ca=fields["ca"],
+            server_name=fields["server_name"],
+            cert=fields["cert"],
+            key=fields["key"],
+        )
+
+
+def profile_path(environ: Mapping[str, str]) -> Path:
+    """The profile `Endpoint.from_profile` reads: MEMBERGUARD_PROFILE, else the XDG default."""
+    if environ.get(PROFILE_VARIABLE):
+        return Path(environ[PROFILE_VARIABLE])
+    config_home = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "~")).expanduser() / ".config")
+    return Path(config_home) / "memberguard" / "profile.json"
+
+
+def _read_profile(environ: Mapping[str, str]) -> tuple[dict[str, str], Path]:
+    path = profile_path(environ)
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        if environ.get(PROFILE_VARIABLE):
+            raise
+        return {}, path.parent
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    unknown = sorted(set(document) - set(ENVIRONMENT))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    bad = [name for name, value in document.items() if not isinstance(value, str) or not value]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)} must be non-empty strings")
+    return document, path.parent
 
 
 def _check_tls_material(ca: bytes, cert: bytes, key: bytes) -> None:
