@@ -4,28 +4,36 @@ Every subcommand sets `handler` (args -> exit status) on its parser; `main` only
 commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
 `token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). `join` is the joining
 node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). `journal recover`
-runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). `lab ...`
-comes from the lab (coordinator.lab.lab.register), the one import of the lab in the product.
+runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). `version`
+asks nobody. `lab ...` comes from the lab (coordinator.lab.lab.register), the one import of the lab in the product.
+
+Output (`-o table|json|yaml`, `--json` the same as `-o json`): `table` is text for a person; `json` is the proto3 JSON
+mapping as grpcurl prints it (MessageToJson's defaults: lowerCamelCase names, enums by name, 64-bit integers as
+strings, default values left out), and `yaml` the same document in YAML. A call the coordinator failed prints, in
+json or yaml, its rich status on stdout as well (`_error_document`); its error line stays on stderr.
 
 Exit status (EXIT_STATUSES, also the parser's epilog): 0 success; 1 `check` found a discrepancy WARNING or worse,
 or the operation shown did not succeed; 2 a usage error (bad arguments, a request the coordinator calls invalid, a
 missing or unreadable file); 3 the coordinator cannot be reached, refuses the call (a token expired, refused or in
 use included), or has no such token or operation; 4 the guard refused the change (DirtyMembership, OperationParked
-or StaleFingerprint). `_failure` says which, by the error's type: the client decodes it by the ErrorInfo reason.
+or StaleFingerprint). `_ending` says which, by the error's type: the client decodes it by the ErrorInfo reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import importlib.metadata
+import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 # gRPC's C core writes its own lines to stderr (a failed TLS handshake, for one), which would break the one-line
 # error contract; the error line check prints says what failed. The C core reads GRPC_VERBOSITY only when grpc is
@@ -36,14 +44,21 @@ if "grpc" not in sys.modules:
 
 import grpc
 import memberguard
-from google.protobuf import json_format, timestamp_pb2
+import yaml
+from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
+
+# Imported for the detail types they register too: an error's details are printed through the default pool.
+from google.rpc import error_details_pb2, status_pb2
 from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.core.tokens import MalformedToken
 from coordinator.lab import lab as labs
+
+if TYPE_CHECKING:
+    from coordinator.journal_recovery import Recovered
 
 EXIT_OK = 0
 EXIT_DISCREPANCIES = 1
@@ -79,21 +94,46 @@ _FINISHED = (
     operation_pb2.OPERATION_STATE_PARKED,
 )
 
+_OUTPUTS = ("table", "json", "yaml")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Puts itself in the namespace as `parser` when it parses: the innermost command's parser wins (a subcommand's
+    defaults are set after its parent's), and is the one to report that command's usage errors. Subparsers are of
+    the class of their parent, so the lab's commands are too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(parser=self)
+
+
 # A string: argparse._SubParsersAction is generic for type checkers only.
-_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+_Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 class _Exit(Exception):
-    """Ends a command: its status, one error line on stderr, and for a refusal the lines that say why."""
+    """Ends a command: its status, one error line on stderr, and for a refusal the lines that say why; `output`, if
+    any, goes to stdout first (a failed call's status, in json or yaml)."""
 
-    def __init__(self, status: int, message: str, *, prog: str = "memberguard", detail: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        prog: str = "memberguard",
+        detail: Sequence[str] = (),
+        output: str = "",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.prog = prog
         self.detail = list(detail)
+        self.output = output
 
     def report(self) -> int:
+        if self.output:
+            print(self.output, flush=True)
         _fail(self.status, self.message, prog=self.prog)
         for line in self.detail:
             print(line, file=sys.stderr)
@@ -103,7 +143,11 @@ class _Exit(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # parse_args would report them through the top-level parser, whose usage says nothing of the command's
+            # options; the command's own parser shows its usage.
+            args.parser.error("unrecognized arguments: " + " ".join(unknown))
     except SystemExit as exc:
         # argparse exits 2 on a usage error and 0 after --help; return that status instead of raising it.
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -115,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memberguard",
         description="Check and guard cluster membership through the memberguard coordinator.",
         epilog=EXIT_STATUSES,
@@ -129,27 +173,65 @@ def build_parser() -> argparse.ArgumentParser:
     _register_abandon(subparsers)
     _register_join(subparsers)
     _register_journal(subparsers)
+    _register_version(subparsers)
     labs.register(subparsers)
     return parser
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """-o, and --json as its alias; given both, argparse refuses, since which one was meant is a guess."""
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "-o",
+        "--output",
+        choices=_OUTPUTS,
+        default="table",
+        help="table (the default), or the result in the proto3 JSON mapping as json or yaml; in json or yaml a "
+        "failed call prints its status on stdout too",
+    )
+    output.add_argument("--json", dest="output", action="store_const", const="json", help="the same as -o json")
+
+
+def _show(args: argparse.Namespace, text: str, shown: Message | Mapping[str, Any]) -> None:
+    """Prints text (the table), or shown in the JSON mapping: a message, or a dict already named as one would be."""
+    print(text if args.output == "table" else _formatted(args.output, shown), flush=True)
+
+
+def _formatted(output: str, shown: Message | Mapping[str, Any]) -> str:
+    # MessageToDict is the object MessageToJson dumps, so a message and a dict come out alike.
+    document = json_format.MessageToDict(shown) if isinstance(shown, Message) else shown
+    text = json.dumps(document, indent=2)
+    if output == "json":
+        return text
+    # The JSON read back is the same document in plain dicts, its order kept (MessageToDict writes an Any as an
+    # OrderedDict, which safe_dump refuses).
+    return yaml.safe_dump(json.loads(text), sort_keys=False, default_flow_style=False).rstrip("\n")
 
 
 # --- the coordinator: options, endpoint, client ----------------------------------------------------------------
 
 
 def _add_coordinator_options(parser: argparse.ArgumentParser, *, timeout: float) -> None:
-    """The options every command that calls the coordinator takes: where it is, --json and --timeout."""
-    where = parser.add_argument_group("coordinator", "either --lab, or all five of the other options")
+    """The options every command that calls the coordinator takes: where it is, the output and --timeout."""
+    where = parser.add_argument_group(
+        "coordinator",
+        "either --lab, or the five others; each of those falls back to its MEMBERGUARD_* variable "
+        "(MEMBERGUARD_ADDRESS, _CA, _SERVER_NAME, _CERT, _KEY), then to the profile: MEMBERGUARD_PROFILE, else "
+        "~/.config/memberguard/profile.json",
+    )
     where.add_argument("--lab", metavar="DIR", help="a lab directory holding lab.json")
     where.add_argument("--address", metavar="HOST:PORT", help="the coordinator's address")
     where.add_argument("--ca", metavar="FILE", help="PEM certificate(s) to trust for the coordinator")
     where.add_argument("--server-name", metavar="NAME", help="the name in the coordinator's certificate")
     where.add_argument("--cert", metavar="FILE", help="your PEM certificate")
     where.add_argument("--key", metavar="FILE", help="your PEM private key")
-    parser.add_argument("--json", action="store_true", help="print the response in the protobuf JSON mapping")
+    _add_output_options(parser)
     parser.add_argument(
         "--timeout", type=_seconds, default=timeout, metavar="S", help=f"call deadline (default {timeout:g})"
     )
-    parser.set_defaults(parser=parser)
 
 
 def _endpoint(args: argparse.Namespace) -> memberguard.Endpoint:
@@ -157,18 +239,11 @@ def _endpoint(args: argparse.Namespace) -> memberguard.Endpoint:
     given = [flag for flag in _ENDPOINT_FLAGS if getattr(args, flag) is not None]
     if args.lab is not None and given:
         raise _usage(parser, "--lab cannot be combined with " + ", ".join(_option(f) for f in given))
-    if args.lab is None and len(given) < len(_ENDPOINT_FLAGS):
-        missing = [_option(f) for f in _ENDPOINT_FLAGS if f not in given]
-        raise _usage(
-            parser,
-            "give --lab DIR, or all of --address --ca --server-name --cert --key; missing: " + " ".join(missing),
-        )
     try:
         if args.lab is not None:
             return memberguard.Endpoint.from_lab(args.lab)
-        return memberguard.Endpoint.from_files(
-            args.address, ca=args.ca, server_name=args.server_name, cert=args.cert, key=args.key
-        )
+        # Each field from its flag, else its MEMBERGUARD_* variable, else the profile.
+        return memberguard.Endpoint.from_profile(**{flag: getattr(args, flag) for flag in _ENDPOINT_FLAGS})
     except OSError as exc:
         raise _usage(parser, f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc)) from None
     except ValueError as exc:
@@ -183,10 +258,18 @@ def _connected(args: argparse.Namespace) -> Iterator[memberguard.Client]:
         with memberguard.Client(endpoint) as client:
             yield client
     except memberguard.MemberguardError as exc:
-        raise _failure(exc, f"coordinator {endpoint.address}") from None
+        raise _failure(args, exc, f"coordinator {endpoint.address}") from None
 
 
-def _failure(exc: memberguard.MemberguardError, where: str) -> _Exit:
+def _failure(args: argparse.Namespace, exc: memberguard.MemberguardError, where: str) -> _Exit:
+    """How a failed call ends the command (_ending), and in json or yaml its status on stdout."""
+    stop = _ending(exc, where)
+    if args.output != "table":
+        stop.output = _formatted(args.output, _error_document(exc))
+    return stop
+
+
+def _ending(exc: memberguard.MemberguardError, where: str) -> _Exit:
     """How a failed call ends the command, by the error's type: 2 an invalid request, 4 the guard said no, 3 anything
     else, each with a line that says what it means."""
     if isinstance(exc, memberguard.InvalidArgument):
@@ -227,8 +310,40 @@ def _refusal(exc: memberguard.MembershipRefused) -> _Exit:
     return _Exit(EXIT_REFUSED, f"the guard refused: {exc}", detail=detail)
 
 
-def _show(args: argparse.Namespace, message: Message, text: str) -> None:
-    print(json_format.MessageToJson(message) if args.json else text)
+def _error_document(exc: memberguard.MemberguardError) -> dict[str, Any]:
+    """The failed call's google.rpc.Status in the JSON mapping (each detail an Any: its "@type" and its fields), but
+    with the code by name, as grpcurl prints an error; an empty message or no details are left out like any default."""
+    status = exc.status or _own_status(exc)
+    document: dict[str, Any] = {"code": exc.code.name}
+    if exc.message:
+        document["message"] = exc.message
+    if status.details:
+        document["details"] = [_detail(detail) for detail in status.details]
+    return document
+
+
+def _own_status(exc: memberguard.MemberguardError) -> status_pb2.Status:
+    """For an error the client raised itself (a request it would not send): its reason and field violations, as the
+    coordinator sends them."""
+    status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
+    if exc.reason:
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=exc.reason, metadata=exc.metadata))
+    if isinstance(exc, memberguard.InvalidArgument) and exc.field_violations:
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=description)
+            for name, description in exc.field_violations
+        ]
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
+    return status
+
+
+def _detail(detail: any_pb2.Any) -> dict[str, Any]:
+    try:
+        return json_format.MessageToDict(detail)
+    except TypeError:
+        # A type this CLI was built without (a newer coordinator's): its bytes, as the mapping writes a well-known
+        # type's value, rather than no answer at all.
+        return {"@type": detail.type_url, "value": base64.b64encode(detail.value).decode()}
 
 
 # --- check -----------------------------------------------------------------------------------------------------
@@ -266,7 +381,7 @@ def _run_check(args: argparse.Namespace) -> int:
             minimum_severity=_SEVERITIES[args.min_severity] if args.min_severity else None,
             timeout=args.timeout,
         )
-    _show(args, response, render_diff(response.diff))
+    _show(args, render_diff(response.diff), response)
     blocks = any(d.severity != membership_pb2.SEVERITY_INFO for d in response.diff.discrepancies)
     return EXIT_DISCREPANCIES if blocks else EXIT_OK
 
@@ -359,8 +474,8 @@ def _run_token_issue(args: argparse.Namespace) -> int:
     with _connected(args) as client:
         operation = client.issue_token(args.name, ttl=args.ttl, request_id=args.request_id, timeout=args.timeout)
         # Print before asking anything else: this answer is the only copy of the token.
-        if args.json or operation.token:
-            print(json_format.MessageToJson(operation) if args.json else operation.token, flush=True)
+        if args.output != "table" or operation.token:
+            _show(args, operation.token, operation)
         if operation.token:
             print(_expiry_line(client, args.name, args.timeout), file=sys.stderr)
     if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
@@ -387,15 +502,15 @@ def _expiry_line(client: memberguard.Client, name: str, timeout: float) -> str:
 def _run_token_list(args: argparse.Namespace) -> int:
     with _connected(args) as client:
         tokens = client.list_tokens(timeout=args.timeout)
-    # The client hands back the tokens alone; --json prints them as the response message (without its header).
-    _show(args, coordinator_pb2.ListTokensResponse(tokens=tokens), render_tokens(tokens))
+    # The client hands back the tokens alone; json and yaml show them as the response message (without its header).
+    _show(args, render_tokens(tokens), coordinator_pb2.ListTokensResponse(tokens=tokens))
     return EXIT_OK
 
 
 def _run_token_revoke(args: argparse.Namespace) -> int:
     with _connected(args) as client:
         token = client.revoke_token(args.name, timeout=args.timeout)
-    _show(args, token, f"revoked the token for {token.name} (it expired at {_when(token.expires_at)})")
+    _show(args, f"revoked the token for {token.name} (it expired at {_when(token.expires_at)})", token)
     return EXIT_OK
 
 
@@ -454,7 +569,7 @@ def _run_remove(args: argparse.Namespace) -> int:
             request_id=args.request_id,
             timeout=args.timeout,
         )
-    _show(args, operation, render_operation(operation))
+    _show(args, render_operation(operation), operation)
     return _outcome(args, operation)
 
 
@@ -528,7 +643,7 @@ def _run_abandon(args: argparse.Namespace) -> int:
         operation = client.abandon_operation(
             args.id, args.reason, force=args.force, acknowledged_discrepancy_ids=args.ack, timeout=args.timeout
         )
-    _show(args, operation, render_operation(operation))
+    _show(args, render_operation(operation), operation)
     return EXIT_OK
 
 
@@ -561,7 +676,7 @@ def _run_ops(args: argparse.Namespace) -> int:
         else:
             # --timeout bounds the answer, not the wait: the call may take the wait and then that much longer.
             operation = client.wait_operation(args.id, wait=args.wait, timeout=args.wait + args.timeout)
-    _show(args, operation, render_operation(operation))
+    _show(args, render_operation(operation), operation)
     return _outcome(args, operation)
 
 
@@ -570,8 +685,8 @@ def _list_operations(args: argparse.Namespace) -> int:
         raise _usage(args.parser, f"--limit must be at least 1, not {args.limit}")
     with _connected(args) as client:
         response = client.list_operations(page_size=args.limit, timeout=args.timeout)
-    _show(args, response, render_operations(response.operations))
-    if response.next_page_token and not args.json:
+    _show(args, render_operations(response.operations), response)
+    if response.next_page_token and args.output == "table":
         print(f"{args.parser.prog}: older operations are not shown; raise --limit to see them", file=sys.stderr)
     return EXIT_OK
 
@@ -615,9 +730,9 @@ def _register_join(subparsers: _Subparsers) -> None:
     join.add_argument(
         "--pins", required=True, metavar="FILE", help="the agent's trusted coordinators file (coordinators.pem)"
     )
-    join.add_argument("--json", action="store_true", help="print the operation in the protobuf JSON mapping")
+    _add_output_options(join)
     join.add_argument("--timeout", type=_seconds, default=60.0, metavar="S", help="call deadline (default 60)")
-    join.set_defaults(handler=_run_join, parser=join)
+    join.set_defaults(handler=_run_join)
 
 
 def _run_join(args: argparse.Namespace) -> int:
@@ -646,10 +761,10 @@ def _run_join(args: argparse.Namespace) -> int:
         raise _Exit(EXIT_COORDINATOR, str(exc)) from None
     except grpc.aio.AioRpcError as exc:
         # The coordinator names the token's reason (TOKEN_REVOKED, ...) and never the token itself.
-        raise _failure(memberguard.error_from_rpc(exc), "the join") from None
+        raise _failure(args, memberguard.error_from_rpc(exc), "the join") from None
     except OSError as exc:
         raise _usage(parser, f"cannot write {args.pins}: {exc.strerror or exc}") from None
-    _show(args, operation, render_operation(operation))
+    _show(args, render_operation(operation), operation)
     return _outcome(args, operation)
 
 
@@ -682,7 +797,8 @@ def _register_journal(subparsers: _Subparsers) -> None:
         action="store_true",
         help="recover even if some agent's epoch is unknown (its steps are refused until it is above it)",
     )
-    recover.set_defaults(handler=_run_journal_recover, parser=recover)
+    _add_output_options(recover)
+    recover.set_defaults(handler=_run_journal_recover)
 
 
 def _run_journal_recover(args: argparse.Namespace) -> int:
@@ -700,7 +816,53 @@ def _run_journal_recover(args: argparse.Namespace) -> int:
         raise _usage(args.parser, f"cannot read {exc.filename or config}: {exc.strerror or exc}") from None
     except (ValueError, KeyError) as exc:
         raise _usage(args.parser, f"{config} is not a coordinator configuration: {exc}") from None
-    print("\n".join(journal_recovery.describe(recovered)))
+    _show(args, "\n".join(journal_recovery.describe(recovered)), _recovery_document(recovered))
+    return EXIT_OK
+
+
+def _recovery_document(recovered: Recovered) -> dict[str, Any]:
+    """The recovery, as the new journal records it, in a dict named as the JSON mapping would name a message of it
+    (there is none: it never crosses the wire): int64s as strings, a timestamp in RFC 3339, empty values left out. An
+    agent's unknown epoch is left out and a known one kept even if 0, as for an `optional int64`."""
+    recovery = recovered.recovery
+    recovered_at = timestamp_pb2.Timestamp()
+    recovered_at.FromNanoseconds(round(recovery.recovered_at * 1e9))
+    agents = [
+        {"name": agent.name, **({} if agent.epoch is None else {"epoch": str(agent.epoch)}), "how": agent.how}
+        for agent in recovery.agents
+    ]
+    document = {
+        "journal": str(recovered.journal),
+        "recoveredAt": recovered_at.ToJsonString(),
+        "requestedBy": recovery.requested_by,
+        "damage": recovery.damage,
+        "movedTo": recovery.moved_to,
+        "moved": list(recovery.moved),
+        "agents": agents,
+        "epoch": str(recovery.epoch),
+    }
+    return {name: value for name, value in document.items() if value}
+
+
+# --- version ---------------------------------------------------------------------------------------------------
+
+
+def _register_version(subparsers: _Subparsers) -> None:
+    version = subparsers.add_parser(
+        "version",
+        help="print this program's version and the API version it speaks",
+        description="Print the memberguard package's version and the protobuf API (package) its client speaks.",
+    )
+    _add_output_options(version)
+    version.set_defaults(handler=_run_version)
+
+
+def _run_version(args: argparse.Namespace) -> int:
+    package = importlib.metadata.version("memberguard")
+    # The protos' package is the API version: memberguard.v1 until a breaking change makes a v2.
+    api = coordinator_pb2.DESCRIPTOR.package
+    # Not a proto message: a dict named as the JSON mapping names fields.
+    _show(args, f"{'version':<12} {package}\n{'api':<12} {api}", {"version": package, "apiVersion": api})
     return EXIT_OK
 
 

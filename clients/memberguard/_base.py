@@ -132,7 +132,7 @@ class Endpoint:
                 fields[name] = str(base / profile[name]) if name in _PATH_FIELDS else profile[name]
         missing = [name for name in ENVIRONMENT if name not in fields]
         if missing:
-            where = f"the profile {profile_path(environ)}" if profile else "no profile"
+            where = f"{'' if profile else 'none at '}{profile_path(environ)}"
             raise ValueError(
                 f"no {', '.join(missing)} for the coordinator: give them as flags, as "
                 f"{', '.join(ENVIRONMENT[m] for m in missing)}, or in a profile ({where})"
@@ -382,7 +382,8 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
     precondition = error_details_pb2.PreconditionFailure()
     retry = error_details_pb2.RetryInfo()
     diff: membership_pb2.MembershipDiff | None = None
-    for detail in _rich_status(exc).details:
+    status = _rich_status(exc)
+    for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             detail.Unpack(error_info)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -395,6 +396,20 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.MemberguardError:
             diff = membership_pb2.MembershipDiff()
             detail.Unpack(diff)
 
+    error = _typed(code, message, error_info, bad_request, precondition, retry, diff)
+    error.status = status
+    return error
+
+
+def _typed(
+    code: grpc.StatusCode,
+    message: str,
+    error_info: error_details_pb2.ErrorInfo,
+    bad_request: error_details_pb2.BadRequest,
+    precondition: error_details_pb2.PreconditionFailure,
+    retry: error_details_pb2.RetryInfo,
+    diff: membership_pb2.MembershipDiff | None,
+) -> errors.MemberguardError:
     kind = error_type(code, error_info.reason, error_info.domain)
     metadata = dict(error_info.metadata)
     if issubclass(kind, errors.InvalidArgument):

@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import grpc
+from google.rpc import status_pb2
 
 from memberguard.v1 import membership_pb2
 
@@ -67,6 +68,9 @@ class MemberguardError(Exception):
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.diff = diff
+        # The google.rpc.Status as the server sent it, every detail included (error_from_rpc sets it); None for an
+        # error the client raised itself.
+        self.status: status_pb2.Status | None = None
 
     def __str__(self) -> str:
         reason = f" [{self.reason}]" if self.reason else ""

@@ -1,7 +1,8 @@
-"""`memberguard check` against a real mTLS server: output, --json, and every exit status."""
+"""`memberguard check` against a real mTLS server: output, --json, a failed call's status, and every exit status."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import json_format
-from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+import yaml
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
 from memberguard.v1 import coordinator_pb2, membership_pb2
 
 from coordinator.cli import main
@@ -121,6 +125,64 @@ def test_json_is_the_response(lab: Lab, capsys: pytest.CaptureFixture[str]) -> N
     assert response.diff == inconsistent_diff()
     assert response.header.coordinator_id == COORDINATOR_ID
     assert json.loads(out)["diff"]["discrepancies"][0]["severity"] == "SEVERITY_BLOCKING"
+
+
+def test_a_failed_call_in_json_prints_every_detail_even_of_an_unknown_type(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error_info = any_pb2.Any()
+    error_info.Pack(error_details_pb2.ErrorInfo(reason="ROLE_NOT_ALLOWED", domain="memberguard.v1"))
+    # A detail of a type no module of this process defines, as a newer coordinator might send.
+    unknown = any_pb2.Any(type_url="type.googleapis.com/memberguard.v9.Future", value=b"\x08\x2a")
+
+    def refuse(request: Message, context: grpc.ServicerContext) -> membership_pb2.MembershipDiff:
+        status = status_pb2.Status(
+            code=grpc.StatusCode.PERMISSION_DENIED.value[0],
+            message="operator role required",
+            details=[error_info, unknown],
+        )
+        context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError("abort_with_status returned")
+
+    lab.fake.behaviour = refuse
+    assert main(check(lab, "-o", "json")) == 3
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and "PERMISSION_DENIED [ROLE_NOT_ALLOWED]" in err
+    assert json.loads(out) == {
+        "code": "PERMISSION_DENIED",
+        "message": "operator role required",
+        "details": [
+            json_format.MessageToDict(error_info),
+            {"@type": unknown.type_url, "value": base64.b64encode(unknown.value).decode()},
+        ],
+    }
+
+
+def test_a_request_the_client_refuses_in_json_prints_its_reason_and_violations(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(check(lab, "--agent-timeout", "61", "--json")) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("memberguard: error: invalid request: INVALID_ARGUMENT [CLIENT_VALIDATION]")
+    document = json.loads(out)
+    assert document["code"] == "INVALID_ARGUMENT" and "agent_timeout" in document["message"]
+    error_info, bad_request = (json_format.ParseDict(d, any_pb2.Any()) for d in document["details"])
+    reason = error_details_pb2.ErrorInfo()
+    violations = error_details_pb2.BadRequest()
+    assert error_info.Unpack(reason) and reason.reason == "CLIENT_VALIDATION"
+    assert bad_request.Unpack(violations) and [v.field for v in violations.field_violations] == ["agent_timeout"]
+    assert lab.fake.requests == [], "nothing was sent"
+
+
+def test_an_unreachable_coordinator_in_yaml_prints_a_status_without_details(
+    lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_lab_json(tmp_path, unused_address(), ca=lab.ca_path, cert=lab.cert_path, key=lab.key_path)
+    assert main(["check", "--lab", str(tmp_path), "--timeout", "5", "-o", "yaml"]) == 3
+    out, err = capsys.readouterr()
+    document = yaml.safe_load(out)
+    assert list(document) == ["code", "message"] and document["code"] == "UNAVAILABLE"
+    assert err.splitlines()[0].endswith(document["message"])
 
 
 def test_explicit_endpoint_and_request_options(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:

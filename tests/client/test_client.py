@@ -190,6 +190,13 @@ def test_dirty_membership_carries_violations_and_diff(lab: Lab, call: Call) -> N
     assert error.violations == [("DISCREPANCY_KIND_MISSING", diff.discrepancies[0].id, "n2 lacks n3")]
     assert error.diff == diff
     assert lab.fake.requests == [request]
+    # The status as sent, every detail in order, for a caller that wants what the typed error does not decode.
+    assert error.status is not None and error.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert [d.type_url.rpartition("/")[2] for d in error.status.details] == [
+        "google.rpc.ErrorInfo",
+        "google.rpc.PreconditionFailure",
+        "memberguard.v1.MembershipDiff",
+    ]
 
 
 def test_stale_fingerprint_carries_the_new_diff(lab: Lab, call: Call) -> None:

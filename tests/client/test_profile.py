@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,24 @@ def test_a_profile_reaches_a_real_coordinator(lab: Lab, tmp_path: Path) -> None:
     )
     with Client(Endpoint.from_profile({"MEMBERGUARD_PROFILE": str(path)})) as client:
         assert client.check_membership(timeout=10.0).diff.nodes
+
+
+def test_the_cli_reaches_a_coordinator_through_the_environment(lab: Lab, tmp_path: Path) -> None:
+    coordinator, operator = lab.document["coordinator"], lab.document["operator"]
+    environ = {
+        "PATH": os.environ["PATH"],
+        "XDG_CONFIG_HOME": str(tmp_path),  # no profile there
+        "MEMBERGUARD_ADDRESS": coordinator["address"],
+        "MEMBERGUARD_CA": coordinator["ca"],
+        "MEMBERGUARD_SERVER_NAME": coordinator["server_name"],
+        "MEMBERGUARD_CERT": operator["cert"],
+    }
+    memberguard = str(Path(sys.executable).parent / "memberguard")
+    missing = subprocess.run([memberguard, "check"], env=environ, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "MEMBERGUARD_KEY" in missing.stderr and "none at" in missing.stderr
+    environ["MEMBERGUARD_KEY"] = operator["key"]
+    found = subprocess.run(
+        [memberguard, "check", "-o", "json"], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert found.returncode == 0, found.stderr
+    assert sorted(json.loads(found.stdout)["diff"]["nodes"]) == sorted(n["name"] for n in lab.document["nodes"])
