@@ -614,8 +614,10 @@ def render_operation(operation: operation_pb2.Operation) -> str:
 def _step_line(step: operation_pb2.Step) -> str:
     mark = "✓" if step.state == operation_pb2.STEP_STATE_DONE else "·"
     undone = " (undone)" if step.state == operation_pb2.STEP_STATE_UNDONE else ""
+    skipped = " (skipped)" if step.state == operation_pb2.STEP_STATE_SKIPPED else ""
     commit = "  [commit point]" if step.commit_point else ""
-    return f"{mark} {_one_line(step.name)}{undone}{commit}"
+    deferred = "  [deferred]" if step.deferred else ""
+    return f"{mark} {_one_line(step.name)}{undone}{skipped}{commit}{deferred}"
 
 
 # --- ops -------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from coordinator.core.plan import Action
 from coordinator.core.tokens import TokenRecord, TokenState
 from coordinator.files import write_atomically
 
-SCHEMA_VERSION = 2  # 2: operations.attempts
+SCHEMA_VERSION = 3  # 2: operations.attempts; 3: steps.deferred
 
 _SCHEMA = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
@@ -108,6 +108,7 @@ _SCHEMA = (
         action TEXT,  -- what it does, as JSON: {"type": "RemoveRaftEntry", "node_id": 5, ...}; NULL for none
         state INTEGER NOT NULL,  -- StepState
         finished_at REAL,
+        deferred INTEGER NOT NULL DEFAULT 0,  -- 0 or 1: applied after the operation succeeded
         PRIMARY KEY (operation_id, position)
     ) WITHOUT ROWID""",
     """CREATE TABLE tokens (
@@ -301,8 +302,8 @@ class Journal:
             names = ", ".join(columns)
             db.execute(f"INSERT INTO operations ({names}) VALUES ({', '.join(':' + c for c in columns)})", columns)
             db.executemany(
-                "INSERT INTO steps (operation_id, position, name, commit_point, target, action, state, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO steps (operation_id, position, name, commit_point, target, action, state, finished_at,"
+                " deferred) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         record.id,
@@ -313,6 +314,7 @@ class Journal:
                         _action_json(step.action),
                         int(step.state),
                         step.finished_at,
+                        step.deferred,
                     )
                     for position, step in enumerate(record.steps)
                 ],
@@ -352,6 +354,16 @@ class Journal:
         with self._transaction() as db:
             marks = ", ".join("?" * len(_UNFINISHED))
             rows = db.execute(f"SELECT * FROM operations WHERE state IN ({marks}) ORDER BY seq", _UNFINISHED)
+            return [_record(db, row) for row in rows.fetchall()]
+
+    def with_remainder(self) -> list[OperationRecord]:
+        """The succeeded operations with deferred steps neither done nor skipped, in the order they were journaled."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM operations WHERE state = ? AND id IN (SELECT operation_id FROM steps WHERE deferred = 1"
+                " AND state NOT IN (?, ?)) ORDER BY seq",
+                (int(OperationState.SUCCEEDED), int(StepState.DONE), int(StepState.SKIPPED)),
+            )
             return [_record(db, row) for row in rows.fetchall()]
 
     def page(self, size: int, token: str = "") -> tuple[list[OperationRecord], str]:
@@ -743,6 +755,11 @@ def _migrate_and_bump_epoch(db: sqlite3.Connection, path: str) -> Marker:
     if exists is None:
         _create_schema(db, 0)
     (version,) = db.execute("SELECT version FROM schema_version").fetchone()
+    if version == 2:
+        # Every step of a version-2 journal was planned before deferred steps existed: none is deferred.
+        db.execute("ALTER TABLE steps ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0")
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        version = SCHEMA_VERSION
     if version != SCHEMA_VERSION:
         raise JournalError(f"journal {path} has schema version {version}; this coordinator reads {SCHEMA_VERSION}")
     for statement in _EVIDENCE_SCHEMA:
@@ -829,6 +846,7 @@ def _step(row: sqlite3.Row) -> Step:
         finished_at=row["finished_at"],
         target=row["target"],
         action=_action(row["action"]),
+        deferred=bool(row["deferred"]),
     )
 
 

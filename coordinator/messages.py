@@ -157,6 +157,7 @@ def operation_to_proto(record: OperationRecord, token: str = "") -> operation_pb
                 state=operation_pb2.StepState.ValueType(step.state),
                 commit_point=step.commit_point,
                 finished_at=_timestamp(step.finished_at) if step.finished_at is not None else None,
+                deferred=step.deferred,
             )
             for step in record.steps
         ],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -60,10 +61,12 @@ from coordinator.core.operation import (
     apply,
     committed,
     next_step,
+    remaining_deferred,
 )
 from coordinator.core.plan import (
     COORDINATOR,
     Action,
+    AgentPin,
     CannotPlan,
     EnsureMemberRow,
     EnsureRaftEntry,
@@ -105,6 +108,8 @@ from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 log = logging.getLogger("memberguard.operations")
 
 STEP_TIMEOUT = 5.0
+# A deferred step is tried at most this often (seconds): its node may stay away for good, and each try holds the lock.
+REMAINDER_RETRY = 5.0
 # After the commit point a failing step is retried this many times before the operation is parked.
 STEP_ATTEMPTS = 3
 MAX_REQUEST_ID = 128
@@ -152,6 +157,7 @@ class Operations:
         self._lock = asyncio.Lock()
         self._runs: dict[str, asyncio.Future[OperationRecord]] = {}  # running now, for WaitOperation
         self._faults = faults or Faults()
+        self._remainder_tried: dict[str, float] = {}  # operation id → when its deferred steps were last tried
 
     def listening_on(self, addresses: Sequence[str]) -> None:
         """Where joiners reach this coordinator (tokens carry it); known once the server is bound."""
@@ -430,8 +436,10 @@ class Operations:
         admitted: asyncio.Future[OperationRecord],
     ) -> Outcome:
         reachable = set(diff.nodes) - silent_agents(diff)
+        pinned = next((m for m in self._registry.members() if m.name == member.name), None)
+        agent = None if pinned is None else AgentPin(pinned.agent_address, pinned.certificate_pem)
         try:
-            plan = plan_removal(diff, member, reachable=reachable)
+            plan = plan_removal(diff, member, reachable=reachable, agent=agent)
         except CannotPlan as error:
             raise DirtyMembership(
                 str(error),
@@ -557,7 +565,7 @@ class Operations:
                 await asyncio.sleep(0.2 * (attempt + 1))
         return error
 
-    async def _apply(self, record: OperationRecord, index: int, step: Step) -> None:
+    async def _apply(self, record: OperationRecord, index: int, step: Step, *, timeout: float = STEP_TIMEOUT) -> None:
         assert step.action is not None
         if step.target == COORDINATOR:
             self._apply_own(step.action)
@@ -565,7 +573,7 @@ class Operations:
         request = _step_request(step.action)
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
-            await self._agents.apply_step(self._target(record, step.target), request, STEP_TIMEOUT)
+            await self._agents.apply_step(self._target(record, step.target), request, timeout)
         except asyncio.CancelledError as error:
             if _own_cancellation():
                 raise
@@ -604,6 +612,8 @@ class Operations:
         for step in record.steps:
             if isinstance(step.action, RegisterMember) and step.action.name == node:
                 return RegisteredMember(node, step.action.agent_address, step.action.certificate_pem)
+            if isinstance(step.action, FenceNode) and step.target == node and step.action.agent_address:
+                return RegisteredMember(node, step.action.agent_address, step.action.certificate_pem)
         raise StepFailed(f"no agent is known for {node}")
 
     # --- recovery ------------------------------------------------------------------------------------------------
@@ -612,11 +622,13 @@ class Operations:
         """Finishes or rolls back every unfinished operation that no run of this process is following: what a crash
         left, and what was parked."""
         # Looked up before the lock is taken, so that a pass with nothing to do never waits for a running operation.
-        if not self._unattended():
+        if not self._unattended() and not self._due_remainders():
             return
         async with self._lock:
             for record in self._unattended():
                 await self._recover(record)
+            for record in self._due_remainders():
+                await self._finish_remainder(record)
 
     async def reconcile_periodically(self, interval: float) -> None:
         """Reconciles every `interval` seconds, and at once when a silent agent answers again; until cancelled."""
@@ -635,6 +647,39 @@ class Operations:
 
     def _unattended(self) -> list[OperationRecord]:
         return [record for record in self._journal.unfinished() if record.id not in self._runs]
+
+    def _due_remainders(self) -> list[OperationRecord]:
+        """Succeeded removals with deferred steps not tried for REMAINDER_RETRY seconds."""
+        now = time.monotonic()
+        return [
+            record
+            for record in self._journal.with_remainder()
+            if now - self._remainder_tried.get(record.id, -math.inf) >= REMAINDER_RETRY
+        ]
+
+    async def _finish_remainder(self, record: OperationRecord) -> None:
+        """Applies what is left of a succeeded removal where its nodes answer now; a step about a name that a member
+        holds again, or on a node that has left the cluster, is skipped: it would only harm the new holder."""
+        self._remainder_tried[record.id] = time.monotonic()
+        name = record.member.name
+        registered = {m.name for m in self._registry.members()}
+        if any(r.member.name == name for r in self._journal.unfinished()):
+            return  # an operation about that name is under way: it decides what the name's records become
+        for index in remaining_deferred(record):
+            step = record.steps[index]
+            gone = step.target != name and step.target not in registered
+            if name in registered or gone:
+                record = self._save(apply(record, StepSkipped(index), time.time()))
+                continue
+            record = self._save(apply(record, StepSent(index), time.time()))
+            try:
+                await self._apply(record, index, step, timeout=self._agent_timeout)
+            except StepFailed as failure:
+                log.info("operation %s: '%s' is deferred still: %s", record.id, step.name, failure)
+                continue
+            record = self._save(apply(record, StepDone(index), time.time()))
+        if not remaining_deferred(record):
+            self._remainder_tried.pop(record.id, None)
 
     async def _recover(self, record: OperationRecord) -> None:
         """Decides one unattended operation from a fresh observation (coordinator/core/recovery.py)."""
@@ -661,7 +706,9 @@ class Operations:
             kind=kind,
             member=member,
             state=OperationState.QUEUED,
-            steps=tuple(Step(s.name, s.commit_point, target=s.target, action=s.action) for s in steps),
+            steps=tuple(
+                Step(s.name, s.commit_point, target=s.target, action=s.action, deferred=s.deferred) for s in steps
+            ),
             error="",
             plan="",
             audit=audit,

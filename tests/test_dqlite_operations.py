@@ -160,7 +160,9 @@ def test_a_dead_member_is_removed_by_force_with_its_discrepancies_acknowledged(d
         assert about, "the dead member's agent and engine are reported"
         operation = client.remove_member(dead, force=True, acknowledged=about, timeout=30)
         assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
-        assert "was not fenced" in operation.plan, "the remainder says the dead node must be reset"
+        assert "fenced when it does" in operation.plan, "the remainder says the dead node is fenced when it answers"
+        [fence] = [s for s in operation.steps if s.deferred]
+        assert fence.name == f"fence {dead} when it answers" and fence.state == o.STEP_STATE_PENDING
         assert sorted(m.name for m in _settled(client).members) == sorted(
             n["name"] for n in dqlite_lab.document["nodes"] if n["name"] != dead
         )

@@ -3,6 +3,7 @@ at a time; the epoch counts owners; request ids, paging and tokens behave as the
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from coordinator.core.operation import (
     Start,
     Step,
     StepDone,
+    StepState,
     apply,
 )
 from coordinator.core.plan import (
@@ -256,12 +258,19 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         RemoveRaftEntry(7, "10.0.0.4:9000", Role.STAND_BY),
         RemoveRaftEntry(7, "10.0.0.4:9000"),
         FenceNode(),
+        FenceNode("10.0.0.4:9100", "-----BEGIN CERTIFICATE-----\n..."),
         ForgetMember("n4"),
         RegisterMember("n4", "10.0.0.4:9100", "-----BEGIN CERTIFICATE-----\n..."),
     ]
     assert {type(action) for action in actions} == set(get_args(Action)), "journal every kind of action here"
     steps = tuple(
-        Step(f"step {i}", commit_point=i == 4, target=COORDINATOR if i >= 8 else "n1", action=action)
+        Step(
+            f"step {i}",
+            commit_point=i == 4,
+            target=COORDINATOR if i in (9, 10) else "n1",
+            action=action,
+            deferred=i == 8,  # the pinned fence, as a removal defers it
+        )
         for i, action in enumerate(actions)
     )
     with Journal.open(tmp_path / "journal.db") as journal:
@@ -289,6 +298,40 @@ def test_unfinished_operations_in_journal_order(tmp_path: Path) -> None:
         for number, state in enumerate(states, 1):
             journal.create(replace(operation(number), state=state))
         assert [r.id for r in journal.unfinished()] == ["op-1", "op-3", "op-5"]
+
+
+def _removal(number: int, deferred: StepState) -> OperationRecord:
+    """A succeeded removal whose last step, deferred, is in the given state."""
+    steps = (
+        Step("remove from Raft", commit_point=True, state=StepState.DONE, target="n1", action=RemoveRaftEntry(3, "a")),
+        Step("n2's truststore", False, state=deferred, target="n2", action=RemoveTruststoreRecord("n3"), deferred=True),
+    )
+    return replace(operation(number), kind=OperationKind.REMOVE, state=OperationState.SUCCEEDED, steps=steps)
+
+
+def test_succeeded_operations_with_a_remainder_in_journal_order(tmp_path: Path) -> None:
+    with Journal.open(tmp_path / "journal.db") as journal:
+        for number, state in enumerate([StepState.PENDING, StepState.DONE, StepState.SENT, StepState.SKIPPED], 1):
+            journal.create(_removal(number, state))
+        journal.create(replace(operation(5), state=OperationState.RUNNING))
+        assert [r.id for r in journal.with_remainder()] == ["op-1", "op-3"]
+        assert journal.with_remainder()[0].steps[1].deferred
+
+
+def test_a_version_2_journal_opens_with_no_step_deferred(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    with Journal.open(path) as journal:
+        journal.create(operation(1))
+    # What a version-2 journal is: the same tables without steps.deferred.
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE steps DROP COLUMN deferred")
+        db.execute("UPDATE schema_version SET version = 2")
+    with Journal.open(path) as journal:
+        stored = journal.get("op-1")
+        assert stored is not None and not any(step.deferred for step in stored.steps)
+        assert stored.steps == operation(1).steps
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchone() == (3,)
 
 
 def test_pages_run_newest_first_and_inserts_do_not_shift_them(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,6 +170,75 @@ def test_two_dead_members_are_removed_one_after_the_other(tmp_path: Path) -> Non
             assert second.state == SUCCEEDED
             diff = client.check_membership(timeout=10).diff
             assert sorted(m.name for m in diff.members) == ["n1", "n2", "n3"] and list(diff.discrepancies) == []
+    finally:
+        labs.down(lab.dir)
+
+
+def _wait_for_done(client: Client, operation_id: str, count: int, timeout: float = 30.0) -> o.Operation:
+    """The operation once its first count steps are done (the reconciler applies deferred ones in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        operation = client.get_operation(operation_id)
+        if all(step.state == o.STEP_STATE_DONE for step in operation.steps[:count]) or time.monotonic() > deadline:
+            return operation
+        time.sleep(0.5)
+
+
+def test_a_forced_removal_finishes_on_each_node_when_it_answers_again(tmp_path: Path) -> None:
+    """n3 is dead and n4 away when n3 is force-removed: the removal succeeds at once, its truststore copy on n4 and the
+    fence of n3 deferred. When n4 answers, the reconciler removes n3 from it; when n3's agent comes back, it is fenced
+    (its Raft files gone), so that it can neither be trusted nor come back on its own."""
+    lab = labs.up(tmp_path / "lab", 4)
+    try:
+        for name in ("n3", "n4"):
+            os.kill(lab.node(name)["pid"], signal.SIGKILL)
+        with Client(lab.endpoint) as client:
+            removal = _remove(client, "n3", "force-n3", force=True)
+            assert removal.state == SUCCEEDED, removal
+            deferred = [(step.name, step.state) for step in removal.steps if step.deferred]
+            assert deferred == [
+                ("remove n3 from n4's truststore when n4 answers", o.STEP_STATE_PENDING),
+                ("fence n3 when it answers", o.STEP_STATE_PENDING),
+            ]
+            assert all(s.state == o.STEP_STATE_DONE for s in removal.steps if not s.deferred)
+            n4_trusts_n3 = Path(lab.node("n4")["state_dir"]) / "truststore" / "n3.yaml"
+            assert n4_trusts_n3.exists()
+
+            labs.restart_agent(lab, "n4")
+            operation = _wait_for_done(client, removal.id, len(removal.steps) - 1)
+            *rest, fence = (s.state for s in operation.steps)
+            assert set(rest) == {o.STEP_STATE_DONE}, operation
+            # Tried while n3 is away, the fence is sent and not answered: it may have been applied, and is sent again.
+            assert fence in (o.STEP_STATE_PENDING, o.STEP_STATE_SENT)
+            assert not n4_trusts_n3.exists()
+
+            n3_info = Path(lab.node("n3")["state_dir"]) / "database" / "info.yaml"
+            assert n3_info.exists()
+            labs.restart_agent(lab, "n3")
+            operation = _wait_for_done(client, removal.id, len(removal.steps))
+            assert all(s.state == o.STEP_STATE_DONE for s in operation.steps), operation
+            assert not n3_info.exists(), "the removed node was not fenced"
+            diff = client.check_membership(timeout=10).diff
+            assert sorted(m.name for m in diff.members) == ["n1", "n2", "n4"] and list(diff.discrepancies) == []
+    finally:
+        labs.down(lab.dir)
+
+
+def test_a_deferred_step_is_skipped_once_its_node_has_left(tmp_path: Path) -> None:
+    lab = labs.up(tmp_path / "lab", 4)
+    try:
+        for name in ("n3", "n4"):
+            os.kill(lab.node(name)["pid"], signal.SIGKILL)
+        with Client(lab.endpoint) as client:
+            first = _remove(client, "n3", "force-n3", force=True)
+            assert _remove(client, "n4", "force-n4", force=True).state == SUCCEEDED
+            skipped = [s for s in first.steps if s.name == "remove n3 from n4's truststore when n4 answers"]
+            assert len(skipped) == 1
+            index = list(first.steps).index(skipped[0])
+            deadline = time.monotonic() + 30
+            while client.get_operation(first.id).steps[index].state != o.STEP_STATE_SKIPPED:
+                assert time.monotonic() < deadline, client.get_operation(first.id)
+                time.sleep(0.5)
     finally:
         labs.down(lab.dir)
 

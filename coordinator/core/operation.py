@@ -24,7 +24,12 @@ look like for a transition the table allows). The rules they encode:
   its plan cleared). Each Park counts one failed attempt, so a parked operation's error never grows with retries.
 - Abandon(error) ends a PARKED operation at an operator's explicit request (whether it may is the guard's
   business, core/guard.py): ABANDONED is final, its steps as they were.
-- Succeed requires every step DONE. SUCCEEDED, ROLLED_BACK and ABANDONED are final: they accept no event.
+- Deferred steps are a removal's remainder: planned, after its commit point, on a node whose agent did not answer.
+  The operation goes forward and succeeds without them (next_step passes them by; Succeed wants every other step
+  DONE). Once SUCCEEDED, each deferred step is sent, done or skipped (its node left the cluster since) on its own, in
+  any order, when its node answers again (`remaining_deferred`); nothing else happens to a succeeded operation.
+- Succeed requires every step that is not deferred DONE. ROLLED_BACK and ABANDONED are final: they accept no event,
+  and SUCCEEDED accepts only its deferred steps' events.
 - Every applied event sets updated_at to `now`, the caller's clock reading (nothing here reads a clock); a clock set
   back cannot move updated_at back, so updated_at never decreases. A step's finished_at is the same reading.
 - Errors and plans are cut to MAX_TEXT characters: whatever a failure says, a record stays small enough to quote.
@@ -103,6 +108,7 @@ class Step:
     finished_at: float | None = None  # seconds since the epoch when it was applied or undone; None while pending
     target: str = COORDINATOR  # the node whose agent applies it; COORDINATOR for the coordinator's own steps
     action: Action | None = None  # None for a step built without a plan: the lifecycle needs none
+    deferred: bool = False  # applied after the operation succeeded, once its node answers (see the module docstring)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +144,10 @@ class OperationRecord:
         # "The" commit point: with two, committed() and the rollback rule would disagree about where it is.
         if sum(step.commit_point for step in self.steps) > 1:
             raise ValueError(f"operation {self.id} has more than one commit point")
+        # A deferred step runs after success, which only a committed operation reaches with steps left over.
+        index = commit_index(self)
+        if any(step.deferred and (index is None or i <= index) for i, step in enumerate(self.steps)):
+            raise ValueError(f"operation {self.id} has a deferred step that does not follow its commit point")
 
 
 # --- events ---------------------------------------------------------------------------------------------------------
@@ -242,14 +252,14 @@ _EVENTS: tuple[type[Event], ...] = (
     Resume,
     Abandon,
 )
-_R, _P = _S.RUNNING, _S.PARKED
+_R, _P, _D = _S.RUNNING, _S.PARKED, _S.SUCCEEDED  # _D: a deferred step's event, which leaves it SUCCEEDED
 # fmt: off
 _ROWS: dict[OperationState, tuple[OperationState | None, ...]] = {
     #               Start Sent Done Undone Skipped Succeed       RollBack        Park Resume Abandon
     _S.QUEUED:      (_R,  __,  __,  __,    __,     __,           _S.ROLLED_BACK, __,  __,    __),
     _S.RUNNING:     (__,  _R,  _R,  _R,    _R,     _S.SUCCEEDED, _S.ROLLED_BACK, _P,  __,    __),
     _S.PARKED:      (__,  __,  __,  __,    __,     __,           __,             __,  _R,    _S.ABANDONED),
-    _S.SUCCEEDED:   (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
+    _S.SUCCEEDED:   (__,  _D,  _D,  __,    _D,     __,           __,             __,  __,    __),
     _S.ROLLED_BACK: (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
     _S.ABANDONED:   (__,  __,  __,  __,    __,     __,           __,             __,  __,    __),
 }
@@ -303,6 +313,13 @@ def _refusal(record: OperationRecord, event: Event) -> str | None:
             not 0 <= index < len(record.steps)
         ):
             return f"there is no step {index}"
+        case StepSent(index=index) | StepDone(index=index) | StepSkipped(index=index) if (
+            record.state is OperationState.SUCCEEDED
+        ):
+            if index not in remaining_deferred(record):
+                return f"it is finished, and step {index} is not a deferred step still to apply"
+        case StepSent(index=index) | StepDone(index=index) if record.steps[index].deferred:
+            return f"step {index} is deferred: it is applied once the operation has succeeded"
         case StepSent(index=index) | StepDone(index=index):
             if rolling_back(record):
                 return "it is rolling back: no step is applied any more"
@@ -317,7 +334,9 @@ def _refusal(record: OperationRecord, event: Event) -> str | None:
             if not record.steps[index].state.maybe_applied:
                 return f"step {index} is neither done nor sent: there is nothing to undo"
         case Succeed():
-            pending = [i for i, step in enumerate(record.steps) if step.state is not StepState.DONE]
+            pending = [
+                i for i, step in enumerate(record.steps) if step.state is not StepState.DONE and not step.deferred
+            ]
             if pending:
                 return f"steps {pending} are not done"
         case RollBack():
@@ -351,11 +370,24 @@ def commit_index(record: OperationRecord) -> int | None:
 
 
 def next_step(record: OperationRecord) -> int | None:
-    """The index of the step to apply next (the first not done: pending, or sent and unconfirmed); None when the
-    operation is finished, rolling back, or has none left."""
+    """The index of the step to apply next (the first not done and not deferred: pending, or sent and unconfirmed);
+    None when the operation is finished, rolling back, or has none left."""
     if record.state.finished or rolling_back(record):
         return None
-    return next((i for i, step in enumerate(record.steps) if step.state is not StepState.DONE), None)
+    return next(
+        (i for i, step in enumerate(record.steps) if step.state is not StepState.DONE and not step.deferred), None
+    )
+
+
+def remaining_deferred(record: OperationRecord) -> list[int]:
+    """A succeeded operation's deferred steps that are neither done nor skipped: what is left of its remainder."""
+    if record.state is not OperationState.SUCCEEDED:
+        return []
+    return [
+        i
+        for i, step in enumerate(record.steps)
+        if step.deferred and step.state not in (StepState.DONE, StepState.SKIPPED)
+    ]
 
 
 def undo_order(record: OperationRecord) -> list[int]:

@@ -7,9 +7,13 @@ runner's business. Every action is idempotent, so a step re-sent after a crash i
 Removal (docs/design.md, "Operations"), on the local backend:
 1. the member leaves the Raft configuration — the commit point: from here on the removal rolls forward;
 2. its members-table row goes (after Raft: a row deleted first would de-trust a live Raft member, S6);
-3. its record leaves every reachable node's truststore (an unreachable node's copy is the remainder, reported);
+3. its record leaves every reachable node's truststore;
 4. its own node, if reachable, is fenced (its Raft files cleared, so that it cannot come back as a zombie, S8);
-5. the coordinator forgets its certificate and deletes its tokens.
+5. the coordinator forgets its certificate and deletes its tokens;
+6. the remainder, as deferred steps (core/operation.py): its record leaves the truststore of each node that did not
+   answer, and its own node is fenced if it did not answer, each when that node answers again, after the removal
+   has succeeded. The fence reaches the member's agent through the pin the plan carries, since the coordinator has
+   forgotten it by then.
 A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
 the commit point.
 
@@ -78,7 +82,10 @@ class RemoveRaftEntry:
 
 @dataclass(frozen=True)
 class FenceNode:
-    pass
+    # Where the node's agent is and the certificate it serves, for a fence deferred past the coordinator forgetting
+    # the member; empty when the agent is reached as a registered member or a joiner.
+    agent_address: str = ""
+    certificate_pem: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class PlannedStep:
     target: str  # the node whose agent applies it; COORDINATOR for the coordinator's own steps
     action: Action
     commit_point: bool = False
+    deferred: bool = False  # applied after the operation succeeded, when its node answers again
 
 
 @dataclass(frozen=True)
@@ -130,12 +138,23 @@ class CannotPlan(Exception):
     """The operation has no plan on this diff (e.g. no reachable node to apply the cluster-wide steps)."""
 
 
-def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[str]) -> Plan:
-    """The steps that remove `member` (as the diff identifies it) from every source the reachable nodes hold.
+@dataclass(frozen=True)
+class AgentPin:
+    """Where a member's agent is and the certificate it serves, as the coordinator's registry has it."""
+
+    address: str
+    certificate_pem: str
+
+
+def plan_removal(
+    diff: MembershipDiff, member: Member, *, reachable: Collection[str], agent: AgentPin | None = None
+) -> Plan:
+    """The steps that remove `member` (as the diff identifies it) from every source, those of the nodes that did not
+    answer deferred until they do.
 
     `reachable` names the nodes whose agents answered; the cluster-wide steps (Raft configuration, members table)
     go to the first of them in name order that is not the member itself. The first step is the commit point, so a
-    removal never rolls back: interrupted, it rolls forward.
+    removal never rolls back: interrupted, it rolls forward. `agent` is the member's own agent, for a deferred fence.
     """
     others = sorted(node for node in reachable if node != member.name)
     if not others:
@@ -173,10 +192,27 @@ def plan_removal(diff: MembershipDiff, member: Member, *, reachable: Collection[
         )
     unreached = sorted(set(diff.nodes) - set(reachable) - {member.name})
     remainder = []
+    # Deferred steps run after success, which needs a commit point before them; without one they are only reported.
+    defer = bool(steps) and steps[0].commit_point
     if unreached and member.name:
-        remainder.append(f"the truststores of {', '.join(unreached)} (no answer) may still hold {label}")
+        for node in unreached if defer else ():
+            steps.append(
+                PlannedStep(
+                    f"remove {member.name} from {node}'s truststore when {node} answers",
+                    node,
+                    RemoveTruststoreRecord(member.name),
+                    deferred=True,
+                )
+            )
+        then = "until they answer" if defer else "(no answer)"
+        remainder.append(f"the truststores of {', '.join(unreached)} still hold {label} {then}")
     if member.name and member.name not in reachable:
-        remainder.append(f"{label} did not answer and was not fenced: reset it before it comes back")
+        if defer and agent is not None:
+            fence = FenceNode(agent.address, agent.certificate_pem)
+            steps.append(PlannedStep(f"fence {member.name} when it answers", member.name, fence, deferred=True))
+            remainder.append(f"{label} did not answer: it is fenced when it does")
+        else:
+            remainder.append(f"{label} did not answer and was not fenced: reset it before it comes back")
     return Plan(tuple(steps), "; ".join(remainder))
 
 

@@ -161,7 +161,12 @@ def decide(
                 confirm = index
         if confirm is None:
             return _back(record, silent=silent, nodes=nodes, cause=cause)
-    remaining = [i for i, step in enumerate(record.steps) if step.state is not StepState.DONE and i != confirm]
+    # Deferred steps wait for their silent nodes by design: they never hold the operation back.
+    remaining = [
+        i
+        for i, step in enumerate(record.steps)
+        if step.state is not StepState.DONE and not step.deferred and i != confirm
+    ]
     # Forward only when every node the remaining steps need answers: a run that stops half-way helps nobody.
     blocked = next((i for i in remaining if record.steps[i].target in silent), None)
     if blocked is not None:

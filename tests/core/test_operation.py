@@ -7,6 +7,7 @@ Row tests do not read TRANSITIONS: LEGAL below restates the table from docs/desi
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -37,6 +38,7 @@ from coordinator.core.operation import (
     apply,
     committed,
     next_step,
+    remaining_deferred,
     undo_order,
 )
 
@@ -301,6 +303,49 @@ def test_a_finished_operation_accepts_nothing() -> None:
         for event_type in EVENT_TYPES:
             with pytest.raises(IllegalTransition, match="it is finished"):
                 apply(r, ready(S.RUNNING, event_type)[1], 200.0)
+
+
+def _deferring(steps: str, state: OperationState, deferred: str) -> OperationRecord:
+    """record(steps, state) whose steps marked "d" in deferred are deferred (step 0 is the commit point)."""
+    r = record(steps, commit=0, state=state)
+    marked = tuple(replace(step, deferred=mark == "d") for step, mark in zip(r.steps, deferred, strict=True))
+    return replace(r, steps=marked)
+
+
+def test_a_removal_goes_forward_and_succeeds_without_its_deferred_steps() -> None:
+    r = _deferring("DDPP", S.RUNNING, "..dd")
+    assert next_step(r) is None and remaining_deferred(r) == []
+    r = run(r, Succeed())
+    assert r.state is S.SUCCEEDED and remaining_deferred(r) == [2, 3]
+    # Out of order and one at a time, each when its node answers; a node gone for good is skipped.
+    r = run(r, StepSent(3), StepDone(3), StepSent(2), StepSkipped(2))
+    assert (r.state, letters(r), remaining_deferred(r)) == (S.SUCCEEDED, "DDKD", [])
+    with pytest.raises(IllegalTransition, match="it is finished"):
+        apply(r, StepSent(3), 300.0)
+
+
+def test_a_running_operation_never_sends_a_deferred_step() -> None:
+    r = _deferring("DPP", S.RUNNING, "..d")
+    assert next_step(r) == 1
+    with pytest.raises(IllegalTransition, match="deferred"):
+        apply(r, StepSent(2), 200.0)
+    with pytest.raises(IllegalTransition, match="steps go forward in order"):
+        apply(_deferring("DPPP", S.RUNNING, "...d"), StepSent(2), 200.0)
+
+
+def test_a_succeeded_operation_accepts_events_of_its_deferred_steps_only() -> None:
+    r = _deferring("DDP", S.SUCCEEDED, "..d")
+    for event in (StepSent(1), StepDone(1), StepSkipped(1), StepUndone(2), Park("x", "y"), RollBack("x"), Succeed()):
+        with pytest.raises(IllegalTransition):
+            apply(r, event, 200.0)
+    assert letters(run(r, StepSent(2))) == "DDS"
+
+
+def test_a_deferred_step_follows_the_commit_point() -> None:
+    with pytest.raises(ValueError, match="deferred"):
+        _deferring("PPP", S.QUEUED, "d..")
+    with pytest.raises(ValueError, match="deferred"):
+        replace(record("PP", commit=None), steps=(Step("a", False), Step("b", False, deferred=True)))
 
 
 def test_every_event_bumps_updated_at_and_a_clock_set_back_does_not_move_it_back() -> None:

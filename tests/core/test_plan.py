@@ -8,6 +8,7 @@ from coordinator.core.diff import compute_diff
 from coordinator.core.model import Member, Role, Source
 from coordinator.core.plan import (
     COORDINATOR,
+    AgentPin,
     CannotPlan,
     EnsureMemberRow,
     EnsureRaftEntry,
@@ -48,13 +49,35 @@ def test_a_healthy_members_removal_commits_in_raft_then_cleans_every_source() ->
     assert plan.remainder == ""
 
 
-def test_a_dead_member_is_removed_from_what_answers_and_the_rest_is_the_remainder() -> None:
+def test_a_dead_member_is_removed_from_what_answers_and_the_rest_is_deferred() -> None:
     view = fail_agent(fail_agent(consistent_view(4), "n3"), "n4")
     diff = compute_diff(view)
+    pin = AgentPin("127.0.0.1:7003", "PEM of n3")
+    plan = plan_removal(diff, _member(diff.members, "n3"), reachable={"n1", "n2"}, agent=pin)
+    assert [(step.target, step.action, step.deferred) for step in plan.steps[3:]] == [
+        ("n2", RemoveTruststoreRecord("n3"), False),
+        (COORDINATOR, ForgetMember("n3"), False),
+        ("n4", RemoveTruststoreRecord("n3"), True),  # n4 did not answer: its copy waits for it
+        ("n3", FenceNode("127.0.0.1:7003", "PEM of n3"), True),  # reached through the pin, once forgotten
+    ]
+    assert [step.target for step in plan.steps[:3]] == ["n1", "n1", "n1"]
+    assert "n4" in plan.remainder and "fenced when it does" in plan.remainder
+
+
+def test_without_its_agent_pin_a_dead_member_is_left_to_reset_by_hand() -> None:
+    diff = compute_diff(fail_agent(consistent_view(3), "n3"))
     plan = plan_removal(diff, _member(diff.members, "n3"), reachable={"n1", "n2"})
-    assert [step.target for step in plan.steps] == ["n1", "n1", "n1", "n2", COORDINATOR]
     assert not any(isinstance(step.action, FenceNode) for step in plan.steps)
-    assert "n4" in plan.remainder and "reset" in plan.remainder
+    assert "reset it before it comes back" in plan.remainder
+
+
+def test_deferred_steps_need_a_commit_point_before_them() -> None:
+    # Only truststores name n9 (no row, no Raft entry): nothing commits, so an unreachable copy is only reported.
+    view = fail_agent(consistent_view(3), "n3")
+    diff = compute_diff(view)
+    plan = plan_removal(diff, Member(name="n9"), reachable={"n1", "n2"})
+    assert not any(step.commit_point or step.deferred for step in plan.steps)
+    assert "n3" in plan.remainder and "(no answer)" in plan.remainder
 
 
 def test_a_member_outside_raft_commits_with_its_row() -> None:

@@ -119,7 +119,9 @@ class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.V
     STEP_STATE_SENT: _StepState.ValueType  # 4
     """Journaled as sent before it was sent, its outcome not recorded yet: it may have been applied."""
     STEP_STATE_SKIPPED: _StepState.ValueType  # 5
-    """A rollback could not undo it: its node is gone (the operation's error says which node must be reset)."""
+    """A rollback could not undo it: its node is gone (the operation's error says which node must be reset). For a
+    deferred step: it was not needed any more (see Step.deferred).
+    """
 
 class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper):
     """Where one step stands."""
@@ -135,7 +137,9 @@ STEP_STATE_UNDONE: StepState.ValueType  # 3
 STEP_STATE_SENT: StepState.ValueType  # 4
 """Journaled as sent before it was sent, its outcome not recorded yet: it may have been applied."""
 STEP_STATE_SKIPPED: StepState.ValueType  # 5
-"""A rollback could not undo it: its node is gone (the operation's error says which node must be reset)."""
+"""A rollback could not undo it: its node is gone (the operation's error says which node must be reset). For a
+deferred step: it was not needed any more (see Step.deferred).
+"""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
 @_typing.final
@@ -148,12 +152,18 @@ class Step(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     COMMIT_POINT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name says what the step does, e.g. "reserve row n4" or "remove n2 from the truststore on n1"."""
     state: Global___StepState.ValueType
     """state says whether it was applied."""
     commit_point: _builtins.bool
     """commit_point is true for the step after which the operation rolls forward, never back."""
+    deferred: _builtins.bool
+    """deferred is true for a removal's remainder: a step on a node that did not answer when the removal ran. The
+    removal succeeds without it; the coordinator's reconciler applies it once that node answers (DONE), or skips it
+    (SKIPPED) when the node has left the cluster or a new member holds the removed member's name.
+    """
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """finished_at is when it was applied or undone; unset while pending."""
@@ -165,10 +175,11 @@ class Step(_message.Message):
         state: Global___StepState.ValueType = ...,
         commit_point: _builtins.bool = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        deferred: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_point", b"commit_point", "finished_at", b"finished_at", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_point", b"commit_point", "deferred", b"deferred", "finished_at", b"finished_at", "name", b"name", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
