@@ -31,6 +31,7 @@ from coordinator.core.model import MemberRecord, Role, Source, SourceReport
 from coordinator.dqlite import (
     Connection,
     ConnectionClosed,
+    Dial,
     DqliteError,
     LeadershipLost,
     NodeInfo,
@@ -52,6 +53,8 @@ ROLES = {WireRole.VOTER: Role.VOTER, WireRole.STANDBY: Role.STAND_BY, WireRole.S
 _STALE = (NotLeader, LeadershipLost, ConnectionClosed, Timeout, ProtocolError)
 
 SslFactory = Callable[[], _ssl.SSLContext]
+# (candidate addresses, timeout, dial) -> a connection to the leader
+LeaderSearch = Callable[[Sequence[str], float, Dial], Awaitable[Connection]]
 
 
 def dqlite_backend(
@@ -70,16 +73,43 @@ def dqlite_backend(
     TLS nodes, called at each dial, so that a context that follows the node's truststore reflects it as it is
     then. The network readers keep connections (dials are rare): `close_readers` ends them.
     """
-    cache = RaftConfigFileReader(data_dir / "cluster.yaml", Source.RAFT_CACHE)
-    truststore = TruststoreReader(state_dir / "truststore")
-    leader = _Leader(address, (cache, truststore), database, ssl)
+
+    def dial(address: str, timeout: float) -> Awaitable[Connection]:
+        return connect(address, timeout=timeout, ssl=None if ssl is None else ssl())
+
+    return network_readers(
+        lambda: address,
+        dial,
+        database,
+        RaftConfigFileReader(data_dir / "cluster.yaml", Source.RAFT_CACHE),
+        TruststoreReader(state_dir / "truststore"),
+        NodeInfoReader(data_dir / "info.yaml"),
+        timeout,
+    )
+
+
+def network_readers(
+    address: Callable[[], str],
+    dial: Dial,
+    database: str,
+    cache: RaftConfigFileReader,
+    truststore: TruststoreReader,
+    info: NodeInfoReader,
+    timeout: float,
+    search: LeaderSearch | None = None,
+) -> tuple[SourceReader, ...]:
+    """A node's six readers, the network ones reaching dqlite through dial(address, timeout): the members table and
+    the leader's CLUSTER over one kept connection to the leader, the node's own CLUSTER over one to itself.
+    address() is the node's own dqlite address, asked at each dial (a backend may read it from a file); search
+    finds the leader among candidates (default find_leader, all at once)."""
+    leader = _Leader(address, (cache, truststore), database, dial, search or find_leader)
     return (
         MembersTableReader(leader, timeout),
         truststore,
         RaftConfigReader(leader, timeout),
-        NodeViewReader(_Link(address, ssl), timeout),
+        NodeViewReader(_Link(address, dial), timeout),
         cache,
-        NodeInfoReader(data_dir / "info.yaml"),
+        info,
     )
 
 
@@ -98,17 +128,16 @@ class _Link:
     ~7 ms), and the second try is what turns a leadership change between two reads into no error at all.
     """
 
-    def __init__(self, address: str, ssl: SslFactory | None) -> None:
-        self.address = address
-        self._ssl = ssl
+    def __init__(self, address: Callable[[], str], dial: Dial) -> None:
+        self._address = address
+        self.address = ""  # the address of the last dial
+        self._connect = dial
         self._connection: Connection | None = None
         self._lock = asyncio.Lock()  # also keeps two reads from dialling twice
 
-    def _context(self) -> _ssl.SSLContext | None:
-        return None if self._ssl is None else self._ssl()
-
     async def _dial(self, timeout: float) -> Connection:
-        return await connect(self.address, timeout=timeout, ssl=self._context())
+        self.address = self._address()
+        return await self._connect(self.address, timeout)
 
     async def call(self, request: Callable[[Connection, float], Awaitable[T]], deadline: float) -> T:
         """request(connection, its deadline), finished before the loop time `deadline`."""
@@ -148,12 +177,14 @@ class _Leader(_Link):
 
     def __init__(
         self,
-        address: str,
+        address: Callable[[], str],
         known: Sequence[RaftConfigFileReader | TruststoreReader],
         database: str,
-        ssl: SslFactory | None,
+        dial: Dial,
+        search: LeaderSearch,
     ) -> None:
-        super().__init__(address, ssl)
+        super().__init__(address, dial)
+        self._search = search
         self._known = known
         self._database = database
         self._leader = ""
@@ -161,11 +192,12 @@ class _Leader(_Link):
 
     async def _dial(self, timeout: float) -> Connection:
         # An unreadable source adds no candidate: at worst this node is asked alone.
+        self.address = self._address()
         reports = [await reader.read(include_certificates=False) for reader in self._known]
         known = (record.address for report in reports for record in report.records)
         candidates = dict.fromkeys([self._leader, self.address, *known])
         candidates.pop("", None)
-        connection = await find_leader(list(candidates), timeout, self._context())
+        connection = await self._search(list(candidates), timeout, self._connect)
         self._leader = connection.address
         return connection
 
@@ -265,14 +297,14 @@ class NodeViewReader(_NetworkReader):
         return SourceReport(self.source, records=_records(await self._link.call(request, deadline)))
 
 
-async def find_leader(addresses: Sequence[str], timeout: float, ssl: _ssl.SSLContext | None) -> Connection:
+async def find_leader(addresses: Sequence[str], timeout: float, dial: Dial) -> Connection:
     """Leader discovery from every address at once; the first leader found wins.
 
     connect_leader asks its addresses in turn and gives each the time that is left, so a node that accepts and
     then hangs (stopped, cut off) would spend a whole read's budget, on every read, while the others have long
     elected a new leader.
     """
-    searches = [asyncio.create_task(connect_leader([address], timeout=timeout, ssl=ssl)) for address in addresses]
+    searches = [asyncio.create_task(connect_leader([address], timeout=timeout, dial=dial)) for address in addresses]
     found: Connection | None = None
     try:
         pending = set(searches)

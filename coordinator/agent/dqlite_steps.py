@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from memberguard.v1 import agent_pb2, membership_pb2
@@ -35,7 +35,7 @@ from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader, w
 from coordinator.agent.steps import NodeSteps
 from coordinator.agent.truststore import TruststoreReader
 from coordinator.core.model import Role, Source
-from coordinator.dqlite import Busy, Connection, DqliteError, FailureError, NodeInfo
+from coordinator.dqlite import Busy, Connection, DqliteError, FailureError, NodeInfo, connect
 from coordinator.errors import (
     AlreadyExists,
     ConfigurationMoved,
@@ -89,7 +89,11 @@ class DqliteSteps(NodeSteps):
         known = [await reader.read(include_certificates=False) for reader in (self._cache, self._trusted)]
         candidates = dict.fromkeys([self._address, *(r.address for report in known for r in report.records)])
         context: _ssl.SSLContext | None = None if self._ssl is None else self._ssl()
-        connection = await find_leader(list(candidates), self._budget, context)
+
+        def dial(address: str, timeout: float) -> Awaitable[Connection]:
+            return connect(address, timeout=timeout, ssl=context)
+
+        connection = await find_leader(list(candidates), self._budget, dial)
         async with connection:
             yield connection
 

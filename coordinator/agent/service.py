@@ -9,8 +9,11 @@ packs many agents into few processes; each is the same code, on its own port). C
                                                             (dqlite backend: its node's engine, dialled with
                                                              state_dir's server.crt/key, trusting its truststore;
                                                              how to start it, for a join's engine step)
+     "backend": "microcluster"                              (microcluster backend: state_dir is the member's
+                                                             microcluster state directory; nothing else)
      "trusted_coordinators": PATH,                          (PEM bundle of the coordinators it answers)
-     "role_adjustment_interval": 10.0,                      (optional, seconds)
+     "role_adjustment_interval": 10.0,                      (optional, seconds; on microcluster its heartbeat,
+                                                             microd's --heartbeat, 10 s unless given)
      "port_file": PATH}                                     (optional: the bound port, once serving)
 """
 
@@ -35,6 +38,7 @@ from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
 from coordinator.agent.dqlite_steps import DqliteSteps
 from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.engine import Engine
+from coordinator.agent.microcluster_sources import HEARTBEAT_INTERVAL, MicroclusterSteps, microcluster_backend
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier
 from coordinator.auth import Peer, Principal
@@ -109,6 +113,7 @@ class AgentConfig:
         raw: dict[str, Any] = json.loads(path.read_text())
         state_dir = Path(raw["state_dir"])
         backend = raw.get("backend", "local")
+        interval = raw.get("role_adjustment_interval")
         steps: StepApplier
         if backend == "local":
             members_table, raft_config = Path(raw["members_table"]), Path(raw["raft_config"])
@@ -134,9 +139,12 @@ class AgentConfig:
             steps = DqliteSteps(
                 state_dir=state_dir, address=settings["address"], database=settings["database"], ssl=ssl, engine=engine
             )
+        elif backend == "microcluster":
+            readers = microcluster_backend(state_dir)
+            steps = MicroclusterSteps()
+            interval = raw.get("role_adjustment_interval", HEARTBEAT_INTERVAL)
         else:
             raise ValueError(f"{path}: unknown backend {backend!r}")
-        interval = raw.get("role_adjustment_interval")
         return cls(
             name=raw["name"],
             listen=raw["listen"],

@@ -7,7 +7,16 @@
     members = await conn.cluster()          # the leader's view is the authoritative one
 """
 
-from coordinator.dqlite.client import Connection, Rowset, connect, connect_leader
+from coordinator.dqlite.client import (
+    Connection,
+    Dial,
+    Rowset,
+    Stream,
+    connect,
+    connect_leader,
+    connect_stream,
+    open_stream,
+)
 from coordinator.dqlite.errors import (
     Busy,
     ConnectionClosed,
@@ -29,6 +38,7 @@ __all__ = [
     "Busy",
     "Connection",
     "ConnectionClosed",
+    "Dial",
     "DqliteError",
     "FailureError",
     "LeadershipLost",
@@ -45,9 +55,12 @@ __all__ = [
     "Row",
     "Rowset",
     "Server",
+    "Stream",
     "Timeout",
     "Unreachable",
     "Value",
     "connect",
     "connect_leader",
+    "connect_stream",
+    "open_stream",
 ]

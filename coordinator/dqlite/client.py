@@ -18,7 +18,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl as _ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from coordinator.dqlite import wire
@@ -42,6 +42,9 @@ _BACKOFF_CAP = 1.0
 _R = TypeVar("_R", bound=wire.Response)
 _T = TypeVar("_T")
 
+# How leader discovery opens a connection to an address, within a timeout: `connect` by default.
+Dial = Callable[[str, float], Awaitable["Connection"]]
+
 
 class Rowset(list[wire.Row]):
     """The rows of a query, with the column names."""
@@ -58,11 +61,13 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-class _Socket:
+class Stream:
     """A non-blocking socket, plain or TLS, driven by the event loop's readiness callbacks.
 
     Not asyncio's streams: over TLS their SSL protocol (Python code between two memory buffers) costs ~0.25 ms a
     round trip, which put a kept connection's CLUSTER at 2.5x go-dqlite's; the ssl module's own socket does not.
+    A caller that must talk on the stream before dqlite does (an HTTP upgrade) uses send and recv itself, then
+    hands the stream to ``connect_stream``.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -70,7 +75,7 @@ class _Socket:
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(cls, host: str, port: int, ssl: _ssl.SSLContext | None) -> _Socket:
+    async def open(cls, host: str, port: int, ssl: _ssl.SSLContext | None) -> Stream:
         loop = asyncio.get_running_loop()
         try:
             # Cluster addresses are IPs: skip getaddrinfo, which asyncio runs in a thread.
@@ -123,6 +128,7 @@ class _Socket:
             view = view[sent:]
 
     async def recv(self) -> bytes:
+        """What has arrived, at least one byte; b"" once the peer has closed the stream."""
         try:
             return await self._retry(lambda: self._sock.recv(_READ_SIZE))
         except (_ssl.SSLZeroReturnError, _ssl.SSLEOFError):
@@ -132,21 +138,31 @@ class _Socket:
         self._sock.close()
 
 
+async def open_stream(address: str, *, timeout: float, ssl: _ssl.SSLContext | None = None) -> Stream:
+    """Dial ``address`` ("host:port"), with the TLS handshake done when ``ssl`` is given, within ``timeout``."""
+    host, port = _split_address(address)
+    try:
+        async with asyncio.timeout(timeout):
+            return await Stream.open(host, port, ssl)
+    except TimeoutError:
+        raise Timeout(f"connecting to {address} took more than {timeout}s") from None
+    except OSError as exc:
+        raise Unreachable(f"cannot connect to {address}: {exc}") from exc
+
+
 async def connect(address: str, *, timeout: float, ssl: _ssl.SSLContext | None = None) -> Connection:
     """Dial ``address`` ("host:port") and send the handshake.
 
     ``timeout`` bounds the dial and is the default for every later call on the connection. The
     server does not answer the handshake; a peer that is not dqlite shows up on the first call.
     """
-    host, port = _split_address(address)
-    try:
-        async with asyncio.timeout(timeout):
-            sock = await _Socket.open(host, port, ssl)
-    except TimeoutError:
-        raise Timeout(f"connecting to {address} took more than {timeout}s") from None
-    except OSError as exc:
-        raise Unreachable(f"cannot connect to {address}: {exc}") from exc
-    connection = Connection(sock, address, timeout)
+    return await connect_stream(await open_stream(address, timeout=timeout, ssl=ssl), address, timeout=timeout)
+
+
+async def connect_stream(stream: Stream, address: str, *, timeout: float) -> Connection:
+    """A connection on an open ``stream`` to the node at ``address``: sends the handshake. The connection owns the
+    stream from here on, and closes it if the handshake cannot be sent. ``timeout`` is as for ``connect``."""
+    connection = Connection(stream, address, timeout)
     try:
         async with asyncio.timeout(timeout):
             await connection._send(wire.encode_handshake())
@@ -160,12 +176,12 @@ async def connect(address: str, *, timeout: float, ssl: _ssl.SSLContext | None =
 
 
 class Connection:
-    """A client connection to one dqlite node. Use ``connect`` or ``connect_leader``.
+    """A client connection to one dqlite node. Use ``connect``, ``connect_leader`` or ``connect_stream``.
 
     Every method takes ``timeout`` in seconds; None means the connection's ``timeout``.
     """
 
-    def __init__(self, sock: _Socket, address: str, timeout: float) -> None:
+    def __init__(self, sock: Stream, address: str, timeout: float) -> None:
         self.address = address
         self.timeout = timeout
         self.db_id = 0  # the server has one database per connection, and its id is always 0
@@ -308,9 +324,16 @@ class Connection:
         await self._call(wire.Transfer(node_id), wire.Empty, timeout, write=True)
 
 
-async def _probe(address: str, timeout: float, ssl: _ssl.SSLContext | None, client_id: int) -> Connection | str:
+def _connecting(ssl: _ssl.SSLContext | None) -> Dial:
+    async def dial(address: str, timeout: float) -> Connection:
+        return await connect(address, timeout=timeout, ssl=ssl)
+
+    return dial
+
+
+async def _probe(address: str, timeout: float, dial: Dial, client_id: int) -> Connection | str:
     """One go-dqlite style attempt: the connection if ``address`` leads, else the leader it names."""
-    conn = await connect(address, timeout=timeout, ssl=ssl)
+    conn = await dial(address, timeout)
     try:
         leader = await conn.leader()
         if leader.address != address:
@@ -330,6 +353,7 @@ async def connect_leader(
     ssl: _ssl.SSLContext | None = None,
     client_id: int = 0,
     max_redirects: int = 2,
+    dial: Dial | None = None,
 ) -> Connection:
     """Find the leader among ``addresses`` and return a connection to it.
 
@@ -340,8 +364,10 @@ async def connect_leader(
     have passed, then NoLeader; but a round in which no address could be reached at all ends the
     search at once: nothing listens, so no election is under way (a node that has not started its
     engine yet would otherwise wait out its whole timeout on every read). The returned connection's
-    default call timeout is ``timeout``.
+    default call timeout is ``timeout``. ``dial(address, timeout)`` opens each connection, for nodes reached
+    otherwise than by ``connect`` (``ssl`` is then unused); an Unreachable from it counts as nothing listening.
     """
+    opener = dial if dial is not None else _connecting(ssl)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     attempts: dict[str, str] = {}
@@ -352,7 +378,7 @@ async def connect_leader(
             target, hops = start, 0
             while (remaining := deadline - loop.time()) > 0:
                 try:
-                    found = await _probe(target, remaining, ssl, client_id)
+                    found = await _probe(target, remaining, opener, client_id)
                 except DqliteError as exc:
                     attempts[target] = f"{type(exc).__name__}: {exc}"
                     reached = reached or not isinstance(exc, Unreachable)

@@ -1,0 +1,78 @@
+"""The `microcluster` backend's readers: one member of a real microcluster cluster, read from its state directory
+and through its daemon, as microcluster's own members read them.
+
+The files are the state directory's, as microd keeps them: `truststore/*.yaml`, `database/info.yaml` and
+`database/cluster.yaml` (go-dqlite's cache of the configuration, rewritten on every heartbeat), and `daemon.yaml`,
+which says who the member is and where its daemon listens (read at each dial, see microcluster_dial.py).
+
+dqlite is reached through the daemons' upgrade endpoint, and read by the dqlite backend's readers: the members table
+`core_cluster_members` (in microcluster's database, db.bin) and the leader's CLUSTER share one kept connection to the
+leader; this member's own CLUSTER has a kept connection to its own daemon. The role column is text: microcluster's
+PENDING until the heartbeat writes go-dqlite's role name, and "" for a row the heartbeat found no Raft member for;
+the text is kept verbatim in role_text, and the role is what it names.
+
+The heartbeat: every heartbeat interval the leader writes each row's role from its Raft configuration, replaces its
+own truststore with the table's rows and sends every other member it trusts the rows to replace theirs with, so a
+truststore drift on a member the leader reaches lasts about one interval. The interval is microd's `--heartbeat`
+flag, which no file records; microcluster's default is HEARTBEAT_INTERVAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from memberguard.v1 import agent_pb2
+
+from coordinator.agent.dqlite_sources import network_readers
+from coordinator.agent.microcluster_dial import MemberDial
+from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader
+from coordinator.agent.sources import SourceReader
+from coordinator.agent.steps import checked_step
+from coordinator.agent.truststore import TruststoreReader
+from coordinator.core.model import Source
+from coordinator.dqlite import Connection, Dial, connect_leader
+from coordinator.errors import FieldViolation, InvalidRequest
+
+# microcluster's DefaultHeartbeatInterval (internal/db/dqlite.go), also the default of the example microd's
+# `--heartbeat` flag; seconds.
+HEARTBEAT_INTERVAL = 10.0
+DATABASE = "db.bin"
+
+
+def microcluster_backend(state_dir: Path, *, timeout: float = 1.0) -> tuple[SourceReader, ...]:
+    """The readers of the member whose state directory is `state_dir`. The network readers keep connections:
+    dqlite_sources.close_readers ends them."""
+    database = state_dir / "database"
+    member = MemberDial(state_dir)
+    return network_readers(
+        lambda: member.daemon_config().address,
+        member.dial,
+        DATABASE,
+        RaftConfigFileReader(database / "cluster.yaml", Source.RAFT_CACHE),
+        TruststoreReader(state_dir / "truststore"),
+        NodeInfoReader(database / "info.yaml"),
+        timeout,
+        search=_one_by_one,
+    )
+
+
+async def _one_by_one(candidates: Sequence[str], timeout: float, dial: Dial) -> Connection:
+    """The leader, asking the candidates in turn, as microcluster's own lookup does. Not all at once: the losers of a
+    parallel search are given up on mid-upgrade, which go-dqlite's upgrade does not survive (microcluster_dial.py).
+    Each dial gets half the time left, so a daemon that accepts and then hangs costs at most half of a read's time."""
+
+    async def halved(address: str, left: float) -> Connection:
+        return await dial(address, left / 2)
+
+    return await connect_leader(list(candidates), timeout=timeout, dial=halved)
+
+
+class MicroclusterSteps:
+    """The backend's steps: none. microcluster changes its membership only through its own API, and its heartbeat
+    rewrites every truststore from the members table, so the agent writes nothing behind microd's back: a step is
+    checked (a malformed one is refused as such), then refused."""
+
+    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+        step = checked_step(request)
+        raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])
