@@ -45,6 +45,9 @@ from coordinator.core.model import (
     same_member,
 )
 
+# The most records one piece of evidence lists (see _evidence).
+MAX_EVIDENCE_RECORDS = 8
+
 # Both encodings are compared across coordinators and releases: change them only together with their version.
 _FINGERPRINT_VERSION = "memberguard-diff-v1"
 _ID_VERSION = "memberguard-discrepancy-v1"
@@ -811,15 +814,27 @@ def _holdings(member: Member, ref: _Reference) -> tuple[Evidence, ...]:
     """What the members table, Raft and every readable truststore hold about a member: the evidence for most facts.
     A source that could not be read is left out, since an empty tuple would claim it holds nothing."""
     evidence = [
-        Evidence(source, "", _about(member, records))
+        _evidence(source, "", member, records)
         for source, records in ((Source.MEMBERS_TABLE, ref.rows), (Source.RAFT_CONFIG, ref.raft))
         if records is not None
     ]
     for node, node_view in ref.views:
         report = node_view.report(Source.TRUSTSTORE)
         if report is not None and not report.error:
-            evidence.append(Evidence(Source.TRUSTSTORE, node, _about(member, _sorted(report.records))))
+            evidence.append(_evidence(Source.TRUSTSTORE, node, member, _sorted(report.records)))
     return tuple(evidence)
+
+
+def _evidence(source: Source, node: str, member: Member, records: Iterable[MemberRecord]) -> Evidence:
+    """The source's records of member, the ones under its own name first, at most MAX_EVIDENCE_RECORDS of them: many
+    records that share one certificate or address would otherwise repeat in every discrepancy about each of them, and
+    the diff would grow with the square of their number."""
+    about = sorted(_about(member, records), key=lambda record: record.name != member.name)
+    if len(about) <= MAX_EVIDENCE_RECORDS:
+        return Evidence(source, node, tuple(about))
+    left_out = len(about) - MAX_EVIDENCE_RECORDS
+    detail = f"{left_out} more records share part of its identity (name, certificate, address or node ID)"
+    return Evidence(source, node, tuple(about[:MAX_EVIDENCE_RECORDS]), detail)
 
 
 def _about(member: Member, records: Iterable[MemberRecord]) -> tuple[MemberRecord, ...]:

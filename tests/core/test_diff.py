@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.core.diff import compute_diff, discrepancy_id, fingerprint
+from coordinator.core.diff import MAX_EVIDENCE_RECORDS, compute_diff, discrepancy_id, fingerprint
 from coordinator.core.model import (
     AgentFailure,
     ClusterView,
@@ -516,3 +516,25 @@ def test_deleting_any_record_blocks_and_changes_the_fingerprint(view: ClusterVie
 @given(broken_views())
 def test_compute_diff_is_deterministic(view: ClusterView) -> None:
     assert compute_diff(view) == compute_diff(view)
+
+
+@pytest.mark.parametrize("orphans", [20, 200])
+def test_evidence_grows_with_the_orphans_not_their_square(orphans: int) -> None:
+    # Many truststore records sharing one certificate (a copied directory, a tool gone wrong): each orphan's evidence
+    # would otherwise hold every other one, in every discrepancy, on every node.
+    shared = fingerprint_of("shared")
+    records = [
+        MemberRecord(name=f"x{i}", address=f"10.1.0.{i}:9000", certificate_fingerprint=shared, entry=f"x{i}.yaml")
+        for i in range(orphans)
+    ]
+    diff = compute_diff(add_records(consistent_view(3), TRUSTSTORE, records))
+    about_orphans = [d for d in diff.discrepancies if d.member is not None and d.member.name.startswith("x")]
+    assert len({d.member.name for d in about_orphans if d.member}) == orphans
+    for discrepancy in about_orphans:
+        for evidence in discrepancy.evidence:
+            assert len(evidence.records) <= MAX_EVIDENCE_RECORDS
+            if evidence.records and discrepancy.member is not None:
+                # The record of the member itself comes first, whatever else shares its certificate.
+                assert evidence.records[0].name == discrepancy.member.name
+            if evidence.source is TRUSTSTORE and orphans > MAX_EVIDENCE_RECORDS:
+                assert f"{orphans - MAX_EVIDENCE_RECORDS} more records" in evidence.detail
