@@ -356,6 +356,12 @@ class Journal:
             rows = db.execute(f"SELECT * FROM operations WHERE state IN ({marks}) ORDER BY seq", _UNFINISHED)
             return [_record(db, row) for row in rows.fetchall()]
 
+    def counts(self) -> dict[tuple[OperationKind, OperationState], int]:
+        """How many operations the journal holds, by kind and state."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT kind, state, COUNT(*) FROM operations GROUP BY kind, state").fetchall()
+        return {(OperationKind(kind), OperationState(state)): count for kind, state, count in rows}
+
     def with_remainder(self) -> list[OperationRecord]:
         """The succeeded operations with deferred steps neither done nor skipped, in the order they were journaled."""
         with self._transaction() as db:

@@ -9,7 +9,12 @@
                                 also runs at start and when a silent agent answers again),
      "join_attempts": {"burst": 20, "per_second": 1.0} (optional: the failed token attempts a source may make on
                                 the join listener, and how fast they come back; coordinator/join_gate.py),
-     "port_file": PATH, "join_port_file": PATH (optional: the bound ports, written once serving)}
+     "metrics_listen": "127.0.0.1:0" (optional: where Prometheus metrics are served, plain HTTP, coordinator/
+                                metrics.py; absent, none are),
+     "metrics_interval": 15.0 (optional, seconds: how long the coordinator waits after one check of its own before
+                                the next, which keeps the metrics current; only with metrics_listen),
+     "port_file": PATH, "join_port_file": PATH, "metrics_port_file": PATH (optional: the bound ports, written once
+                                serving)}
 The servicer only parses, calls the core (or operations.py for guarded operations) and renders; a failure is a typed
 error it raises, answered from the one error table by coordinator/status.py (`answering`, which the interceptor and the
 join listener wrap every handler in).
@@ -59,6 +64,8 @@ from coordinator.join_gate import DEFAULT_LIMIT, JoinGate
 from coordinator.journal import InvalidPageToken, Journal, JournalDamaged
 from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import diff_to_proto, operation_to_proto, token_to_proto
+from coordinator.metrics import Metrics, Origin
+from coordinator.metrics import serve as serve_metrics
 from coordinator.operations import Caller, DeadlinePassed, Operations
 from coordinator.pki import read_identity
 from coordinator.registry import Registry, UnreadableRegistry
@@ -69,6 +76,7 @@ log = logging.getLogger("memberguard.coordinator")
 
 DEFAULT_AGENT_TIMEOUT = 1.0
 DEFAULT_RECONCILE_INTERVAL = 2.0
+DEFAULT_METRICS_INTERVAL = 15.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_AGENT_TIMEOUT = 60.0
@@ -105,13 +113,20 @@ def _agent_timeout(request: coordinator_pb2.CheckMembershipRequest) -> float:
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(
-        self, coordinator_id: str, agents: Agents, operations: Operations, journal: Journal, trust: Trust
+        self,
+        coordinator_id: str,
+        agents: Agents,
+        operations: Operations,
+        journal: Journal,
+        trust: Trust,
+        metrics: Metrics,
     ) -> None:
         self._id = coordinator_id
         self._agents = agents
         self._trust = trust
         self._operations = operations
         self._journal = journal
+        self._metrics = metrics
         self._consistent: tuple[tuple[object, ...], MembershipDiff] | None = None
 
     def _diff(self, view: ClusterView) -> MembershipDiff:
@@ -128,6 +143,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._consistent = (key, diff) if not diff.discrepancies else None
         return diff
 
+    async def check(self, timeout: float, origin: Origin) -> MembershipDiff:
+        """One membership check: the gather (timeout per agent), the diff and what the operations in flight explain;
+        counted in the metrics. It only reads, and takes no membership lock."""
+        started = time.monotonic()
+        view = await self._agents.gather(timeout)
+        diff = explain_in_flight(self._diff(view), self._journal.unfinished())
+        self._metrics.checked(origin, time.monotonic() - started)
+        if timeout >= DEFAULT_AGENT_TIMEOUT:
+            # Agents given less time than the coordinator's own checks give them may be silent only to this caller:
+            # what such a check found must not move an alert.
+            self._metrics.found(view, diff)
+        return diff
+
     def _header(self) -> coordinator_pb2.ResponseHeader:
         header = coordinator_pb2.ResponseHeader(coordinator_id=self._id)
         header.served_at.GetCurrentTime()
@@ -140,7 +168,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - _RESPONSE_MARGIN))
-        diff = explain_in_flight(self._diff(await self._agents.gather(timeout)), self._journal.unfinished())
+        diff = await self.check(timeout, Origin.CALLER)
         minimum = Severity(request.minimum_severity) if request.minimum_severity else None
         return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
 
@@ -276,6 +304,43 @@ def _join_service(coordinator: CoordinatorServicer, gate: JoinGate) -> grpc.Gene
     return grpc.method_handlers_generic_handler(_SERVICE, {"GuardedOperation": handler})
 
 
+async def _check_periodically(
+    servicer: CoordinatorServicer, metrics: Metrics, journal: Journal, interval: float
+) -> None:
+    """Checks the membership and counts the journal's operations, then waits interval seconds, until cancelled: one
+    check at a time, whatever a check costs, so that alerts on the metrics fire before anyone tries a mutation."""
+    while True:
+        try:
+            await servicer.check(DEFAULT_AGENT_TIMEOUT, Origin.BACKGROUND)
+            metrics.journaled(journal.counts())
+        except Exception:
+            # The metrics go stale rather than stop: the next check tries again.
+            log.exception("the background membership check failed; the next one tries again")
+        await asyncio.sleep(interval)
+
+
+class BadConfig(ValueError):
+    """A setting of the coordinator's configuration that it cannot run with; the message says which and why."""
+
+
+def _seconds(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise BadConfig(f"{key} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _metrics_listen(config: dict[str, Any]) -> tuple[str, int] | None:
+    """The host and port of metrics_listen ("host:port" or "[ipv6]:port", port 0 picks one), or None when absent."""
+    address = config.get("metrics_listen")
+    if address is None:
+        return None
+    host, colon, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise BadConfig(f'metrics_listen must be "host:port" or "[ipv6]:port", not {address!r}')
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def _join_limit(config: dict[str, Any]) -> Limit:
     settings = config.get("join_attempts")
     if settings is None:
@@ -284,9 +349,9 @@ def _join_limit(config: dict[str, Any]) -> Limit:
 
 
 async def serve(config: dict[str, Any]) -> None:
-    interval = float(config.get("reconcile_interval", DEFAULT_RECONCILE_INTERVAL))
-    if not 0 < interval < float("inf"):
-        raise ValueError(f"reconcile_interval must be a positive number of seconds, not {interval!r}")
+    interval = _seconds(config, "reconcile_interval", DEFAULT_RECONCILE_INTERVAL)
+    metrics_interval = _seconds(config, "metrics_interval", DEFAULT_METRICS_INTERVAL)
+    metrics_listen = _metrics_listen(config)
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry.open(Path(config["registry"]))
     learned = LearnedTrust()
@@ -307,7 +372,8 @@ async def serve(config: dict[str, Any]) -> None:
         agent_timeout=DEFAULT_AGENT_TIMEOUT,
         faults=Faults.from_environment(),
     )
-    servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust)
+    metrics = Metrics()
+    servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust, metrics)
     server, port = await start_server(
         address=listen,
         identity=identity,
@@ -329,7 +395,15 @@ async def serve(config: dict[str, Any]) -> None:
     # What a crash left unfinished is finished or rolled back before the coordinator says it is up; requests that
     # arrive meanwhile queue behind it on the membership lock.
     await operations.reconcile()
-    reconciler = asyncio.create_task(operations.reconcile_periodically(interval))
+    tasks = [asyncio.create_task(operations.reconcile_periodically(interval))]
+    metrics_server = None
+    # Nobody reads metrics that are not served: without an endpoint the coordinator makes no check of its own.
+    if metrics_listen is not None:
+        metrics_server = serve_metrics(metrics, *metrics_listen)
+        log.info("metrics on port %d", metrics_server.server_port)
+        if config.get("metrics_port_file"):
+            write_atomically(Path(config["metrics_port_file"]), str(metrics_server.server_port).encode())
+        tasks.append(asyncio.create_task(_check_periodically(servicer, metrics, journal, metrics_interval)))
     if config.get("port_file"):
         write_atomically(Path(config["port_file"]), str(port).encode())
     stop = asyncio.Event()
@@ -338,9 +412,13 @@ async def serve(config: dict[str, Any]) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     # Cut short mid-operation, the reconciler leaves it as a crash would: journaled, for the next start.
-    reconciler.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reconciler
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if metrics_server is not None:
+        await asyncio.to_thread(metrics_server.shutdown)
+        metrics_server.server_close()
     await joins.stop(grace=1.0)
     await server.stop(grace=1.0)
     await agents.close()
@@ -356,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.Formatter.converter = time.gmtime
     try:
         asyncio.run(serve(json.loads(Path(args[0]).read_text())))
-    except UnreadableRegistry as error:
+    except (UnreadableRegistry, BadConfig) as error:
         log.error("not starting: %s", error)
         return 1
     except JournalDamaged as error:

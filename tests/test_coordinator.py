@@ -195,7 +195,8 @@ def test_the_coordinator_opens_no_source_file(lab: labs.Lab, tmp_path: Path) -> 
     config["journal"] = str(tmp_path / "journal.db")  # the lab's coordinator holds the lab's journal
     # The lab pins its coordinator's ports (a restart keeps them); a port is one server's, so this one picks its own.
     host = config["listen"].rpartition(":")[0]
-    config["listen"], config["join_listen"] = f"{host}:0", f"{host}:0"
+    config["listen"], config["join_listen"], config["metrics_listen"] = f"{host}:0", f"{host}:0", f"{host}:0"
+    del config["metrics_port_file"]  # the lab's coordinator owns DIR/coordinator/metrics.port
     config_path = tmp_path / "coordinator.json"
     config_path.write_text(json.dumps(config))
     audit = tmp_path / "audit.log"

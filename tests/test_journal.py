@@ -390,3 +390,18 @@ def test_tokens_put_replace_update_delete(tmp_path: Path) -> None:
         assert journal.delete_tokens_of("n4") == 1
         assert journal.delete_tokens_of("n4") == 0
         assert journal.token("n4") is None and journal.token("n7") is None
+
+
+def test_counts_by_kind_and_state(tmp_path: Path) -> None:
+    with Journal.open(tmp_path / "journal.db") as journal:
+        assert journal.counts() == {}
+        states = [OperationState.RUNNING, OperationState.SUCCEEDED, OperationState.SUCCEEDED, OperationState.PARKED]
+        for number, state in enumerate(states, 1):
+            journal.create(replace(operation(number), state=state))
+        journal.create(_removal(9, StepState.DONE))
+        assert journal.counts() == {
+            (OperationKind.JOIN, OperationState.RUNNING): 1,
+            (OperationKind.JOIN, OperationState.SUCCEEDED): 2,
+            (OperationKind.JOIN, OperationState.PARKED): 1,
+            (OperationKind.REMOVE, OperationState.SUCCEEDED): 1,
+        }

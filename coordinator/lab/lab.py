@@ -3,16 +3,19 @@ a consistent cluster and an operator identity; `memberguard lab up|down|add-node
 
 DIR/lab.json is a contract other tools read (absolute paths; later backends add keys, never rename them):
     {"backend": "local",
-     "coordinator": {"address", "join_address", "ca", "server_name", "pid"},
+     "coordinator": {"address", "join_address", "metrics_address", "ca", "server_name", "pid"},
      "operator": {"cert", "key"},
      "sources": {"members_table", "raft_config"},
      "nodes": [{"name", "address", "agent_address", "pid", "state_dir", "log"}],
      "joining": [the same, for a node whose join may still finish (optional)]}
 
+`metrics_address` is the coordinator's Prometheus endpoint (plain HTTP, on loopback: coordinator/metrics.py).
+
 Every process binds port 0 the first time and the lab then writes the port it got into that process's configuration
-(`listen`, and the coordinator's `join_listen`), so that `restart` starts it again on the same ports: its peers know
-it by its address, and the join tokens issued so far name the coordinator's join port. An agent's pid is also kept in
-`<state_dir>/agent.pid`, so that a joiner not yet in lab.json can be restarted too.
+(`listen`, and the coordinator's `join_listen` and `metrics_listen`), so that `restart` starts it again on the same
+ports: its peers know it by its address, the join tokens issued so far name the coordinator's join port, and a
+scraper keeps finding its metrics. An agent's pid is also kept in `<state_dir>/agent.pid`, so that a joiner not yet
+in lab.json can be restarted too.
 
 `add_node` grows a running lab by one node through a real join (a token, then the joiner's own request). Several
 may run at once: DIR/lab.lock (an exclusive flock) serializes choosing a name and an address and updating lab.json;
@@ -437,8 +440,10 @@ def _start(
             "registry": str(registry),
             "journal": str(directory / "coordinator" / "journal.db"),
             "cluster_id": uuid.uuid4().hex,
+            "metrics_listen": "127.0.0.1:0",
             "port_file": str(directory / "coordinator" / "coordinator.port"),
             "join_port_file": str(directory / "coordinator" / "join.port"),
+            "metrics_port_file": str(directory / "coordinator" / "metrics.port"),
         },
     )
     log = logs / "coordinator.log"
@@ -446,14 +451,17 @@ def _start(
     processes.append(process)
     port = _wait_for_port(directory / "coordinator" / "coordinator.port", process, log)
     join_port = _wait_for_port(directory / "coordinator" / "join.port", process, log)
+    metrics_port = _wait_for_port(directory / "coordinator" / "metrics.port", process, log)
     _pin_listen(coordinator_config, "listen", f"127.0.0.1:{port}")
     _pin_listen(coordinator_config, "join_listen", f"127.0.0.1:{join_port}")
+    _pin_listen(coordinator_config, "metrics_listen", f"127.0.0.1:{metrics_port}")
 
     document = {
         "backend": backend,
         "coordinator": {
             "address": f"127.0.0.1:{port}",
             "join_address": f"127.0.0.1:{join_port}",
+            "metrics_address": f"127.0.0.1:{metrics_port}",
             "ca": str(coordinator_cert),
             "server_name": COORDINATOR_NAME,
             "pid": process.pid,
@@ -561,7 +569,7 @@ def restart_coordinator(
     _stop_if_running(lab.document["coordinator"]["pid"])
     lab_config = lab.dir / "coordinator" / "coordinator.json"
     document = json.loads((config or lab_config).read_text())
-    for port_file in (document.get("port_file"), document.get("join_port_file")):
+    for port_file in (document.get("port_file"), document.get("join_port_file"), document.get("metrics_port_file")):
         if port_file:
             Path(port_file).unlink(missing_ok=True)
     log = log or lab.dir / "logs" / "coordinator.log"
