@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from memberguard import MAX_AGENT_TIMEOUT
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
 from coordinator.auth import Principal, Trust, UnionTrust, peer_fingerprint
@@ -79,7 +80,6 @@ DEFAULT_RECONCILE_INTERVAL = 2.0
 DEFAULT_METRICS_INTERVAL = 15.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-MAX_AGENT_TIMEOUT = 60.0
 # Left for the diff and the answer when the caller's deadline cuts the agents' time.
 _RESPONSE_MARGIN = 0.05
 

@@ -10,7 +10,7 @@ Both clients keep one mTLS channel open, have the same methods, and raise the ty
 """
 
 from memberguard._async import AsyncClient
-from memberguard._base import Endpoint, error_from_rpc
+from memberguard._base import MAX_AGENT_TIMEOUT, Endpoint, error_from_rpc
 from memberguard._sync import Client
 from memberguard.errors import (
     Aborted,
@@ -38,6 +38,7 @@ from memberguard.errors import (
 )
 
 __all__ = [
+    "MAX_AGENT_TIMEOUT",
     "Aborted",
     "AlreadyExists",
     "AsyncClient",

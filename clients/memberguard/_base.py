@@ -31,7 +31,8 @@ from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 StrPath = str | os.PathLike[str]
 
-#: The most the coordinator lets an agent take (CheckMembershipRequest.agent_timeout).
+#: The most the coordinator lets an agent take (CheckMembershipRequest.agent_timeout): the one definition, which the
+#: coordinator enforces and the client checks before sending.
 MAX_AGENT_TIMEOUT = 60.0
 
 #: The environment variables that name an endpoint, each overriding its field of the profile (as etcdctl's ETCDCTL_*).
