@@ -6,11 +6,23 @@ Enums convert by number: the core's IntEnums carry the protobuf numbers, and 0 (
 from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from memberguard.v1 import agent_pb2, operation_pb2
 from memberguard.v1 import membership_pb2 as pb
-from memberguard.v1 import operation_pb2
 
 from coordinator.core import model
 from coordinator.core.operation import OperationRecord
+from coordinator.core.plan import (
+    Action,
+    EnsureMemberRow,
+    EnsureRaftEntry,
+    EnsureTruststoreRecord,
+    FenceNode,
+    ForgetMember,
+    RegisterMember,
+    RemoveMemberRow,
+    RemoveRaftEntry,
+    RemoveTruststoreRecord,
+)
 from coordinator.core.tokens import TokenRecord
 
 
@@ -197,3 +209,33 @@ def diff_to_proto(diff: model.MembershipDiff, minimum: model.Severity | None = N
         nodes=list(diff.nodes),
         observed_at=_timestamp(diff.observed_at),
     )
+
+
+def step_to_proto(action: Action) -> agent_pb2.ApplyStepRequest:
+    """The request that has an agent apply action (the coordinator's own steps have none)."""
+    match action:
+        case EnsureTruststoreRecord(name=name, address=address, certificate_pem=pem):
+            return agent_pb2.ApplyStepRequest(
+                ensure_truststore_record=agent_pb2.TruststoreRecord(name=name, address=address, certificate_pem=pem)
+            )
+        case RemoveTruststoreRecord(name=name):
+            return agent_pb2.ApplyStepRequest(remove_truststore_record=name)
+        case EnsureMemberRow(name=name, address=address, certificate_pem=pem, role=role):
+            return agent_pb2.ApplyStepRequest(
+                ensure_member_row=agent_pb2.MemberRow(name=name, address=address, certificate_pem=pem, role=role)
+            )
+        case RemoveMemberRow(name=name):
+            return agent_pb2.ApplyStepRequest(remove_member_row=name)
+        case EnsureRaftEntry(node_id=node_id, address=address, role=role):
+            return agent_pb2.ApplyStepRequest(
+                ensure_raft_entry=agent_pb2.RaftEntry(node_id=node_id, address=address, role=pb.Role.ValueType(role))
+            )
+        case RemoveRaftEntry(node_id=node_id, address=address, role=role):
+            entry = agent_pb2.RaftEntry(node_id=node_id, address=address)
+            if role is not None:
+                entry.role = pb.Role.ValueType(role)
+            return agent_pb2.ApplyStepRequest(remove_raft_entry=entry)
+        case FenceNode():
+            return agent_pb2.ApplyStepRequest(fence_node=True)
+        case ForgetMember() | RegisterMember():
+            raise AssertionError("the coordinator applies its own steps itself")

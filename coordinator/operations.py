@@ -33,8 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import grpc
-from memberguard.v1 import agent_pb2, coordinator_pb2, operation_pb2
-from memberguard.v1 import membership_pb2 as pb
+from memberguard.v1 import coordinator_pb2, operation_pb2
 
 from coordinator import pki
 from coordinator.core import recovery, tokens
@@ -68,17 +67,11 @@ from coordinator.core.plan import (
     Action,
     AgentPin,
     CannotPlan,
-    EnsureMemberRow,
-    EnsureRaftEntry,
-    EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
     Joiner,
     PlannedStep,
     RegisterMember,
-    RemoveMemberRow,
-    RemoveRaftEntry,
-    RemoveTruststoreRecord,
     plan_join,
     plan_removal,
 )
@@ -102,7 +95,7 @@ from coordinator.faults import Faults
 from coordinator.gather import Agents
 from coordinator.journal import Journal
 from coordinator.learned_trust import LearnedTrust
-from coordinator.messages import diff_to_proto
+from coordinator.messages import diff_to_proto, step_to_proto
 from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 
 log = logging.getLogger("memberguard.operations")
@@ -570,7 +563,7 @@ class Operations:
         if step.target == COORDINATOR:
             self._apply_own(step.action)
             return
-        request = _step_request(step.action)
+        request = step_to_proto(step.action)
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
             await self._agents.apply_step(self._target(record, step.target), request, timeout)
@@ -793,32 +786,3 @@ def _verdict(verdict: Proceed, request: coordinator_pb2.GuardedOperationRequest)
     used = len(verdict.acknowledged_used)
     base = "consistent" if not used else f"acknowledged {used} discrepancy(ies)"
     return f"{base}; fingerprint {'checked' if request.expected_fingerprint else 'not given'}"
-
-
-def _step_request(action: Action) -> agent_pb2.ApplyStepRequest:
-    match action:
-        case EnsureTruststoreRecord(name=name, address=address, certificate_pem=pem):
-            return agent_pb2.ApplyStepRequest(
-                ensure_truststore_record=agent_pb2.TruststoreRecord(name=name, address=address, certificate_pem=pem)
-            )
-        case RemoveTruststoreRecord(name=name):
-            return agent_pb2.ApplyStepRequest(remove_truststore_record=name)
-        case EnsureMemberRow(name=name, address=address, certificate_pem=pem, role=role):
-            return agent_pb2.ApplyStepRequest(
-                ensure_member_row=agent_pb2.MemberRow(name=name, address=address, certificate_pem=pem, role=role)
-            )
-        case RemoveMemberRow(name=name):
-            return agent_pb2.ApplyStepRequest(remove_member_row=name)
-        case EnsureRaftEntry(node_id=node_id, address=address, role=role):
-            return agent_pb2.ApplyStepRequest(
-                ensure_raft_entry=agent_pb2.RaftEntry(node_id=node_id, address=address, role=pb.Role.ValueType(role))
-            )
-        case RemoveRaftEntry(node_id=node_id, address=address, role=role):
-            entry = agent_pb2.RaftEntry(node_id=node_id, address=address)
-            if role is not None:
-                entry.role = pb.Role.ValueType(role)
-            return agent_pb2.ApplyStepRequest(remove_raft_entry=entry)
-        case FenceNode():
-            return agent_pb2.ApplyStepRequest(fence_node=True)
-        case ForgetMember() | RegisterMember():
-            raise AssertionError("the coordinator applies its own steps itself")
