@@ -32,7 +32,7 @@ from coordinator.lab.dqlite_cluster import (
     start_members,
 )
 from coordinator.lab.dqlite_nodes import DqliteNode, NodeTls, node_binary, stop_cluster, stop_node
-from coordinator.lab.lab import loopback_addresses
+from coordinator.lab.ports import loopback_addresses
 
 NAMES = ("n1", "n2", "n3")
 

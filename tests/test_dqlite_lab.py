@@ -30,6 +30,7 @@ from coordinator.dqlite import Connection, Role, connect_leader
 from coordinator.lab import lab as labs
 from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, start_members
 from coordinator.lab.dqlite_nodes import NodeTls, stop_node
+from coordinator.lab.ports import loopback_addresses
 
 pytestmark = pytest.mark.dqlite
 
@@ -134,7 +135,7 @@ def test_s6_a_deleted_row_of_a_raft_member(dqlite_lab: labs.Lab) -> None:
 def test_s1_a_ghost_raft_member_added_then_wiped(dqlite_lab: labs.Lab, tmp_path: Path) -> None:
     """A fourth node joins the engine (it adds itself, as go-dqlite's joiners do), then dies and is wiped: Raft
     keeps it, and no members-table row or truststore record ever named it."""
-    spec = MemberSpec("ghost", labs.loopback_addresses(1)[0], tmp_path / "ghost")
+    spec = MemberSpec("ghost", loopback_addresses(1)[0], tmp_path / "ghost")
     # The engine only needs a certificate its peers trust; which member's it is does not matter to Raft.
     n1 = Path(dqlite_lab.node("n1")["state_dir"])
     tls = NodeTls(n1 / "server.crt", n1 / "server.key", n1 / "truststore")

@@ -42,6 +42,7 @@ from coordinator.dqlite import connect_leader
 from coordinator.lab import lab as labs
 from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, lay_out_members, start_members
 from coordinator.lab.dqlite_nodes import node_binary, stop_cluster
+from coordinator.lab.ports import loopback_addresses
 
 T = TypeVar("T")
 
@@ -116,7 +117,7 @@ def dqlite_client(calls: int) -> None:
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         root = Path(scratch)
         names = ("n1", "n2", "n3")
-        specs = [MemberSpec(n, a, root / n) for n, a in zip(names, labs.loopback_addresses(3), strict=True)]
+        specs = [MemberSpec(n, a, root / n) for n, a in zip(names, loopback_addresses(3), strict=True)]
         tls = lay_out_members(specs)
         nodes = start_members(specs, tls)
         try:

@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,6 +57,7 @@ from coordinator.auth import Principal
 from coordinator.core import tokens
 from coordinator.core.model import Role
 from coordinator.files import write_atomically
+from coordinator.lab import microcluster
 from coordinator.lab.dqlite_cluster import (
     DATABASE,
     NODE_ARGS,
@@ -67,6 +67,7 @@ from coordinator.lab.dqlite_cluster import (
     start_members,
 )
 from coordinator.lab.dqlite_nodes import NodeTls, node_command, node_environment
+from coordinator.lab.ports import loopback_addresses
 from coordinator.pki import Identity, make_identity, write_identity
 from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
 
@@ -74,7 +75,7 @@ from coordinator.registry import RegisteredIdentity, RegisteredMember, write_reg
 BOOTSTRAP_ID = 0x2DC171858C3155BE
 COORDINATOR_NAME = "memberguard-coordinator"
 STARTUP_TIMEOUT = 30.0
-BACKENDS = ("local", "dqlite")
+BACKENDS = ("local", "dqlite", "microcluster")
 AGENT_PID_FILE = "agent.pid"
 ENGINE_SUFFIX = "-engine"
 _LOG_TAIL_LINES = 5  # of a process that exited at start, quoted in the error
@@ -135,15 +136,16 @@ class Lab:
         return [*self.document["nodes"], *self.document.get("joining", [])]
 
     def engine_pids(self) -> list[int]:
-        """The dqlite engines' pids, as each node's engine.pid says (an agent restarts or fences its node's engine;
-        the pid lab.json recorded at start is the fallback)."""
+        """The engines' pids: dqlite nodes as each node's engine.pid says (an agent restarts or fences its node's
+        engine; the pid lab.json recorded at start is the fallback), and microcluster's daemons."""
         pids = []
         for node in self.entries():
             try:
                 pids.append(int((Path(node["state_dir"]) / PID_FILE).read_text()))
             except (OSError, ValueError):
-                if "dqlite" in node:
-                    pids.append(node["dqlite"]["pid"])
+                for engine in ("dqlite", "microcluster"):
+                    if engine in node:
+                        pids.append(node[engine]["pid"])
         return pids
 
     def running(self) -> list[int]:
@@ -159,17 +161,7 @@ def _is_ours(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"coordinator" in command or b"memberguard-dqlite-node" in command
-
-
-def loopback_addresses(count: int) -> list[str]:
-    """`count` distinct free "127.0.0.1:PORT" addresses. The probes stay bound until all are chosen: a port probed
-    and released at once may well be handed out again by the next probe (it was, in a lab of 100 members)."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{probe.getsockname()[1]}" for probe in probes]
+    return any(word in command for word in (b"coordinator", b"memberguard-dqlite-node", b"microd"))
 
 
 # The processes this Python process started, so that `down` can reap them: an unreaped child would linger as a
@@ -274,8 +266,10 @@ def up(
     try:
         if backend == "local":
             cluster = _local_cluster(directory, names)
-        else:
+        elif backend == "dqlite":
             cluster = _dqlite_cluster(directory, names, roles_interval, processes)
+        else:
+            cluster = _microcluster_cluster(directory, names, processes)
         return _start(directory, backend, cluster, agents_per_process, processes)
     except BaseException:
         # Half a lab is worse than none: nothing may keep running that lab.json does not list.
@@ -359,6 +353,34 @@ def _dqlite_cluster(
         },
         document={"sources": {}, "dqlite_database": DATABASE, "role_adjustment_interval": roles_interval},
         role_adjustment_interval=roles_interval,
+    )
+
+
+def _microcluster_cluster(directory: Path, names: list[str], processes: list[subprocess.Popen[bytes]]) -> _Cluster:
+    """The `microcluster` backend: real microd daemons (microcluster's example daemon), bootstrapped and joined with
+    microctl as microcluster's own tests do; each node's state_dir is its daemon's state directory, which the agent
+    reads and writes nothing to but its own files (agent.json, agent.port, agent.pid, coordinators.pem)."""
+    daemons = microcluster.start(directory / "nodes", len(names), names=names, logs=directory / "logs")
+    processes.extend(daemons.processes())
+    for process in daemons.processes():
+        _children[process.pid] = process
+    roles = {row.name: Role.from_text(row.role) for row in daemons.cluster_list()}
+    members: list[LaidOutMember] = []
+    for member in daemons.members:
+        info = load_yaml((member.state_dir / "database" / "info.yaml").read_bytes())
+        node_id = int(info["ID"]) if isinstance(info, dict) else 0  # go-dqlite's info.yaml: ID, Address, Role
+        certificate = (member.state_dir / "server.crt").read_text()
+        members.append((member.name, member.address, certificate, node_id, roles[member.name] or Role.SPARE))
+    return _Cluster(
+        members=members,
+        state_dirs={member.name: member.state_dir for member in daemons.members},
+        agent_settings={member.name: {"backend": "microcluster"} for member in daemons.members},
+        node_entries={
+            member.name: {"microcluster": {"pid": daemons.pid(member), "address": member.address}}
+            for member in daemons.members
+        },
+        document={"sources": {}, "role_adjustment_interval": microcluster.HEARTBEAT},
+        role_adjustment_interval=microcluster.HEARTBEAT,
     )
 
 
@@ -769,6 +791,10 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
     several of these may run at once. Its agent's log is DIR/logs/agent-NAME.log; on the dqlite backend its engine's
     is DIR/nodes/NAME/node.log, once the join starts it.
     """
+    if lab.document["backend"] == "microcluster":
+        # A member joins a microcluster cluster through its own daemon (microcluster's tokens and join), which
+        # guarded operations do not invoke yet.
+        raise LabError("add-node does not run on the microcluster backend yet: join with microctl (tokens add, init)")
     with _locked(lab.dir):
         document = Lab.load(lab.dir).document  # as it is now: another add-node may have added to it
         nodes_dir = lab.dir / "nodes"

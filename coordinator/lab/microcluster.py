@@ -19,12 +19,12 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.lab.lab import loopback_addresses
+from coordinator.lab.ports import loopback_addresses
 
 _ROOT = Path(__file__).resolve().parents[2]
 MICROD = _ROOT / "build" / "bin" / "microd"
@@ -100,6 +100,9 @@ class Cluster:
     def pid(self, member: Member) -> int:
         return self._processes[member.name].pid
 
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return list(self._processes.values())
+
     def stop(self, grace: float = STOP_GRACE) -> None:
         """Shut each member down in turn, give them GRACE seconds, then SIGKILL whatever still runs."""
         for member in self.members:
@@ -149,16 +152,29 @@ class Cluster:
             time.sleep(0.5)
 
 
-def start(directory: Path, count: int, *, heartbeat: float = HEARTBEAT, timeout: float = START_TIMEOUT) -> Cluster:
-    """Bring up COUNT members under DIRECTORY (DIRECTORY/c<i> state dirs, DIRECTORY/c<i>.log); stopped on failure."""
+def start(
+    directory: Path,
+    count: int,
+    *,
+    heartbeat: float = HEARTBEAT,
+    timeout: float = START_TIMEOUT,
+    names: Sequence[str] = (),
+    logs: Path | None = None,
+) -> Cluster:
+    """Bring up COUNT members under DIRECTORY (DIRECTORY/<name> state dirs, <name>.log in LOGS, by default DIRECTORY
+    too), named c1..cN unless NAMES says otherwise; stopped on failure."""
     for binary in (MICROD, MICROCTL):
         if not binary.is_file():
             raise MicroclusterError(f"{binary} is missing: build it with `make go`")
+    names = list(names) or [f"c{i}" for i in range(1, count + 1)]
+    if len(names) != count:
+        raise ValueError(f"{count} members, {len(names)} names")
     addresses = loopback_addresses(count)
+    logs = logs or directory
     cluster = Cluster(
         [
-            Member(f"c{i}", address, directory / f"c{i}", directory / f"c{i}.log")
-            for i, address in enumerate(addresses, start=1)
+            Member(name, address, directory / name, logs / f"{name}.log")
+            for name, address in zip(names, addresses, strict=True)
         ]
     )
     deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.dqlite import wire
-from coordinator.lab.lab import loopback_addresses
+from coordinator.lab.ports import loopback_addresses
 
 DEMO = "dqlite-demo"
 START_TIMEOUT = 20.0

@@ -20,7 +20,7 @@ from coordinator.agent.truststore import remove_truststore_entry, trusted_certif
 from coordinator.dqlite import ConnectionClosed, NodeInfo, RemoteProtocolError, connect
 from coordinator.lab.dqlite_cluster import NODE_ARGS, READY_TIMEOUT, MemberSpec, lay_out_members, start_members
 from coordinator.lab.dqlite_nodes import DqliteNode, NodeError, NodeTls, start_node, stop_cluster, wait_ready
-from coordinator.lab.lab import loopback_addresses
+from coordinator.lab.ports import loopback_addresses
 
 # A trusted joiner is ready in ~0.2 s (it retries every second): not ready after this long means refused.
 REFUSED_FOR = 2.5
