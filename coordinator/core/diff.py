@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from coordinator.core.model import (
@@ -486,7 +486,7 @@ def _node_findings(node: str, node_view: NodeView, ref: _Reference) -> list[Disc
             continue
         found += _invalid_entries(source, node, report.invalid_entries)
         if source is Source.TRUSTSTORE:
-            found += _truststore(node, report, ref)
+            found += _heartbeat_rewrites(node, node_view, _truststore(node, report, ref))
         elif source in _LAGGING:
             found += _raft_view(node, node_view, report, ref)
         elif source is Source.NODE_INFO:
@@ -529,6 +529,29 @@ def _truststore(node: str, report: SourceReport, ref: _Reference) -> list[Discre
                 orphans[orphan] = None
     found += [_name_mismatch(node, ref.member_of(rows[owner]), held, ref) for owner, held in misnamed.items()]
     return found + [_orphan(node, orphan, ref) for orphan in orphans]
+
+
+def _heartbeat_rewrites(node: str, node_view: NodeView, found: list[Discrepancy]) -> list[Discrepancy]:
+    """On microcluster, the leader's heartbeat replaces every member's truststore with the members table's rows, so a
+    truststore that disagrees with the table is rewritten within an interval if the leader reaches the node. Said so,
+    with the interval; still as severe: a node the leader does not reach keeps its drift, and the guard waits for
+    the heartbeat rather than for a promise of it."""
+    interval = node_view.role_adjustment_interval
+    if node_view.backend != "microcluster" or interval is None:
+        return found
+    waiting = Remedy(
+        f"Wait for microcluster's heartbeat, which rewrites {node}'s truststore from the members table every "
+        f"{interval:g} s when the leader reaches {node}; check again after it.",
+        _SAFE,
+    )
+    return [
+        replace(
+            discrepancy,
+            summary=f"{discrepancy.summary} microcluster's heartbeat rewrites this truststore every {interval:g} s.",
+            remedies=(waiting, *discrepancy.remedies),
+        )
+        for discrepancy in found
+    ]
 
 
 def _missing_from_truststore(node: str, member: Member, ref: _Reference) -> Discrepancy:

@@ -538,3 +538,16 @@ def test_evidence_grows_with_the_orphans_not_their_square(orphans: int) -> None:
                 assert evidence.records[0].name == discrepancy.member.name
             if evidence.source is TRUSTSTORE and orphans > MAX_EVIDENCE_RECORDS:
                 assert f"{orphans - MAX_EVIDENCE_RECORDS} more records" in evidence.detail
+
+
+def test_on_microcluster_a_truststore_drift_names_the_heartbeat_that_rewrites_it_and_still_blocks() -> None:
+    view = drop_records(consistent_view(3), TRUSTSTORE, address(3), ["n2"])
+    plain = compute_diff(view)
+    for node in ("n1", "n2", "n3"):
+        view = edit_node_view(view, node, backend="microcluster", role_adjustment_interval=2.0)
+    diff = compute_diff(view)
+    [missing] = diff.discrepancies
+    assert (missing.kind, missing.severity, missing.node) == (K.MISSING, BLOCKING, "n2")
+    assert missing.remedies[0].safety is RemedySafety.SAFE and "heartbeat" in missing.remedies[0].action
+    assert "every 2 s" in missing.summary and missing.remedies[1:] == plain.discrepancies[0].remedies
+    assert diff.fingerprint == plain.fingerprint and missing.id == plain.discrepancies[0].id
