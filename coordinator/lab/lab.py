@@ -364,7 +364,14 @@ def _microcluster_cluster(directory: Path, names: list[str], processes: list[sub
     processes.extend(daemons.processes())
     for process in daemons.processes():
         _children[process.pid] = process
-    roles = {row.name: Role.from_text(row.role) for row in daemons.cluster_list()}
+    # dqlite promotes the joiners a heartbeat or two after they joined, and a leader may change meanwhile: a lab is
+    # up once the voters are there (three, or every member of a smaller cluster).
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while (listed := daemons.cluster_list()) and sum(row.role == "voter" for row in listed) < min(3, len(names)):
+        if time.monotonic() > deadline:
+            raise LabError(f"the microcluster members did not become voters within {STARTUP_TIMEOUT:g} s: {listed}")
+        time.sleep(0.5)
+    roles = {row.name: Role.from_text(row.role) for row in listed}
     members: list[LaidOutMember] = []
     for member in daemons.members:
         info = load_yaml((member.state_dir / "database" / "info.yaml").read_bytes())
