@@ -4,8 +4,10 @@ Every subcommand sets `handler` (args -> exit status) on its parser; `main` only
 commands here talk to the coordinator through the public `memberguard` client only: `check` (a fresh diff),
 `token issue|list|revoke`, `remove` and `ops` (the guarded operations and their journal). `join` is the joining
 node's side instead: it holds no operator certificate, only its token (coordinator.agent.join). `journal recover`
-runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). `version`
-asks nobody. `lab ...` comes from the lab (coordinator.lab.lab.register), the one import of the lab in the product.
+runs offline, beside a stopped coordinator whose journal is damaged (coordinator/journal_recovery.py). `adopt`
+writes memberguard's configuration for a microcluster member from its state directory (coordinator/adopt.py), and
+`version` asks nobody. `lab ...` comes from the lab (coordinator.lab.lab.register), the one import of the lab in the
+product.
 
 Output (`-o table|json|yaml`, `--json` the same as `-o json`): `table` is text for a person; `json` is the proto3 JSON
 mapping as grpcurl prints it (MessageToJson's defaults: lowerCamelCase names, enums by name, 64-bit integers as
@@ -53,6 +55,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
+from coordinator import adopt as adoption
 from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.core.tokens import MalformedToken
 from coordinator.lab import lab as labs
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_abandon(subparsers)
     _register_join(subparsers)
     _register_journal(subparsers)
+    _register_adopt(subparsers)
     _register_version(subparsers)
     labs.register(subparsers)
     return parser
@@ -844,6 +848,72 @@ def _recovery_document(recovered: Recovered) -> dict[str, Any]:
         "epoch": str(recovery.epoch),
     }
     return {name: value for name, value in document.items() if value}
+
+
+# --- adopt -----------------------------------------------------------------------------------------------------
+
+
+def _register_adopt(subparsers: _Subparsers) -> None:
+    adopt = subparsers.add_parser(
+        "adopt",
+        help="attach memberguard to a member of a running microcluster cluster (run for each member)",
+        description="Check that DIR is the state directory of an initialised microcluster member, then write its\n"
+        "agent's configuration (OUT/agents/NAME/agent.json) and pin its server.crt in OUT/registry.json. The first\n"
+        "adopt into an empty OUT also sets up the coordinator there (its identity and coordinator.json, the\n"
+        "operator's identity and OUT/profile.json, the agents' OUT/coordinators.pem). Nothing is written unless\n"
+        "every check passes. Adopting a member again with the same settings writes nothing; with other ones it\n"
+        "is refused unless --replace. Exit 0 adopted (or already), 2 refused: the error names the path or member.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    adopt.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the member's microcluster state directory (e.g. /var/snap/microceph/common/state)",
+    )
+    adopt.add_argument(
+        "--config-dir", required=True, type=Path, metavar="OUT", help="memberguard's configuration for the cluster"
+    )
+    adopt.add_argument(
+        "--agent-listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="where this member's agent listens: the coordinator dials it there",
+    )
+    adopt.add_argument(
+        "--coordinator-listen",
+        metavar="HOST:PORT",
+        help="the first adopt's: where the coordinator listens (default "
+        f"{adoption.DEFAULT_COORDINATOR_LISTEN}); its join listener takes the next port",
+    )
+    adopt.add_argument(
+        "--heartbeat",
+        type=_seconds,
+        metavar="S",
+        help="the daemon's heartbeat interval, if it runs with another than microcluster's default",
+    )
+    adopt.add_argument("--replace", action="store_true", help="replace the settings of a member adopted before")
+    _add_output_options(adopt)
+    adopt.set_defaults(handler=_run_adopt)
+
+
+def _run_adopt(args: argparse.Namespace) -> int:
+    try:
+        adopted = adoption.adopt(
+            args.state_dir,
+            args.config_dir,
+            agent_listen=args.agent_listen,
+            coordinator_listen=args.coordinator_listen,
+            heartbeat=args.heartbeat,
+            replace=args.replace,
+        )
+    except adoption.Refused as exc:
+        raise _usage(args.parser, str(exc)) from None
+    except OSError as exc:
+        raise _usage(args.parser, f"cannot write {exc.filename or args.config_dir}: {exc.strerror or exc}") from None
+    _show(args, "\n".join(adoption.describe(adopted)), adoption.document(adopted))
+    return EXIT_OK
 
 
 # --- version ---------------------------------------------------------------------------------------------------

@@ -107,6 +107,9 @@ class AgentConfig:
     backend: str
     role_adjustment_interval: float | None
     port_file: Path | None
+    # Where the newest journal epoch seen is kept: the state directory, except on microcluster, whose state directory
+    # is microd's own and gets nothing written into it by the agent (the epoch lives beside agent.json instead).
+    epoch_dir: Path
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -155,6 +158,7 @@ class AgentConfig:
             backend=backend,
             role_adjustment_interval=float(interval) if interval is not None else None,
             port_file=Path(raw["port_file"]) if raw.get("port_file") else None,
+            epoch_dir=path.parent if backend == "microcluster" else state_dir,
         )
 
 
@@ -166,7 +170,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, config: AgentConfig, identity: Identity) -> None:
         self._config = config
         self._fingerprint = identity.fingerprint
-        self._epochs = EpochGuard(config.state_dir)
+        self._epochs = EpochGuard(config.epoch_dir)
         self._built: dict[bool, tuple[tuple[SourceReport, ...], membership_pb2.NodeView, str]] = {}
 
     async def GetNodeView(

@@ -42,14 +42,15 @@ _RaftEntry = tuple[int, str, Role]  # (node ID, address, role), as write_raft_co
 
 
 class EpochGuard:
-    """The newest journal epoch this node has seen, kept in `<state_dir>/memberguard-epoch` (a missing file is 0).
+    """The newest journal epoch this node has seen, kept in `<directory>/memberguard-epoch` (a missing file is 0): the
+    node's state directory, or beside agent.json where the state directory is not the agent's (microcluster).
 
-    One guard per state directory: it reads the file once and is then the file's only writer. A file that does not
+    One guard per directory: it reads the file once and is then the file's only writer. A file that does not
     hold a number makes every admission fail, rather than be read as 0 and let any old coordinator in.
     """
 
-    def __init__(self, state_dir: Path) -> None:
-        self._path = state_dir / EPOCH_FILE
+    def __init__(self, directory: Path) -> None:
+        self._path = directory / EPOCH_FILE
         self._lock = asyncio.Lock()
         self._newest: int | None = None
 

@@ -46,6 +46,7 @@ import grpc
 from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, error_from_rpc
 from memberguard.v1 import operation_pb2
 
+from coordinator.adopt import COORDINATOR_NAME
 from coordinator.agent.dqlite_sources import ROLES
 from coordinator.agent.engine import PID_FILE, Engine, write_pid_file
 from coordinator.agent.filecache import load_yaml
@@ -73,7 +74,6 @@ from coordinator.registry import RegisteredIdentity, RegisteredMember, write_reg
 
 # Every dqlite bootstrap node has this ID (docs/design.md, "Backends"); joiners get random ones.
 BOOTSTRAP_ID = 0x2DC171858C3155BE
-COORDINATOR_NAME = "memberguard-coordinator"
 STARTUP_TIMEOUT = 30.0
 BACKENDS = ("local", "dqlite", "microcluster")
 AGENT_PID_FILE = "agent.pid"
