@@ -284,24 +284,9 @@ def test_a_bad_state_dir_is_refused_naming_it_and_nothing_is_written(
 def test_an_uninitialised_member_is_refused(tmp_path: Path) -> None:
     """A real microd, started and never initialised: it has made its server.crt and its truststore, but has no
     daemon.yaml and no database yet."""
-    state_dir = tmp_path / "fresh"
-    state_dir.mkdir()
-    with (tmp_path / "fresh.log").open("wb") as log:
-        daemon = subprocess.Popen(
-            [str(microcluster.MICROD), "--state-dir", str(state_dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
-    try:
-        subprocess.run(
-            [str(microcluster.MICROCTL), "--state-dir", str(state_dir), "waitready", "--timeout", "30"],
-            capture_output=True,
-            check=True,
-            timeout=35,
-        )
+    with microcluster.uninitialised(tmp_path / "fresh", tmp_path / "fresh.log") as state_dir:
         assert (state_dir / "server.crt").exists()
         assert_refused(state_dir, [tmp_path / "out"], state_dir / "daemon.yaml", "not an initialised member")
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
 
 
 # --- adopting again -------------------------------------------------------------------------------------------------

@@ -358,23 +358,8 @@ async def test_a_directory_that_is_not_a_state_dir(tmp_path: Path) -> None:
 
 
 async def test_the_state_dir_of_an_uninitialised_daemon(tmp_path: Path) -> None:
-    state_dir = tmp_path / "fresh"
-    state_dir.mkdir()
-    with (tmp_path / "fresh.log").open("wb") as log:
-        daemon = subprocess.Popen(
-            [str(microcluster.MICROD), "--state-dir", str(state_dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
-    try:
-        subprocess.run(
-            [str(microcluster.MICROCTL), "--state-dir", str(state_dir), "waitready", "--timeout", "30"],
-            capture_output=True,
-            check=True,
-            timeout=35,
-        )
+    with microcluster.uninitialised(tmp_path / "fresh", tmp_path / "fresh.log") as state_dir:
         reports = await read_directory(state_dir, tmp_path)
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=10)
     for source in NETWORK:
         assert str(state_dir / "daemon.yaml") in reports[source].error
         assert "not an initialised member" in reports[source].error

@@ -202,3 +202,25 @@ def running(directory: Path, count: int, *, heartbeat: float = HEARTBEAT) -> Ite
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextmanager
+def uninitialised(state_dir: Path, log: Path) -> Iterator[Path]:
+    """A microd started on state_dir and never initialised, once it is ready: it has made its server.crt and its
+    truststore, but has no daemon.yaml and no database. Stopped on leaving the block."""
+    state_dir.mkdir(parents=True)
+    with log.open("wb") as output:
+        daemon = subprocess.Popen(
+            [str(MICROD), "--state-dir", str(state_dir)], stdin=subprocess.DEVNULL, stdout=output, stderr=output
+        )
+    try:
+        subprocess.run(
+            [str(MICROCTL), "--state-dir", str(state_dir), "waitready", "--timeout", "30"],
+            capture_output=True,
+            check=True,
+            timeout=35,
+        )
+        yield state_dir
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)

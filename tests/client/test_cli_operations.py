@@ -17,7 +17,6 @@ from google.protobuf import json_format
 from memberguard.v1 import coordinator_pb2, operation_pb2
 
 from coordinator.cli import main
-from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
 
 from . import unused_address
@@ -28,22 +27,6 @@ Outcome = tuple[int, str, str]
 @pytest.fixture(scope="module")
 def shared_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
     running = labs.up(tmp_path_factory.mktemp("shared") / "lab", 3)
-    yield running
-    labs.down(running.dir)
-
-
-@pytest.fixture
-def own_lab(tmp_path: Path) -> Iterator[labs.Lab]:
-    running = labs.up(tmp_path / "lab", 3)
-    yield running
-    labs.down(running.dir)
-
-
-@pytest.fixture
-def parking_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[labs.Lab]:
-    """A lab whose coordinator fails a removal's third step, after its commit point: the removal is parked."""
-    monkeypatch.setenv(FAULT_ENV, "fail-step:2")
-    running = labs.up(tmp_path / "lab", 3)
     yield running
     labs.down(running.dir)
 

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +35,10 @@ from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
 
 from coordinator.agent.join import request_join
 from coordinator.cli import main
-from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.journal import Journal
 from coordinator.lab import lab as labs
 
 Outcome = tuple[int, str, str]
-
-
-@pytest.fixture
-def own_lab(tmp_path: Path) -> Iterator[labs.Lab]:
-    running = labs.up(tmp_path / "lab", 3)
-    yield running
-    labs.down(running.dir)
-
-
-@pytest.fixture
-def parking_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[labs.Lab]:
-    """A lab whose coordinator fails a removal's third step, after its commit point: the removal is parked."""
-    monkeypatch.setenv(FAULT_ENV, "fail-step:2")
-    running = labs.up(tmp_path / "lab", 3)
-    yield running
-    labs.down(running.dir)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str, lab: labs.Lab | None = None) -> Outcome:
