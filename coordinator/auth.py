@@ -184,6 +184,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         def guard_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 authorize(trust, rules, method, context)
+                if request is _UNDECODABLE:  # a server stream's one request (a bidirectional stream's is an iterator)
+                    raise InvalidRequest([FieldViolation("", "the request does not decode as the method's message")])
                 async for item in behaviour(request, context):
                     yield item
 
@@ -198,7 +200,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 guard_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:

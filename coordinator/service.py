@@ -12,7 +12,10 @@
      "metrics_listen": "127.0.0.1:0" (optional: where Prometheus metrics are served, plain HTTP, coordinator/
                                 metrics.py; absent, none are),
      "metrics_interval": 15.0 (optional, seconds: how long the coordinator waits after one check of its own before
-                                the next, which keeps the metrics current; only with metrics_listen),
+                                the next, which keeps the metrics and the watchers current; the coordinator checks on
+                                its own only with metrics_listen, or while anyone watches: coordinator/watch.py),
+     "watch_state": PATH (optional: where the watch keeps the last state it sent, so that a watch resumes across a
+                                restart; default: the journal's path with the suffix .watch),
      "port_file": PATH, "join_port_file": PATH, "metrics_port_file": PATH (optional: the bound ports, written once
                                 serving)}
 The servicer only parses, calls the core (or operations.py for guarded operations) and renders; a failure is a typed
@@ -29,13 +32,15 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
-from memberguard import MAX_AGENT_TIMEOUT
+from memberguard import DEFAULT_HEARTBEAT_INTERVAL, MAX_AGENT_TIMEOUT, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, membership_pb2
 
 from coordinator.auth import Principal, Trust, UnionTrust, peer_fingerprint
@@ -72,6 +77,7 @@ from coordinator.pki import read_identity
 from coordinator.registry import Registry, UnreadableRegistry
 from coordinator.serving import start_join_listener, start_server
 from coordinator.status import answering
+from coordinator.watch import Watchers
 
 log = logging.getLogger("memberguard.coordinator")
 
@@ -90,25 +96,45 @@ RULES = {
 }
 
 
+def _duration_seconds(field: str, duration: duration_pb2.Duration, violations: list[FieldViolation]) -> float | None:
+    """The duration in seconds, or None with a violation when its nanos are out of a Duration's range."""
+    if duration.nanos < 0 or duration.nanos >= 1_000_000_000:
+        violations.append(FieldViolation(f"{field}.nanos", "must be in [0, 999999999]"))
+        return None
+    return duration.ToNanoseconds() / 1e9
+
+
 def _agent_timeout(request: coordinator_pb2.CheckMembershipRequest) -> float:
     """The per-agent timeout the request asks for, or InvalidRequest listing every bad field."""
-    violations = []
+    violations: list[FieldViolation] = []
     timeout = DEFAULT_AGENT_TIMEOUT
     if request.HasField("agent_timeout"):
-        duration = request.agent_timeout
-        if duration.nanos < 0 or duration.nanos >= 1_000_000_000:
-            violations.append(FieldViolation("agent_timeout.nanos", "must be in [0, 999999999]"))
-        else:
-            seconds = duration.ToNanoseconds() / 1e9
-            if seconds < 0 or seconds > MAX_AGENT_TIMEOUT:
-                violations.append(FieldViolation("agent_timeout", f"must be between 0 and {MAX_AGENT_TIMEOUT:g} s"))
-            elif seconds > 0:
-                timeout = seconds
+        seconds = _duration_seconds("agent_timeout", request.agent_timeout, violations)
+        if seconds is not None and not 0 <= seconds <= MAX_AGENT_TIMEOUT:
+            violations.append(FieldViolation("agent_timeout", f"must be between 0 and {MAX_AGENT_TIMEOUT:g} s"))
+        elif seconds:
+            timeout = seconds
     if request.minimum_severity not in membership_pb2.Severity.values():
         violations.append(FieldViolation("minimum_severity", "is not a Severity value"))
     if violations:
         raise InvalidRequest(violations)
     return timeout
+
+
+def _heartbeat_interval(request: coordinator_pb2.WatchMembershipRequest) -> float:
+    """The heartbeat interval the request asks for, or InvalidRequest."""
+    violations: list[FieldViolation] = []
+    seconds = _duration_seconds("heartbeat_interval", request.heartbeat_interval, violations)
+    if seconds is not None and seconds != 0 and not MIN_HEARTBEAT_INTERVAL <= seconds <= MAX_HEARTBEAT_INTERVAL:
+        violations.append(
+            FieldViolation(
+                "heartbeat_interval",
+                f"must be between {MIN_HEARTBEAT_INTERVAL:g} s and {MAX_HEARTBEAT_INTERVAL:g} s (0: the default)",
+            )
+        )
+    if violations:
+        raise InvalidRequest(violations)
+    return seconds or DEFAULT_HEARTBEAT_INTERVAL
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -120,6 +146,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         journal: Journal,
         trust: Trust,
         metrics: Metrics,
+        watchers: Watchers,
     ) -> None:
         self._id = coordinator_id
         self._agents = agents
@@ -127,6 +154,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._operations = operations
         self._journal = journal
         self._metrics = metrics
+        self._watchers = watchers
         self._consistent: tuple[tuple[object, ...], MembershipDiff] | None = None
 
     def _diff(self, view: ClusterView) -> MembershipDiff:
@@ -145,15 +173,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def check(self, timeout: float, origin: Origin) -> MembershipDiff:
         """One membership check: the gather (timeout per agent), the diff and what the operations in flight explain;
-        counted in the metrics. It only reads, and takes no membership lock."""
+        counted in the metrics and handed to the watchers. It only reads, and takes no membership lock."""
         started = time.monotonic()
         view = await self._agents.gather(timeout)
         diff = explain_in_flight(self._diff(view), self._journal.unfinished())
         self._metrics.checked(origin, time.monotonic() - started)
         if timeout >= DEFAULT_AGENT_TIMEOUT:
             # Agents given less time than the coordinator's own checks give them may be silent only to this caller:
-            # what such a check found must not move an alert.
+            # what such a check found must not move an alert, nor reach a watcher.
             self._metrics.found(view, diff)
+            self._watchers.publish(diff)
         return diff
 
     def _header(self) -> coordinator_pb2.ResponseHeader:
@@ -171,6 +200,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         diff = await self.check(timeout, Origin.CALLER)
         minimum = Severity(request.minimum_severity) if request.minimum_severity else None
         return coordinator_pb2.CheckMembershipResponse(header=self._header(), diff=diff_to_proto(diff, minimum))
+
+    async def WatchMembership(
+        self, request: coordinator_pb2.WatchMembershipRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[coordinator_pb2.WatchMembershipResponse]:
+        heartbeat = _heartbeat_interval(request)
+        async for response in self._watchers.watch(request.resume_token, heartbeat):
+            response.header.CopyFrom(self._header())
+            yield response
 
     async def GuardedOperation(
         self, request: coordinator_pb2.GuardedOperationRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -305,18 +342,27 @@ def _join_service(coordinator: CoordinatorServicer, gate: JoinGate) -> grpc.Gene
 
 
 async def _check_periodically(
-    servicer: CoordinatorServicer, metrics: Metrics, journal: Journal, interval: float
+    servicer: CoordinatorServicer,
+    metrics: Metrics,
+    journal: Journal,
+    watchers: Watchers,
+    interval: float,
+    *,
+    metrics_served: bool,
 ) -> None:
     """Checks the membership and counts the journal's operations, then waits interval seconds, until cancelled: one
-    check at a time, whatever a check costs, so that alerts on the metrics fire before anyone tries a mutation."""
+    check at a time, whatever a check costs, so that alerts on the metrics fire before anyone tries a mutation and
+    watchers hear of a change within interval. A new watcher that finds no diff younger than interval cuts the wait
+    short. Nobody reads metrics that are not served: without them, it checks only while someone watches."""
     while True:
-        try:
-            await servicer.check(DEFAULT_AGENT_TIMEOUT, Origin.BACKGROUND)
-            metrics.journaled(journal.counts())
-        except Exception:
-            # The metrics go stale rather than stop: the next check tries again.
-            log.exception("the background membership check failed; the next one tries again")
-        await asyncio.sleep(interval)
+        if metrics_served or watchers.watched:
+            try:
+                await servicer.check(DEFAULT_AGENT_TIMEOUT, Origin.BACKGROUND)
+                metrics.journaled(journal.counts())
+            except Exception:
+                # The metrics and the watchers go stale rather than stop: the next check tries again.
+                log.exception("the background membership check failed; the next one tries again")
+        await watchers.until_wanted(interval)
 
 
 class BadConfig(ValueError):
@@ -373,7 +419,9 @@ async def serve(config: dict[str, Any]) -> None:
         faults=Faults.from_environment(),
     )
     metrics = Metrics()
-    servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust, metrics)
+    watch_state = Path(config.get("watch_state") or Path(config["journal"]).with_suffix(".watch"))
+    watchers = Watchers(metrics_interval, watch_state)
+    servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust, metrics, watchers)
     server, port = await start_server(
         address=listen,
         identity=identity,
@@ -395,15 +443,16 @@ async def serve(config: dict[str, Any]) -> None:
     # What a crash left unfinished is finished or rolled back before the coordinator says it is up; requests that
     # arrive meanwhile queue behind it on the membership lock.
     await operations.reconcile()
-    tasks = [asyncio.create_task(operations.reconcile_periodically(interval))]
     metrics_server = None
-    # Nobody reads metrics that are not served: without an endpoint the coordinator makes no check of its own.
     if metrics_listen is not None:
         metrics_server = serve_metrics(metrics, *metrics_listen)
         log.info("metrics on port %d", metrics_server.server_port)
         if config.get("metrics_port_file"):
             write_atomically(Path(config["metrics_port_file"]), str(metrics_server.server_port).encode())
-        tasks.append(asyncio.create_task(_check_periodically(servicer, metrics, journal, metrics_interval)))
+    background = _check_periodically(
+        servicer, metrics, journal, watchers, metrics_interval, metrics_served=metrics_server is not None
+    )
+    tasks = [asyncio.create_task(operations.reconcile_periodically(interval)), asyncio.create_task(background)]
     if config.get("port_file"):
         write_atomically(Path(config["port_file"]), str(port).encode())
     stop = asyncio.Event()

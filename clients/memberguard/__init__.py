@@ -9,9 +9,16 @@ Both clients keep one mTLS channel open, have the same methods, and raise the ty
 `memberguard.errors` (re-exported here). The messages are those of `memberguard.v1`.
 """
 
-from memberguard._async import AsyncClient
-from memberguard._base import MAX_AGENT_TIMEOUT, Endpoint, error_from_rpc
-from memberguard._sync import Client
+from memberguard._async import AsyncClient, AsyncMembershipWatch
+from memberguard._base import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    MAX_AGENT_TIMEOUT,
+    MAX_HEARTBEAT_INTERVAL,
+    MIN_HEARTBEAT_INTERVAL,
+    Endpoint,
+    error_from_rpc,
+)
+from memberguard._sync import Client, MembershipWatch
 from memberguard.errors import (
     Aborted,
     AlreadyExists,
@@ -38,10 +45,14 @@ from memberguard.errors import (
 )
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
     "MAX_AGENT_TIMEOUT",
+    "MAX_HEARTBEAT_INTERVAL",
+    "MIN_HEARTBEAT_INTERVAL",
     "Aborted",
     "AlreadyExists",
     "AsyncClient",
+    "AsyncMembershipWatch",
     "Client",
     "DeadlineExceeded",
     "DirtyMembership",
@@ -51,6 +62,7 @@ __all__ = [
     "InvalidArgument",
     "MemberguardError",
     "MembershipRefused",
+    "MembershipWatch",
     "NotAbandonable",
     "NotFound",
     "OperationParked",

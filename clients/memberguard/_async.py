@@ -5,6 +5,7 @@ Create it inside the event loop that will use it: a grpc.aio channel belongs to 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
@@ -24,11 +25,58 @@ from memberguard._base import (
     remove_member_request,
     require_serving,
     wait_operation_request,
+    watch_membership_request,
+    watch_timeout,
 )
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+
+_WatchCall = grpc.aio.UnaryStreamCall[coordinator_pb2.WatchMembershipRequest, coordinator_pb2.WatchMembershipResponse]
+
+
+class AsyncMembershipWatch:
+    """A WatchMembership stream: `async for` over it for its responses; close() ends it, as leaving an `async with`
+    block does, and iteration then stops. See memberguard.MembershipWatch."""
+
+    def __init__(self, call: _WatchCall) -> None:
+        self._call = call
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> coordinator_pb2.WatchMembershipResponse:
+        try:
+            response = await self._call.read()
+        except grpc.RpcError as exc:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise error_from_rpc(exc) from exc
+        except asyncio.CancelledError:
+            # grpc.aio reads a call cancelled by close() as a cancellation; only the task's own must propagate.
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise StopAsyncIteration from None
+            raise
+        # The only other thing read() returns is grpc.aio.EOF: the coordinator ended the stream.
+        if not isinstance(response, coordinator_pb2.WatchMembershipResponse):
+            raise StopAsyncIteration
+        return response
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Cancels the stream; closing twice is harmless."""
+        self._closed = True
+        self._call.cancel()
 
 
 class AsyncClient(BaseClient):
@@ -48,6 +96,9 @@ class AsyncClient(BaseClient):
         self._guarded_operation: grpc.aio.UnaryUnaryMultiCallable[
             coordinator_pb2.GuardedOperationRequest, coordinator_pb2.GuardedOperationResponse
         ] = coordinator.GuardedOperation
+        self._watch_membership: grpc.aio.UnaryStreamMultiCallable[
+            coordinator_pb2.WatchMembershipRequest, coordinator_pb2.WatchMembershipResponse
+        ] = coordinator.WatchMembership
         self._health_check: grpc.aio.UnaryUnaryMultiCallable[
             health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
         ] = health_pb2_grpc.HealthStub(self._channel).Check
@@ -75,6 +126,15 @@ class AsyncClient(BaseClient):
         """A fresh diff of every source on every node, and its fingerprint; see Client.check_membership."""
         request = check_membership_request(agent_timeout=agent_timeout, minimum_severity=minimum_severity)
         return await self._call(self._check_membership, request, timeout)
+
+    def watch_membership(
+        self, *, resume_token: str = "", heartbeat_interval: float | None = None, timeout: float | None = None
+    ) -> AsyncMembershipWatch:
+        """Watches the membership; see Client.watch_membership. Not a coroutine: the stream starts on the first
+        read."""
+        self._require_open()
+        request = watch_membership_request(resume_token=resume_token, heartbeat_interval=heartbeat_interval)
+        return AsyncMembershipWatch(self._watch_membership(request, timeout=watch_timeout(timeout)))
 
     async def guarded_operation(
         self, request: coordinator_pb2.GuardedOperationRequest, timeout: float = 30.0

@@ -34,6 +34,10 @@ StrPath = str | os.PathLike[str]
 #: The most the coordinator lets an agent take (CheckMembershipRequest.agent_timeout): the one definition, which the
 #: coordinator enforces and the client checks before sending.
 MAX_AGENT_TIMEOUT = 60.0
+#: WatchMembershipRequest.heartbeat_interval: its default and bounds (seconds), defined here once, as MAX_AGENT_TIMEOUT.
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+MIN_HEARTBEAT_INTERVAL = 1.0
+MAX_HEARTBEAT_INTERVAL = 300.0
 
 #: The environment variables that name an endpoint, each overriding its field of the profile (as etcdctl's ETCDCTL_*).
 ENVIRONMENT = {
@@ -265,6 +269,34 @@ def check_membership_request(
     if violations:
         raise invalid_arguments(violations)
     return request
+
+
+def watch_membership_request(
+    *, resume_token: str, heartbeat_interval: float | None
+) -> coordinator_pb2.WatchMembershipRequest:
+    """Builds the request, checking the interval as the coordinator would so a bad one fails before any I/O."""
+    request = coordinator_pb2.WatchMembershipRequest(resume_token=resume_token)
+    if heartbeat_interval is not None:
+        if (
+            not _is_seconds(heartbeat_interval)
+            or not MIN_HEARTBEAT_INTERVAL <= heartbeat_interval <= MAX_HEARTBEAT_INTERVAL
+        ):
+            raise invalid_arguments(
+                [
+                    (
+                        "heartbeat_interval",
+                        f"must be between {MIN_HEARTBEAT_INTERVAL:g} s and {MAX_HEARTBEAT_INTERVAL:g} s, "
+                        f"not {heartbeat_interval!r}",
+                    )
+                ]
+            )
+        request.heartbeat_interval.FromNanoseconds(round(heartbeat_interval * 1e9))
+    return request
+
+
+def watch_timeout(timeout: float | None) -> float | None:
+    """A watch's deadline: None (the usual) lets it run until closed; otherwise as call_timeout checks it."""
+    return None if timeout is None else call_timeout(timeout)
 
 
 def issue_token_request(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -20,11 +20,48 @@ from memberguard._base import (
     remove_member_request,
     require_serving,
     wait_operation_request,
+    watch_membership_request,
+    watch_timeout,
 )
 from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+
+
+class MembershipWatch:
+    """A WatchMembership stream: iterate it for its responses (memberguard.v1 WatchMembershipResponse); close() ends
+    it, as leaving a `with` block does, and iteration then stops. A stream that fails raises the typed errors of
+    memberguard.errors from the iteration."""
+
+    def __init__(self, call: grpc.CallIterator[coordinator_pb2.WatchMembershipResponse]) -> None:
+        self._call = call
+        self._responses: Iterator[coordinator_pb2.WatchMembershipResponse] = iter(call)
+        self._closed = False
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> coordinator_pb2.WatchMembershipResponse:
+        try:
+            return next(self._responses)
+        except grpc.RpcError as exc:
+            if self._closed:
+                raise StopIteration from None
+            raise error_from_rpc(exc) from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancels the stream; closing twice is harmless."""
+        self._closed = True
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel unannotated
 
 
 class Client(BaseClient):
@@ -44,6 +81,9 @@ class Client(BaseClient):
         self._guarded_operation: grpc.UnaryUnaryMultiCallable[
             coordinator_pb2.GuardedOperationRequest, coordinator_pb2.GuardedOperationResponse
         ] = coordinator.GuardedOperation
+        self._watch_membership: grpc.UnaryStreamMultiCallable[
+            coordinator_pb2.WatchMembershipRequest, coordinator_pb2.WatchMembershipResponse
+        ] = coordinator.WatchMembership
         self._health_check: grpc.UnaryUnaryMultiCallable[
             health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
         ] = health_pb2_grpc.HealthStub(self._channel).Check
@@ -75,6 +115,18 @@ class Client(BaseClient):
         """
         request = check_membership_request(agent_timeout=agent_timeout, minimum_severity=minimum_severity)
         return self._call(self._check_membership, request, timeout)
+
+    def watch_membership(
+        self, *, resume_token: str = "", heartbeat_interval: float | None = None, timeout: float | None = None
+    ) -> MembershipWatch:
+        """Watches the membership as the coordinator's checks find it: first a snapshot of the diff (or, given the
+        resume_token of the last response seen, `resumed` and what changed since), then a change whenever a check
+        finds one, and a heartbeat after heartbeat_interval seconds of quiet (1 to 300; the coordinator's default is
+        30). timeout bounds the whole stream; None lets it run until closed.
+        """
+        self._require_open()
+        request = watch_membership_request(resume_token=resume_token, heartbeat_interval=heartbeat_interval)
+        return MembershipWatch(self._watch_membership(request, timeout=watch_timeout(timeout)))
 
     def guarded_operation(
         self, request: coordinator_pb2.GuardedOperationRequest, timeout: float = 30.0

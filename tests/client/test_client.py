@@ -330,7 +330,8 @@ def test_endpoint_refuses_bad_tls_material(lab: Lab) -> None:
 def test_public_names() -> None:
     for name in memberguard.__all__:
         assert getattr(memberguard, name) is not None
-    others = {"Client", "AsyncClient", "Endpoint", "error_from_rpc", "MAX_AGENT_TIMEOUT"}
+    others = {"Client", "AsyncClient", "Endpoint", "error_from_rpc", "MembershipWatch", "AsyncMembershipWatch"}
+    others |= {"MAX_AGENT_TIMEOUT", "DEFAULT_HEARTBEAT_INTERVAL", "MIN_HEARTBEAT_INTERVAL", "MAX_HEARTBEAT_INTERVAL"}
     errors = {getattr(memberguard, n) for n in memberguard.__all__ if n not in others}
     assert all(issubclass(e, memberguard.MemberguardError) for e in errors)
     assert len(errors) == 22

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from memberguard.v1 import membership_pb2 as _membership_pb2
 from memberguard.v1 import operation_pb2 as _operation_pb2
 import builtins as _builtins
@@ -21,6 +22,70 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SnapshotReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SnapshotReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SnapshotReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SNAPSHOT_REASON_UNSPECIFIED: _SnapshotReason.ValueType  # 0
+    """Default value. This value is unused."""
+    SNAPSHOT_REASON_SUBSCRIBED: _SnapshotReason.ValueType  # 1
+    """The stream started without a resume_token."""
+    SNAPSHOT_REASON_RESUME_TOKEN_UNKNOWN: _SnapshotReason.ValueType  # 2
+    """The request's resume_token is not one the coordinator knows: the stream restarted from the current diff, and what
+    changed in between is not sent as changes.
+    """
+    SNAPSHOT_REASON_FELL_BEHIND: _SnapshotReason.ValueType  # 3
+    """The client fell behind: 16 changes were waiting for it to read them. They were dropped, and this diff, the
+    current one when the client read again, takes their place.
+    """
+
+class SnapshotReason(_SnapshotReason, metaclass=_SnapshotReasonEnumTypeWrapper):
+    """Why a watch sends the whole diff."""
+
+SNAPSHOT_REASON_UNSPECIFIED: SnapshotReason.ValueType  # 0
+"""Default value. This value is unused."""
+SNAPSHOT_REASON_SUBSCRIBED: SnapshotReason.ValueType  # 1
+"""The stream started without a resume_token."""
+SNAPSHOT_REASON_RESUME_TOKEN_UNKNOWN: SnapshotReason.ValueType  # 2
+"""The request's resume_token is not one the coordinator knows: the stream restarted from the current diff, and what
+changed in between is not sent as changes.
+"""
+SNAPSHOT_REASON_FELL_BEHIND: SnapshotReason.ValueType  # 3
+"""The client fell behind: 16 changes were waiting for it to read them. They were dropped, and this diff, the
+current one when the client read again, takes their place.
+"""
+Global___SnapshotReason: _TypeAlias = SnapshotReason  # noqa: Y015
+
+class _DiscrepancyTransition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiscrepancyTransitionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiscrepancyTransition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISCREPANCY_TRANSITION_UNSPECIFIED: _DiscrepancyTransition.ValueType  # 0
+    """Default value. This value is unused."""
+    DISCREPANCY_TRANSITION_APPEARED: _DiscrepancyTransition.ValueType  # 1
+    """It is in the new diff and was not in the one before."""
+    DISCREPANCY_TRANSITION_SEVERITY_CHANGED: _DiscrepancyTransition.ValueType  # 2
+    """It is in both, with another severity (an operation in flight explains it now, or no longer; a lag grew old)."""
+    DISCREPANCY_TRANSITION_CLEARED: _DiscrepancyTransition.ValueType  # 3
+    """It was in the diff before and is not in the new one."""
+
+class DiscrepancyTransition(_DiscrepancyTransition, metaclass=_DiscrepancyTransitionEnumTypeWrapper):
+    """What happened to a discrepancy between two diffs."""
+
+DISCREPANCY_TRANSITION_UNSPECIFIED: DiscrepancyTransition.ValueType  # 0
+"""Default value. This value is unused."""
+DISCREPANCY_TRANSITION_APPEARED: DiscrepancyTransition.ValueType  # 1
+"""It is in the new diff and was not in the one before."""
+DISCREPANCY_TRANSITION_SEVERITY_CHANGED: DiscrepancyTransition.ValueType  # 2
+"""It is in both, with another severity (an operation in flight explains it now, or no longer; a lag grew old)."""
+DISCREPANCY_TRANSITION_CLEARED: DiscrepancyTransition.ValueType  # 3
+"""It was in the diff before and is not in the new one."""
+Global___DiscrepancyTransition: _TypeAlias = DiscrepancyTransition  # noqa: Y015
 
 @_typing.final
 class ResponseHeader(_message.Message):
@@ -536,3 +601,266 @@ class AbandonOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbandonOperationResponse: _TypeAlias = AbandonOperationResponse  # noqa: Y015
+
+@_typing.final
+class WatchMembershipRequest(_message.Message):
+    """Asks to watch the membership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """resume_token is the resume_token of the last response the client received, to pick up a stream that ended;
+    empty starts afresh. A token the coordinator does not know (too old, garbage, or its state was lost) gets a
+    snapshot marked RESUME_TOKEN_UNKNOWN. The coordinator keeps the last 64 states it sent, and across its own
+    restart the last one.
+    """
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """heartbeat_interval is how long the stream may stay quiet before the coordinator sends a heartbeat; unset or zero
+        means 30 s. It must be between 1 s and 300 s.
+        """
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMembershipRequest: _TypeAlias = WatchMembershipRequest  # noqa: Y015
+
+@_typing.final
+class WatchMembershipResponse(_message.Message):
+    """One event of a watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """resume_token stands for everything the stream has sent so far: send it back in WatchMembershipRequest to resume
+    after this response. It is a digest of the diff's fingerprint and of each discrepancy's id and severity, equal on
+    any coordinator for an equal diff; the fingerprint alone would not do, since it leaves out the lagging Raft views
+    and the severities, which can change while it stays the same. Empty only on a heartbeat sent before the first
+    snapshot.
+    """
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header says who answered and when."""
+
+    @_builtins.property
+    def snapshot(self) -> Global___WatchSnapshot:
+        """snapshot is the whole current diff."""
+
+    @_builtins.property
+    def resumed(self) -> Global___WatchResumed:
+        """resumed starts a stream whose resume_token the coordinator knew."""
+
+    @_builtins.property
+    def change(self) -> Global___MembershipChange:
+        """change is what a check found that differs from what the stream sent before."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___WatchHeartbeat:
+        """heartbeat says that the stream and the checks are alive while nothing changes."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ResponseHeader | None = ...,
+        resume_token: _builtins.str = ...,
+        snapshot: Global___WatchSnapshot | None = ...,
+        resumed: Global___WatchResumed | None = ...,
+        change: Global___MembershipChange | None = ...,
+        heartbeat: Global___WatchHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "header", b"header", "heartbeat", b"heartbeat", "resumed", b"resumed", "snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "header", b"header", "heartbeat", b"heartbeat", "resume_token", b"resume_token", "resumed", b"resumed", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "resumed", "change", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchMembershipResponse: _TypeAlias = WatchMembershipResponse  # noqa: Y015
+
+@_typing.final
+class WatchSnapshot(_message.Message):
+    """The whole current diff, and why the stream sends it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    reason: Global___SnapshotReason.ValueType
+    """reason says why the whole diff is sent."""
+    @_builtins.property
+    def diff(self) -> _membership_pb2.MembershipDiff:
+        """diff is the current diff. Starting a stream, it is the last check's when that is younger than metrics_interval,
+        else a fresh check's; after FELL_BEHIND, the last check's when the client read again.
+        """
+
+    def __init__(
+        self,
+        *,
+        reason: Global___SnapshotReason.ValueType = ...,
+        diff: _membership_pb2.MembershipDiff | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSnapshot: _TypeAlias = WatchSnapshot  # noqa: Y015
+
+@_typing.final
+class WatchResumed(_message.Message):
+    """A stream that resumed where the client left off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_SINCE_FIELD_NUMBER: _builtins.int
+    changes_since: _builtins.int
+    """changes_since is how many change responses follow at once: what changed since the resume_token, in the order the
+    coordinator found it. 0 when the token is the current state, which is then not sent again.
+    """
+    def __init__(
+        self,
+        *,
+        changes_since: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes_since", b"changes_since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResumed: _TypeAlias = WatchResumed  # noqa: Y015
+
+@_typing.final
+class MembershipChange(_message.Message):
+    """What a check found that differs from the diff before it. Applied to the diff before it, it gives the new diff's
+    fingerprint, members, nodes and discrepancies (each discrepancy as the check that made it appear or change found it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """fingerprint is the new diff's fingerprint."""
+    previous_fingerprint: _builtins.str
+    """previous_fingerprint is the fingerprint of the diff before; equal to fingerprint when only discrepancies changed."""
+    @_builtins.property
+    def discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiscrepancyChange]:
+        """discrepancies are the discrepancies that appeared, changed severity or cleared, most severe first (a cleared one
+        by its last severity); empty when only the fingerprint moved.
+        """
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[_membership_pb2.Member]:
+        """members are the new diff's members (MembershipDiff.members)."""
+
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes are the new diff's nodes (MembershipDiff.nodes)."""
+
+    @_builtins.property
+    def observed_at(self) -> _timestamp_pb2.Timestamp:
+        """observed_at is when the gather that found the change finished."""
+
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        previous_fingerprint: _builtins.str = ...,
+        discrepancies: _abc.Iterable[Global___DiscrepancyChange] | None = ...,
+        members: _abc.Iterable[_membership_pb2.Member] | None = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        observed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discrepancies", b"discrepancies", "fingerprint", b"fingerprint", "members", b"members", "nodes", b"nodes", "observed_at", b"observed_at", "previous_fingerprint", b"previous_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipChange: _TypeAlias = MembershipChange  # noqa: Y015
+
+@_typing.final
+class DiscrepancyChange(_message.Message):
+    """What happened to one discrepancy between two diffs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISCREPANCY_ID_FIELD_NUMBER: _builtins.int
+    TRANSITION_FIELD_NUMBER: _builtins.int
+    DISCREPANCY_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SEVERITY_FIELD_NUMBER: _builtins.int
+    discrepancy_id: _builtins.str
+    """discrepancy_id is the discrepancy's id (Discrepancy.id)."""
+    transition: Global___DiscrepancyTransition.ValueType
+    """transition says what happened to it."""
+    previous_severity: _membership_pb2.Severity.ValueType
+    """previous_severity is its severity in the diff before; unset for one that appeared."""
+    @_builtins.property
+    def discrepancy(self) -> _membership_pb2.Discrepancy:
+        """discrepancy is the discrepancy as the new diff holds it; for a cleared one, as the last diff that held it did."""
+
+    def __init__(
+        self,
+        *,
+        discrepancy_id: _builtins.str = ...,
+        transition: Global___DiscrepancyTransition.ValueType = ...,
+        discrepancy: _membership_pb2.Discrepancy | None = ...,
+        previous_severity: _membership_pb2.Severity.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["discrepancy", b"discrepancy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discrepancy", b"discrepancy", "discrepancy_id", b"discrepancy_id", "previous_severity", b"previous_severity", "transition", b"transition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscrepancyChange: _TypeAlias = DiscrepancyChange  # noqa: Y015
+
+@_typing.final
+class WatchHeartbeat(_message.Message):
+    """Sent when the stream has been quiet for heartbeat_interval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_CHECKED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def last_checked_at(self) -> _timestamp_pb2.Timestamp:
+        """last_checked_at is when the gather of the last check that fed the watch finished; unset before the first. On a
+        quiet cluster it moves every metrics_interval; when it stops moving, the coordinator has stopped checking.
+        """
+
+    def __init__(
+        self,
+        *,
+        last_checked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_checked_at", b"last_checked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_checked_at", b"last_checked_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchHeartbeat: _TypeAlias = WatchHeartbeat  # noqa: Y015

@@ -75,6 +75,11 @@ class CoordinatorServiceStub:
                 request_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
                 _registered_method=True)
+        self.WatchMembership = channel.unary_stream(
+                '/memberguard.v1.CoordinatorService/WatchMembership',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -145,6 +150,20 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMembership(self, request, context):
+        """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
+        snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
+        once by every change since that token. Then a change each time a check finds a diff that differs from the last one
+        sent: the fingerprint moved, or a discrepancy appeared, changed severity or cleared. The checks are the
+        coordinator's own, one every metrics_interval (15 s unless configured) while anyone watches, and every
+        CheckMembership whose agents were given at least the default 1 s; N watchers cost no more gathers than one. A
+        stream quiet for heartbeat_interval gets a heartbeat. A client that reads too slowly to keep up (16 changes
+        waiting for it) is sent a snapshot marked FELL_BEHIND in place of the changes it missed; nobody else waits for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +206,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.AbandonOperation,
                     request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.SerializeToString,
+            ),
+            'WatchMembership': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMembership,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +430,33 @@ class CoordinatorService:
             '/memberguard.v1.CoordinatorService/AbandonOperation',
             memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
             memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/WatchMembership',
+            memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

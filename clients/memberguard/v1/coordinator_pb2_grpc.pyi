@@ -60,6 +60,16 @@ class CoordinatorServiceStub:
     operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
     """
+    WatchMembership: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]
+    """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
+    snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
+    once by every change since that token. Then a change each time a check finds a diff that differs from the last one
+    sent: the fingerprint moved, or a discrepancy appeared, changed severity or cleared. The checks are the
+    coordinator's own, one every metrics_interval (15 s unless configured) while anyone watches, and every
+    CheckMembership whose agents were given at least the default 1 s; N watchers cost no more gathers than one. A
+    stream quiet for heartbeat_interval gets a heartbeat. A client that reads too slowly to keep up (16 changes
+    waiting for it) is sent a snapshot marked FELL_BEHIND in place of the changes it missed; nobody else waits for it.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -92,6 +102,16 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
     operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+    """
+    WatchMembership: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]  # type: ignore[assignment]
+    """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
+    snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
+    once by every change since that token. Then a change each time a check finds a diff that differs from the last one
+    sent: the fingerprint moved, or a discrepancy appeared, changed severity or cleared. The checks are the
+    coordinator's own, one every metrics_interval (15 s unless configured) while anyone watches, and every
+    CheckMembership whose agents were given at least the default 1 s; N watchers cost no more gathers than one. A
+    stream quiet for heartbeat_interval gets a heartbeat. A client that reads too slowly to keep up (16 changes
+    waiting for it) is sent a snapshot marked FELL_BEHIND in place of the changes it missed; nobody else waits for it.
     """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +190,22 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
         operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
         about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchMembership(
+        self,
+        request: _coordinator_pb2.WatchMembershipRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.WatchMembershipResponse], _abc.AsyncIterator[_coordinator_pb2.WatchMembershipResponse]]:
+        """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
+        snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
+        once by every change since that token. Then a change each time a check finds a diff that differs from the last one
+        sent: the fingerprint moved, or a discrepancy appeared, changed severity or cleared. The checks are the
+        coordinator's own, one every metrics_interval (15 s unless configured) while anyone watches, and every
+        CheckMembership whose agents were given at least the default 1 s; N watchers cost no more gathers than one. A
+        stream quiet for heartbeat_interval gets a heartbeat. A client that reads too slowly to keep up (16 changes
+        waiting for it) is sent a snapshot marked FELL_BEHIND in place of the changes it missed; nobody else waits for it.
         """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
