@@ -53,7 +53,7 @@ from google.protobuf.message import Message
 
 # Imported for the detail types they register too: an error's details are printed through the default pool.
 from google.rpc import error_details_pb2, status_pb2
-from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2
+from memberguard.v1 import coordinator_pb2, membership_pb2, operation_pb2, repair_pb2
 
 from coordinator import adopt as adoption
 from coordinator.agent.join import CoordinatorNotVerified, request_join
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_remove(subparsers)
     _register_ops(subparsers)
     _register_abandon(subparsers)
+    _register_repair(subparsers)
     _register_join(subparsers)
     _register_journal(subparsers)
     _register_adopt(subparsers)
@@ -651,6 +652,56 @@ def _run_abandon(args: argparse.Namespace) -> int:
         )
     _show(args, render_operation(operation), operation)
     return EXIT_OK
+
+
+def _register_repair(subparsers: _Subparsers) -> None:
+    repair = _operation_parser(
+        subparsers,
+        "repair",
+        help="show the plan that would clear the diff (nothing is changed)",
+        description="Asks the coordinator how it would clear the current diff: each action with the discrepancies it\n"
+        "clears, whether it is safe or needs a human's confirmation and why, and its steps; then the discrepancies\n"
+        "no action clears, and why. Nothing is changed: applying the plan is not offered yet.",
+        timeout=30.0,
+    )
+    repair.add_argument("--fingerprint", default="", metavar="FP", help="plan only if the diff is still this one")
+    repair.add_argument(
+        "--only", action="append", default=[], metavar="ID", help="plan for this discrepancy only (repeat)"
+    )
+    repair.add_argument(
+        "--confirm", action="append", default=[], metavar="ACTION", help="an action to confirm, by id (repeat)"
+    )
+    repair.set_defaults(handler=_run_repair)
+
+
+def _run_repair(args: argparse.Namespace) -> int:
+    with _connected(args) as client:
+        plan = client.plan_repair(
+            expected_fingerprint=args.fingerprint,
+            discrepancy_ids=args.only,
+            confirmed_action_ids=args.confirm,
+            timeout=args.timeout,
+        )
+    _show(args, render_repair_plan(plan), plan)
+    return EXIT_OK if not plan.unplanned else EXIT_NOT_SUCCEEDED
+
+
+def render_repair_plan(plan: repair_pb2.RepairPlan) -> str:
+    """The plan as text: each action, its steps under it, then what is left unplanned."""
+    lines: list[str] = []
+    for action in plan.actions:
+        safety = _enum_name(membership_pb2.RemedySafety.DESCRIPTOR, action.safety, "REMEDY_SAFETY_")
+        lines.append(f"action {action.id}  {safety}  {_member_label(action.member)}: {_one_line(action.reason)}")
+        lines.append(f"  clears {', '.join(action.clears)}")
+        lines += [f"  - {_one_line(step.name)}" for step in action.steps]
+        if action.remainder:
+            lines.append(f"  leaves: {_one_line(action.remainder)}")
+    for unplanned in plan.unplanned:
+        lines.append(f"unplanned {unplanned.discrepancy_id}: {_one_line(unplanned.reason)}")
+    if not lines:
+        lines.append("nothing to repair")
+    lines.append(f"fingerprint {plan.fingerprint}  {len(plan.actions)} actions, {len(plan.unplanned)} unplanned")
+    return "\n".join(lines)
 
 
 def _register_ops(subparsers: _Subparsers) -> None:

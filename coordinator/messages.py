@@ -6,7 +6,7 @@ Enums convert by number: the core's IntEnums carry the protobuf numbers, and 0 (
 from __future__ import annotations
 
 from google.protobuf import duration_pb2, timestamp_pb2
-from memberguard.v1 import agent_pb2, operation_pb2
+from memberguard.v1 import agent_pb2, operation_pb2, repair_pb2
 from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.core import model
@@ -23,6 +23,7 @@ from coordinator.core.plan import (
     RemoveRaftEntry,
     RemoveTruststoreRecord,
 )
+from coordinator.core.repair import RepairPlan
 from coordinator.core.tokens import TokenRecord
 
 
@@ -130,6 +131,15 @@ def member_to_proto(member: model.Member) -> pb.Member:
     )
 
 
+def evidence_to_proto(evidence: model.Evidence) -> pb.Evidence:
+    return pb.Evidence(
+        source=pb.Source.ValueType(evidence.source),
+        node=evidence.node,
+        records=[record_to_proto(r) for r in evidence.records],
+        detail=evidence.detail,
+    )
+
+
 def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
     message = pb.Discrepancy(
         id=discrepancy.id,
@@ -138,15 +148,7 @@ def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
         source=pb.Source.ValueType(discrepancy.source or 0),
         node=discrepancy.node,
         summary=discrepancy.summary,
-        evidence=[
-            pb.Evidence(
-                source=pb.Source.ValueType(e.source),
-                node=e.node,
-                records=[record_to_proto(r) for r in e.records],
-                detail=e.detail,
-            )
-            for e in discrepancy.evidence
-        ],
+        evidence=[evidence_to_proto(e) for e in discrepancy.evidence],
         remedies=[pb.Remedy(action=r.action, safety=pb.RemedySafety.ValueType(r.safety)) for r in discrepancy.remedies],
         age=_duration(discrepancy.age),
         explained_by_operation_id=discrepancy.explained_by,
@@ -239,3 +241,37 @@ def step_to_proto(action: Action) -> agent_pb2.ApplyStepRequest:
             return agent_pb2.ApplyStepRequest(fence_node=True)
         case ForgetMember() | RegisterMember():
             raise AssertionError("the coordinator applies its own steps itself")
+
+
+def repair_plan_to_proto(plan: RepairPlan) -> repair_pb2.RepairPlan:
+    return repair_pb2.RepairPlan(
+        fingerprint=plan.fingerprint,
+        actions=[
+            repair_pb2.RepairAction(
+                id=action.id,
+                clears=action.clears,
+                member=member_to_proto(action.member),
+                safety=pb.RemedySafety.ValueType(action.safety),
+                reason=action.reason,
+                steps=[
+                    repair_pb2.RepairStep(
+                        name=step.planned.name,
+                        node=step.planned.target,
+                        source=pb.Source.ValueType(step.source or 0),
+                        evidence=evidence_to_proto(step.evidence) if step.evidence is not None else None,
+                    )
+                    for step in action.steps
+                ],
+                remainder=action.remainder,
+            )
+            for action in plan.actions
+        ],
+        unplanned=[
+            repair_pb2.UnplannedDiscrepancy(
+                discrepancy_id=u.discrepancy,
+                reason=u.reason,
+                eligible_at=_timestamp(u.eligible_at) if u.eligible_at is not None else None,
+            )
+            for u in plan.unplanned
+        ],
+    )

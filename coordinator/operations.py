@@ -39,7 +39,7 @@ from coordinator import pki
 from coordinator.core import recovery, tokens
 from coordinator.core.addresses import address_problem
 from coordinator.core.diff import compute_diff
-from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide
+from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide, parked_first
 from coordinator.core.model import Member, MembershipDiff
 from coordinator.core.operation import (
     Abandon,
@@ -76,6 +76,7 @@ from coordinator.core.plan import (
     plan_removal,
 )
 from coordinator.core.recovery import Back, Forward, Wait, commit_effect, silent_agents
+from coordinator.core.repair import RepairPlan, UnknownActions, UnknownDiscrepancies, plan_repair
 from coordinator.errors import (
     AlreadyExists,
     DirtyMembership,
@@ -137,6 +138,7 @@ class Operations:
         cluster_id: str,
         certificate_fingerprint: str,
         agent_timeout: float,
+        repair_grace: float,
         faults: Faults | None = None,
     ) -> None:
         self._journal = journal
@@ -147,6 +149,7 @@ class Operations:
         self._fingerprint = certificate_fingerprint
         self._join_addresses: tuple[str, ...] = ()
         self._agent_timeout = agent_timeout
+        self._repair_grace = repair_grace  # how long an orphan must have been one before a repair removes it
         self._lock = asyncio.Lock()
         self._runs: dict[str, asyncio.Future[OperationRecord]] = {}  # running now, for WaitOperation
         self._faults = faults or Faults()
@@ -203,6 +206,47 @@ class Operations:
             return known
         self._admit_joiner(join)  # a refusal for the token as such: expired, forged, for another name, ...
         raise AlreadyExists(f"request id {quoted(request.request_id)} belongs to another operation: use a new one")
+
+    async def repair_plan(
+        self, *, expected_fingerprint: str, only: Sequence[str], confirmed: Sequence[str]
+    ) -> RepairPlan:
+        """The plan that would clear the diff as it is now (core/repair.py); nothing is changed. A parked operation
+        comes first, as for any change; a stale fingerprint is ABORTED with the new diff; ids the diff or the plan
+        does not hold are INVALID_ARGUMENT, naming them."""
+        view = await self._agents.gather(self._agent_timeout)
+        diff = compute_diff(view)
+        unfinished = self._journal.unfinished()
+        blocked = parked_first([r for r in unfinished if r.state is OperationState.PARKED])
+        if blocked is not None:
+            raise _parked(blocked, diff)
+        if expected_fingerprint and expected_fingerprint != diff.fingerprint:
+            raise StaleFingerprint(
+                "the membership changed since the caller's diff: re-read it and retry", diff_to_proto(diff)
+            )
+        # The PEMs a restored record needs, by fingerprint: the registry's pins and what the truststores vouch for.
+        pems = self._trust.certificates(self._registry.members()).values()
+        certificates = {pki.fingerprint(pem): pem for pem in pems}
+        try:
+            plan = plan_repair(
+                view,
+                diff,
+                in_flight=unfinished,
+                now=time.time(),
+                grace=self._repair_grace,
+                only=only,
+                certificates=certificates,
+            )
+        except UnknownDiscrepancies as error:
+            raise InvalidRequest(
+                [FieldViolation("discrepancy_ids", f"not in the diff: {', '.join(sorted(error.ids))}")]
+            ) from None
+        try:
+            plan.chosen(confirmed)
+        except UnknownActions as error:
+            raise InvalidRequest(
+                [FieldViolation("confirmed_action_ids", f"not in the plan: {', '.join(sorted(error.ids))}")]
+            ) from None
+        return plan
 
     async def abandon(self, request: coordinator_pb2.AbandonOperationRequest, caller: Caller) -> OperationRecord:
         """Ends a parked operation at an operator's request, under the membership lock, if core/recovery.py's rule
@@ -287,11 +331,7 @@ class Operations:
                 parked=[r for r in self._journal.unfinished() if r.state is OperationState.PARKED],
             )
             if isinstance(verdict, Parked):
-                raise OperationParked(
-                    f"{len(verdict.violations)} parked operation(s) must be finished (or abandoned) first",
-                    diff_to_proto(diff),
-                    [PreconditionViolation(v.type, v.subject, v.description) for v in verdict.violations],
-                )
+                raise _parked(verdict, diff)
             # An unknown member is NOT_FOUND, not a dirty diff: there is nothing to clear.
             member = _resolve(diff, target, request.remove_member.address) if kind.removes else None
             if isinstance(verdict, Refused):
@@ -771,6 +811,14 @@ def _join_violations(join: operation_pb2.JoinOperation) -> list[FieldViolation]:
     except ValueError:
         violations.append(FieldViolation("join.certificate_pem", "is not a PEM certificate"))
     return violations
+
+
+def _parked(verdict: Parked, diff: MembershipDiff) -> OperationParked:
+    return OperationParked(
+        f"{len(verdict.violations)} parked operation(s) must be finished (or abandoned) first",
+        diff_to_proto(diff),
+        [PreconditionViolation(v.type, v.subject, v.description) for v in verdict.violations],
+    )
 
 
 def _resolve(diff: MembershipDiff, target: str, address: str) -> Member:

@@ -14,6 +14,8 @@
      "metrics_interval": 15.0 (optional, seconds: how long the coordinator waits after one check of its own before
                                 the next, which keeps the metrics and the watchers current; the coordinator checks on
                                 its own only with metrics_listen, or while anyone watches: coordinator/watch.py),
+     "repair_grace": 300.0 (optional, seconds: how long an orphan must have been one before Repair plans its removal;
+                                core/repair.py),
      "watch_state": PATH (optional: where the watch keeps the last state it sent, so that a watch resumes across a
                                 restart; default: the journal's path with the suffix .watch),
      "port_file": PATH, "join_port_file": PATH, "metrics_port_file": PATH (optional: the bound ports, written once
@@ -69,7 +71,7 @@ from coordinator.gather import Agents
 from coordinator.join_gate import DEFAULT_LIMIT, JoinGate
 from coordinator.journal import InvalidPageToken, Journal, JournalDamaged
 from coordinator.learned_trust import LearnedTrust
-from coordinator.messages import diff_to_proto, operation_to_proto, token_to_proto
+from coordinator.messages import diff_to_proto, operation_to_proto, repair_plan_to_proto, token_to_proto
 from coordinator.metrics import Metrics, Origin
 from coordinator.metrics import serve as serve_metrics
 from coordinator.operations import Caller, DeadlinePassed, Operations
@@ -83,6 +85,7 @@ log = logging.getLogger("memberguard.coordinator")
 
 DEFAULT_AGENT_TIMEOUT = 1.0
 DEFAULT_RECONCILE_INTERVAL = 2.0
+DEFAULT_REPAIR_GRACE = 300.0
 DEFAULT_METRICS_INTERVAL = 15.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -224,6 +227,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.AbandonOperationResponse:
         record = await self._operations.abandon(request, self._caller(context))
         return coordinator_pb2.AbandonOperationResponse(header=self._header(), operation=operation_to_proto(record))
+
+    async def Repair(
+        self, request: coordinator_pb2.RepairRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.RepairResponse:
+        plan = await self._operations.repair_plan(
+            expected_fingerprint=request.expected_fingerprint,
+            only=list(request.discrepancy_ids),
+            confirmed=list(request.confirmed_action_ids),
+        )
+        return coordinator_pb2.RepairResponse(header=self._header(), plan=repair_plan_to_proto(plan))
 
     async def guarded(
         self,
@@ -397,6 +410,7 @@ def _join_limit(config: dict[str, Any]) -> Limit:
 async def serve(config: dict[str, Any]) -> None:
     interval = _seconds(config, "reconcile_interval", DEFAULT_RECONCILE_INTERVAL)
     metrics_interval = _seconds(config, "metrics_interval", DEFAULT_METRICS_INTERVAL)
+    repair_grace = _seconds(config, "repair_grace", DEFAULT_REPAIR_GRACE)
     metrics_listen = _metrics_listen(config)
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry.open(Path(config["registry"]))
@@ -416,6 +430,7 @@ async def serve(config: dict[str, Any]) -> None:
         cluster_id=config["cluster_id"],
         certificate_fingerprint=identity.fingerprint,
         agent_timeout=DEFAULT_AGENT_TIMEOUT,
+        repair_grace=repair_grace,
         faults=Faults.from_environment(),
     )
     metrics = Metrics()

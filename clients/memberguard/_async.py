@@ -28,7 +28,7 @@ from memberguard._base import (
     watch_membership_request,
     watch_timeout,
 )
-from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2
+from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc, operation_pb2, repair_pb2
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
@@ -194,6 +194,23 @@ class AsyncClient(BaseClient):
     async def revoke_token(self, name: str, timeout: float = 10.0) -> operation_pb2.TokenInfo:
         request = coordinator_pb2.RevokeTokenRequest(name=name)
         return (await self._call(self._coordinator.RevokeToken, request, timeout)).token
+
+    async def plan_repair(
+        self,
+        *,
+        expected_fingerprint: str = "",
+        discrepancy_ids: Sequence[str] = (),
+        confirmed_action_ids: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> repair_pb2.RepairPlan:
+        """The plan that would clear the current diff (nothing is changed): StaleFingerprint when the diff is no longer
+        the one expected, OperationParked while an operation is parked, InvalidArgument for ids it does not hold."""
+        request = coordinator_pb2.RepairRequest(
+            expected_fingerprint=expected_fingerprint,
+            discrepancy_ids=discrepancy_ids,
+            confirmed_action_ids=confirmed_action_ids,
+        )
+        return (await self._call(self._coordinator.Repair, request, timeout)).plan
 
     async def abandon_operation(
         self,

@@ -163,8 +163,9 @@ def decide(
     parked: Sequence[OperationRecord] = (),
 ) -> Verdict:
     """The guard's verdict on request against a fresh diff; quorum defaults to what the diff itself shows."""
-    if parked:
-        return Parked(tuple(Violation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked))
+    blocked = parked_first(parked)
+    if blocked is not None:
+        return blocked
     quorum = QuorumInput.from_diff(diff) if quorum is None else quorum
     target = _Target.named(request.member, diff)
     violations: list[Violation] = []
@@ -185,6 +186,14 @@ def decide(
     if request.expected_fingerprint and request.expected_fingerprint != diff.fingerprint:
         return Stale(diff.fingerprint)
     return Proceed(frozenset(used))
+
+
+def parked_first(parked: Sequence[OperationRecord]) -> Parked | None:
+    """The rule that comes before every other, for every change and every repair: a parked operation is finished
+    (or abandoned) before anything starts on top of it."""
+    if not parked:
+        return None
+    return Parked(tuple(Violation("PARKED_OPERATION", r.id, f"{r.error}; {r.plan}") for r in parked))
 
 
 def rule_for(kind: DiscrepancyKind, operation: OperationKind) -> Rule | None:

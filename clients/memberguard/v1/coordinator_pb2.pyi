@@ -12,6 +12,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from memberguard.v1 import membership_pb2 as _membership_pb2
 from memberguard.v1 import operation_pb2 as _operation_pb2
+from memberguard.v1 import repair_pb2 as _repair_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -601,6 +602,66 @@ class AbandonOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbandonOperationResponse: _TypeAlias = AbandonOperationResponse  # noqa: Y015
+
+@_typing.final
+class RepairRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPECTED_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    DISCREPANCY_IDS_FIELD_NUMBER: _builtins.int
+    CONFIRMED_ACTION_IDS_FIELD_NUMBER: _builtins.int
+    expected_fingerprint: _builtins.str
+    """expected_fingerprint is the diff fingerprint the caller saw; empty plans on whatever the diff is now."""
+    @_builtins.property
+    def discrepancy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """discrepancy_ids limits the plan to these discrepancies; empty plans for all of them."""
+
+    @_builtins.property
+    def confirmed_action_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """confirmed_action_ids are NEEDS_CONFIRMATION actions the caller confirms; each must be an action of the plan."""
+
+    def __init__(
+        self,
+        *,
+        expected_fingerprint: _builtins.str = ...,
+        discrepancy_ids: _abc.Iterable[_builtins.str] | None = ...,
+        confirmed_action_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_action_ids", b"confirmed_action_ids", "discrepancy_ids", b"discrepancy_ids", "expected_fingerprint", b"expected_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairRequest: _TypeAlias = RepairRequest  # noqa: Y015
+
+@_typing.final
+class RepairResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header says who answered, and when."""
+
+    @_builtins.property
+    def plan(self) -> _repair_pb2.RepairPlan:
+        """plan is the repair of the diff as it was read for this request."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ResponseHeader | None = ...,
+        plan: _repair_pb2.RepairPlan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairResponse: _TypeAlias = RepairResponse  # noqa: Y015
 
 @_typing.final
 class WatchMembershipRequest(_message.Message):

@@ -75,6 +75,11 @@ class CoordinatorServiceStub:
                 request_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
                 _registered_method=True)
+        self.Repair = channel.unary_unary(
+                '/memberguard.v1.CoordinatorService/Repair',
+                request_serializer=memberguard_dot_v1_dot_coordinator__pb2.RepairRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RepairResponse.FromString,
+                _registered_method=True)
         self.WatchMembership = channel.unary_stream(
                 '/memberguard.v1.CoordinatorService/WatchMembership',
                 request_serializer=memberguard_dot_v1_dot_coordinator__pb2.WatchMembershipRequest.SerializeToString,
@@ -150,6 +155,17 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Repair(self, request, context):
+        """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
+        its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
+        does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
+        is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
+        the plan does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchMembership(self, request, context):
         """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
         snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
@@ -206,6 +222,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.AbandonOperation,
                     request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.SerializeToString,
+            ),
+            'Repair': grpc.unary_unary_rpc_method_handler(
+                    servicer.Repair,
+                    request_deserializer=memberguard_dot_v1_dot_coordinator__pb2.RepairRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_coordinator__pb2.RepairResponse.SerializeToString,
             ),
             'WatchMembership': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchMembership,
@@ -430,6 +451,33 @@ class CoordinatorService:
             '/memberguard.v1.CoordinatorService/AbandonOperation',
             memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationRequest.SerializeToString,
             memberguard_dot_v1_dot_coordinator__pb2.AbandonOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Repair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memberguard.v1.CoordinatorService/Repair',
+            memberguard_dot_v1_dot_coordinator__pb2.RepairRequest.SerializeToString,
+            memberguard_dot_v1_dot_coordinator__pb2.RepairResponse.FromString,
             options,
             channel_credentials,
             insecure,

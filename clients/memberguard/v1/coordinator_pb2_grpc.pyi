@@ -60,6 +60,13 @@ class CoordinatorServiceStub:
     operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
     """
+    Repair: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RepairRequest, _coordinator_pb2.RepairResponse]
+    """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
+    its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
+    does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
+    is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
+    the plan does not hold.
+    """
     WatchMembership: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]
     """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
     snapshot of the whole diff, or `resumed` (the request's resume_token is one the coordinator knows) followed at
@@ -102,6 +109,13 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
     operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+    """
+    Repair: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RepairRequest, _coordinator_pb2.RepairResponse]  # type: ignore[assignment]
+    """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
+    its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
+    does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
+    is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
+    the plan does not hold.
     """
     WatchMembership: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]  # type: ignore[assignment]
     """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
@@ -190,6 +204,19 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         operation ends ABANDONED, journaled with who ended it and why. Refused with FAILED_PRECONDITION when the
         operation is not parked, and when it may be past its commit point unless `force` is set and every discrepancy
         about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
+        """
+
+    @_abc_1.abstractmethod
+    def Repair(
+        self,
+        request: _coordinator_pb2.RepairRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RepairResponse, _abc.Awaitable[_coordinator_pb2.RepairResponse]]:
+        """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
+        its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
+        does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
+        is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
+        the plan does not hold.
         """
 
     @_abc_1.abstractmethod
