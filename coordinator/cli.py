@@ -366,6 +366,17 @@ def _register_check(subparsers: _Subparsers) -> None:
     check.add_argument(
         "--min-severity", choices=sorted(_SEVERITIES), help="leave out the discrepancies below this severity"
     )
+    watching = check.add_argument_group("watching", "with --watch, --timeout is ignored: the stream runs until Ctrl-C")
+    watching.add_argument(
+        "--watch",
+        action="store_true",
+        help="print the diff, then each change the coordinator's checks find, as it happens (one JSON object per "
+        "line with -o json); on Ctrl-C, the resume token goes to stderr",
+    )
+    watching.add_argument("--resume", default="", metavar="TOKEN", help="resume a watch from its last resume token")
+    watching.add_argument(
+        "--heartbeat", type=_seconds, metavar="S", help="the quiet after which the coordinator says it is alive (1-300)"
+    )
     check.set_defaults(handler=_run_check)
 
 
@@ -380,6 +391,8 @@ def _seconds(text: str) -> float:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _run_watch(args)
     with _connected(args) as client:
         response = client.check_membership(
             agent_timeout=args.agent_timeout,
@@ -389,6 +402,55 @@ def _run_check(args: argparse.Namespace) -> int:
     _show(args, render_diff(response.diff), response)
     blocks = any(d.severity != membership_pb2.SEVERITY_INFO for d in response.diff.discrepancies)
     return EXIT_DISCREPANCIES if blocks else EXIT_OK
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    if args.output == "yaml":
+        raise _usage(args.parser, "--watch prints table or json")
+    token = args.resume
+    try:
+        with (
+            _connected(args) as client,
+            client.watch_membership(resume_token=args.resume, heartbeat_interval=args.heartbeat) as watch,
+        ):
+            for response in watch:
+                token = response.resume_token
+                text = json.dumps(json_format.MessageToDict(response)) if args.output == "json" else _event(response)
+                if text:
+                    print(text, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if token:
+            print(f"resume token {token}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _event(response: coordinator_pb2.WatchMembershipResponse) -> str:
+    """One watch response as lines, each stamped with when the coordinator sent it; a heartbeat prints nothing."""
+    at = response.header.served_at.ToDatetime(UTC).strftime("%H:%M:%S")
+    event = response.WhichOneof("event")
+    if event == "snapshot":
+        reason = _enum_name(coordinator_pb2.SnapshotReason.DESCRIPTOR, response.snapshot.reason, "SNAPSHOT_REASON_")
+        return f"{at} snapshot ({reason})\n{render_diff(response.snapshot.diff)}"
+    if event == "resumed":
+        return f"{at} resumed: {response.resumed.changes_since} changes since"
+    if event != "change":
+        return ""
+    change = response.change
+    lines = []
+    for moved in change.discrepancies:
+        d = moved.discrepancy
+        transition = _enum_name(
+            coordinator_pb2.DiscrepancyTransition.DESCRIPTOR, moved.transition, "DISCREPANCY_TRANSITION_"
+        )
+        severity = _enum_name(membership_pb2.Severity.DESCRIPTOR, d.severity, "SEVERITY_")
+        kind = _enum_name(membership_pb2.DiscrepancyKind.DESCRIPTOR, d.kind, "DISCREPANCY_KIND_")
+        member = _member_label(d.member) if d.HasField("member") else "-"
+        lines.append(f"{at} {transition} {severity} {kind} {member} {d.node or '-'}: {_one_line(d.summary)}")
+    if change.fingerprint != change.previous_fingerprint:
+        lines.append(f"{at} fingerprint {change.previous_fingerprint[:12]} -> {change.fingerprint[:12]}")
+    return "\n".join(lines)
 
 
 def render_diff(diff: membership_pb2.MembershipDiff) -> str:

@@ -4,8 +4,12 @@ coordinator; who may watch; a subscriber that never reads; thousands opened and 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -386,3 +390,30 @@ def test_a_new_watch_gets_the_last_diff_while_young_and_a_fresh_check_after(watc
         assert fresh - checked > 1.4e9, "an older one is checked again, once someone watches"
     finally:
         start_coordinator(watched, {}, SETTINGS)
+
+
+def test_check_watch_prints_each_change_as_a_json_line_and_the_resume_token_on_ctrl_c(watched: labs.Lab) -> None:
+    memberguard = str(Path(sys.executable).parent / "memberguard")
+    command = [memberguard, "check", "--lab", str(watched.dir), "--watch", "-o", "json", "--heartbeat", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        first = json.loads(process.stdout.readline())
+        assert first["snapshot"]["reason"] == "SNAPSHOT_REASON_SUBSCRIBED"
+        held = _diverge(watched)
+        try:
+            while "change" not in (event := json.loads(process.stdout.readline())):
+                assert "heartbeat" in event, event
+            [appeared] = event["change"]["discrepancies"]
+            assert appeared["transition"] == "DISCREPANCY_TRANSITION_APPEARED"
+            assert appeared["discrepancy"]["member"]["name"] == "n3" and appeared["discrepancy"]["node"] == "n2"
+        finally:
+            _record(watched).write_bytes(held)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    # The last response's token: the change's, or a later one if the restored record was seen before Ctrl-C.
+    [token] = [line.removeprefix("resume token ") for line in err.splitlines() if line.startswith("resume token ")]
+    assert token and event["resumeToken"]
