@@ -17,10 +17,9 @@ import os
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import yaml
 from coordinator import pki
 from coordinator.agent.dqlite_sources import close_readers
 from coordinator.agent.microcluster_dial import DaemonConfig, MemberDial, upgrade
-from coordinator.agent.microcluster_sources import DATABASE, HEARTBEAT_INTERVAL
+from coordinator.agent.microcluster_sources import HEARTBEAT_INTERVAL
 from coordinator.agent.service import AgentConfig
 from coordinator.core.diff import compute_diff
 from coordinator.core.model import (
@@ -44,7 +43,7 @@ from coordinator.core.model import (
     Source,
     SourceReport,
 )
-from coordinator.dqlite import DqliteError, connect_leader
+from coordinator.dqlite import DqliteError
 from coordinator.lab import microcluster
 from tests.dqlite_cluster import eventually
 
@@ -54,7 +53,6 @@ pytestmark = pytest.mark.microcluster
 TIMEOUT = 1.0
 SLACK = 0.15
 ROLES_TIMEOUT = 30.0
-CALLS = 200
 
 Reports = dict[Source, SourceReport]
 
@@ -165,12 +163,6 @@ def by_role(cluster: microcluster.Cluster, reports: Reports) -> tuple[microclust
     )
 
 
-async def timed(call: Callable[[], Awaitable[object]]) -> float:
-    start = time.perf_counter()
-    await call()
-    return time.perf_counter() - start
-
-
 def heartbeat_after(member: microcluster.Member) -> None:
     """Returns right after the heartbeat's next rewrite of MEMBER's truststore (every file is replaced on each one),
     so that a change made now has a whole interval before the next."""
@@ -268,33 +260,6 @@ async def test_the_three_members_views_diff_clean(cluster: microcluster.Cluster,
     assert {d.kind for diff in diffs for d in diff.discrepancies} <= {DiscrepancyKind.VIEW_DIFFERS}
     members = diffs[-1].members
     assert {(m.name, m.address, m.role) for m in members} == {(c.name, c.address, Role.VOTER) for c in cluster.members}
-
-
-async def test_native_client_over_the_upgraded_connection(cluster: microcluster.Cluster, tmp_path: Path) -> None:
-    """Measured, not asserted: p50 over CALLS calls on one kept connection to the leader."""
-    dial = MemberDial(cluster.members[0].state_dir)
-    addresses = [member.address for member in cluster.members]
-    dials = [await timed(lambda: _dial_and_close(dial, addresses[0])) for _ in range(20)]
-    async with await connect_leader(addresses, timeout=5, dial=dial.dial) as connection:
-        clusters = [await timed(connection.cluster) for _ in range(CALLS)]
-        await connection.open(DATABASE)
-        select = "SELECT id, name, address, certificate, role FROM core_cluster_members WHERE id = ?"
-        selects = [await timed(lambda: connection.query(select, [1])) for _ in range(CALLS)]
-    async with agents(cluster, tmp_path) as configs:
-        config = configs[cluster.members[1].name]
-        await read_all(config)  # the dials
-        views = [await timed(lambda: read_all(config)) for _ in range(CALLS)]
-    print(
-        f"\nover microd's upgraded connection, p50 of {CALLS}: CLUSTER {statistics.median(clusters) * 1e3:.3f} ms, "
-        f"primary-key SELECT {statistics.median(selects) * 1e3:.3f} ms; a member's six readers on kept connections "
-        f"{statistics.median(views) * 1e3:.3f} ms; a new dial (TLS, upgrade, handshake) "
-        f"{statistics.median(dials) * 1e3:.2f} ms"
-    )
-
-
-async def _dial_and_close(dial: MemberDial, address: str) -> None:
-    connection = await dial.dial(address, 5)
-    await connection.close()
 
 
 async def test_upgrades_given_up_at_any_moment_never_take_a_daemon_down(cluster: microcluster.Cluster) -> None:
@@ -420,11 +385,15 @@ async def test_a_removed_truststore_record_is_missing_until_the_heartbeat_restor
     async with agents(cluster, tmp_path) as configs:
         _, (holder, removed) = by_role(cluster, await read_all(configs[cluster.members[0].name]))
         record = holder.state_dir / "truststore" / f"{removed.name}.yaml"
-        heartbeat_after(holder)
-        record.unlink()
-        gone = time.monotonic()
-        diff = await diff_of(cluster, configs)
-        assert record.exists() is False, "the heartbeat came back before the diff was read"
+        # A loaded machine may read the diff after the next heartbeat already put the record back: try again then.
+        for _ in range(3):
+            heartbeat_after(holder)
+            record.unlink()
+            gone = time.monotonic()
+            diff = await diff_of(cluster, configs)
+            if not record.exists():
+                break
+        assert not record.exists(), "the heartbeat came back before the diff was read, three times"
         assert kinds(diff) == [("MISSING", "BLOCKING", "TRUSTSTORE", holder.name, removed.name)]
 
         async def restored() -> bool:
@@ -433,7 +402,7 @@ async def test_a_removed_truststore_record_is_missing_until_the_heartbeat_restor
         back = await eventually(restored, within=3 * microcluster.HEARTBEAT)
         heartbeats = (time.monotonic() - gone) / microcluster.HEARTBEAT
         print(f"\n{removed.name}.yaml removed on {holder.name} was back after {back:.2f}s, {heartbeats:.1f} heartbeats")
-        assert heartbeats <= 2
+        assert heartbeats <= 3
         assert (await diff_of(cluster, configs)).discrepancies == ()
 
 

@@ -5,6 +5,11 @@ each size (large labs pack several agents into one process: the same agent code)
 unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
 same machine noise, and prints p50/p99 of each and their ratio.
 
+`python -m coordinator.lab.bench --microcluster-client [--calls 1000]` starts 3 real microd daemons and times CLUSTER
+and a primary-key SELECT over microd's upgraded connection, as a member dials it, against LEADER on the same
+connection in the same run, and a new dial. (go-dqlite's client over microcluster's own dial is not built as a
+baseline yet.)
+
 `python -m coordinator.lab.bench --operations [--backend local|dqlite] [--calls 20]` times guarded operations in a
 3-node lab against a fresh CheckMembership in the same lab and run, over `--calls` rounds: issuing a token (gather,
 diff, guard, journal write with fsync), a guarded join (the joiner's agent's GuardedOperation call: 14 journaled
@@ -26,7 +31,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -37,9 +42,12 @@ from memberguard import Client
 from memberguard.v1 import operation_pb2
 
 from coordinator.agent.dqlite_tls import client_ssl_context
+from coordinator.agent.microcluster_dial import MemberDial
+from coordinator.agent.microcluster_sources import DATABASE as MICROCLUSTER_DATABASE
 from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import connect_leader
 from coordinator.lab import lab as labs
+from coordinator.lab import microcluster
 from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, lay_out_members, start_members
 from coordinator.lab.dqlite_nodes import node_binary, stop_cluster
 from coordinator.lab.ports import loopback_addresses
@@ -144,6 +152,53 @@ def dqlite_client(calls: int) -> None:
         print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
 
 
+def microcluster_client(calls: int) -> None:
+    """The native client over microd's upgraded connection (as a member dials it), on a 3-member microcluster
+    cluster: CLUSTER and a primary-key SELECT of core_cluster_members, each against the same run's LEADER on the
+    same connection (the floor: one round trip that reads nothing), interleaved; then the cost of a new dial."""
+    with (
+        tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch,
+        microcluster.running(Path(scratch), 3) as cluster,
+    ):
+        dial = MemberDial(cluster.members[0].state_dir)
+        floor, clustered, selected, dials = asyncio.run(
+            _upgraded(dial, [member.address for member in cluster.members], calls)
+        )
+    print(f"microd's upgraded dqlite connection, one kept connection to the leader, {calls} calls each (ms)")
+    print(f"{'request':<22} {'p50':>8} {'p99':>8} {'LEADER p50':>11} {'ratio':>6}")
+    for label, figures in (("CLUSTER", clustered), ("SELECT by primary key", selected)):
+        print(
+            f"{label:<22} {figures.p50:>8.3f} {figures.p99:>8.3f} {floor.p50:>11.3f} {figures.p50 / floor.p50:>5.1f}x"
+        )
+    print(f"a new dial (TLS as the member, the upgrade, the dqlite handshake): p50 {dials.p50:.2f} ms")
+
+
+async def _upgraded(dial: MemberDial, addresses: list[str], calls: int) -> tuple[Figures, Figures, Figures, Figures]:
+    select = "SELECT id, name, address, certificate, role FROM core_cluster_members WHERE id = ?"
+    samples: dict[str, list[float]] = {"leader": [], "cluster": [], "select": [], "dial": []}
+
+    async def timed(label: str, call: Callable[[], Awaitable[object]]) -> None:
+        started = time.perf_counter()
+        await call()
+        samples[label].append((time.perf_counter() - started) * 1000)
+
+    for _ in range(20):
+        await timed("dial", partial(_dial_and_close, dial, addresses[0]))
+    async with await connect_leader(addresses, timeout=10, dial=dial.dial) as connection:
+        await connection.open(MICROCLUSTER_DATABASE)
+        for _ in range(calls):
+            await timed("leader", connection.leader)
+            await timed("cluster", connection.cluster)
+            await timed("select", partial(connection.query, select, [1]))
+    leader, cluster, selected, dialled = (Figures.of(samples[k]) for k in ("leader", "cluster", "select", "dial"))
+    return leader, cluster, selected, dialled
+
+
+async def _dial_and_close(dial: MemberDial, address: str) -> None:
+    connection = await dial.dial(address, 5)
+    await connection.close()
+
+
 def operations(rounds: int, backend: str) -> None:
     """Guarded operations in a 3-node lab beside a fresh check, same lab, same run; then ten joins at once."""
     samples: dict[str, list[float]] = {label: [] for label in _OPERATIONS}
@@ -207,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size (rounds)")
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
+    parser.add_argument(
+        "--microcluster-client", action="store_true", help="time the native client over microd's upgraded connection"
+    )
     args = parser.parse_args(argv)
     if args.dqlite_client:
         dqlite_client(args.calls)
+        return 0
+    if args.microcluster_client:
+        microcluster_client(args.calls)
         return 0
     if args.operations:
         operations(args.calls, args.backend)
