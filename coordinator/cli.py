@@ -720,12 +720,15 @@ def _register_repair(subparsers: _Subparsers) -> None:
     repair = _operation_parser(
         subparsers,
         "repair",
-        help="show the plan that would clear the diff (nothing is changed)",
+        help="show the plan that would clear the diff, or apply it",
         description="Asks the coordinator how it would clear the current diff: each action with the discrepancies it\n"
         "clears, whether it is safe or needs a human's confirmation and why, and its steps; then the discrepancies\n"
-        "no action clears, and why. Nothing is changed: applying the plan is not offered yet.",
-        timeout=30.0,
+        "no action clears, and why. Nothing is changed unless --apply is given: then the safe actions and those\n"
+        "confirmed with --confirm run as one journaled operation, and the membership is checked again after it.",
+        timeout=120.0,
     )
+    repair.add_argument("--apply", action="store_true", help="apply the plan, then check the membership again")
+    repair.add_argument("--request-id", metavar="ID", help="with --apply: makes a retry safe (default: a fresh one)")
     repair.add_argument("--fingerprint", default="", metavar="FP", help="plan only if the diff is still this one")
     repair.add_argument(
         "--only", action="append", default=[], metavar="ID", help="plan for this discrepancy only (repeat)"
@@ -737,6 +740,10 @@ def _register_repair(subparsers: _Subparsers) -> None:
 
 
 def _run_repair(args: argparse.Namespace) -> int:
+    if args.apply:
+        return _apply_repair(args)
+    if args.request_id:
+        raise _usage(args.parser, "--request-id goes with --apply")
     with _connected(args) as client:
         plan = client.plan_repair(
             expected_fingerprint=args.fingerprint,
@@ -746,6 +753,33 @@ def _run_repair(args: argparse.Namespace) -> int:
         )
     _show(args, render_repair_plan(plan), plan)
     return EXIT_OK if not plan.unplanned else EXIT_NOT_SUCCEEDED
+
+
+def _apply_repair(args: argparse.Namespace) -> int:
+    """Applies the plan, then checks again: what the repair left is the new diff, shown after the operation."""
+    with _connected(args) as client:
+        response = client.apply_repair(
+            expected_fingerprint=args.fingerprint,
+            discrepancy_ids=args.only,
+            confirmed_action_ids=args.confirm,
+            request_id=args.request_id,
+            timeout=args.timeout,
+        )
+        after = client.check_membership(timeout=args.timeout).diff
+    applied = response.operation if response.HasField("operation") else None
+    parts = [render_repair_plan(response.plan)]
+    parts.append(render_operation(applied) if applied is not None else "nothing was applied")
+    parts.append(f"after the repair:\n{render_diff(after)}")
+    shown: dict[str, Any] = {"plan": json_format.MessageToDict(response.plan)}
+    if applied is not None:
+        shown["operation"] = json_format.MessageToDict(applied)
+    shown["diff"] = json_format.MessageToDict(after)
+    _show(args, "\n\n".join(parts), shown)
+    if applied is not None and applied.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
+        return _outcome(args, applied)
+    return (
+        EXIT_DISCREPANCIES if any(d.severity != membership_pb2.SEVERITY_INFO for d in after.discrepancies) else EXIT_OK
+    )
 
 
 def render_repair_plan(plan: repair_pb2.RepairPlan) -> str:

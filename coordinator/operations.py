@@ -39,8 +39,8 @@ from coordinator import pki
 from coordinator.core import recovery, tokens
 from coordinator.core.addresses import address_problem
 from coordinator.core.diff import compute_diff
-from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide, parked_first
-from coordinator.core.model import Member, MembershipDiff
+from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide
+from coordinator.core.model import ClusterView, Member, MembershipDiff, RemedySafety
 from coordinator.core.operation import (
     Abandon,
     Audit,
@@ -76,7 +76,7 @@ from coordinator.core.plan import (
     plan_removal,
 )
 from coordinator.core.recovery import Back, Forward, Wait, commit_effect, silent_agents
-from coordinator.core.repair import RepairPlan, UnknownActions, UnknownDiscrepancies, plan_repair
+from coordinator.core.repair import RepairAction, RepairPlan, UnknownActions, UnknownDiscrepancies, plan_repair
 from coordinator.errors import (
     AlreadyExists,
     DirtyMembership,
@@ -210,27 +210,104 @@ class Operations:
     async def repair_plan(
         self, *, expected_fingerprint: str, only: Sequence[str], confirmed: Sequence[str]
     ) -> RepairPlan:
-        """The plan that would clear the diff as it is now (core/repair.py); nothing is changed. A parked operation
-        comes first, as for any change; a stale fingerprint is ABORTED with the new diff; ids the diff or the plan
-        does not hold are INVALID_ARGUMENT, naming them."""
+        """The plan that would clear the diff as it is now (core/repair.py); nothing is changed. Refused as the guard
+        refuses a repair (a parked operation first, no leader, a stale fingerprint: ABORTED with the new diff); ids the
+        diff or the plan does not hold are INVALID_ARGUMENT, naming them."""
         view = await self._agents.gather(self._agent_timeout)
         diff = compute_diff(view)
-        unfinished = self._journal.unfinished()
-        blocked = parked_first([r for r in unfinished if r.state is OperationState.PARKED])
-        if blocked is not None:
-            raise _parked(blocked, diff)
-        if expected_fingerprint and expected_fingerprint != diff.fingerprint:
+        self._admit_repair(diff, expected_fingerprint)
+        plan = self._plan_repair(view, diff, only)
+        _chosen(plan, confirmed)
+        return plan
+
+    async def apply_repair(
+        self, request: coordinator_pb2.RepairRequest, caller: Caller, deadline: float | None
+    ) -> tuple[RepairPlan, OperationRecord | None]:
+        """Applies the plan under the membership lock: the diff is gathered again under it and the plan made again
+        from it, so the fingerprint checked is the one the steps are planned on. The SAFE actions and the confirmed
+        ones run as one REPAIR operation, their steps in plan order, the first its commit point (core/recovery.py
+        says why that makes its recovery safe). Returns the plan and the operation as it stands at the deadline (loop
+        time), or no operation when the plan chose nothing; a retry with the request id of an earlier apply gets that
+        operation back, with the plan of the diff as it is now."""
+        violations = _request_id_violations(request.request_id)
+        if violations:
+            raise InvalidRequest(violations)
+        admitted: asyncio.Future[tuple[RepairPlan, OperationRecord]] = asyncio.get_running_loop().create_future()
+        run = asyncio.create_task(self._execute_repair(request, caller, deadline, admitted))
+        wait = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(run), wait)
+        except TimeoutError:
+            if not admitted.done():
+                raise
+            plan, record = admitted.result()
+            return plan, self._journal.get(record.id) or record
+
+    async def _execute_repair(
+        self,
+        request: coordinator_pb2.RepairRequest,
+        caller: Caller,
+        deadline: float | None,
+        admitted: asyncio.Future[tuple[RepairPlan, OperationRecord]],
+    ) -> tuple[RepairPlan, OperationRecord | None]:
+        async with self._lock:
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise DeadlinePassed(f"request {request.request_id} waited past its deadline for the membership lock")
+            view = await self._agents.gather(self._agent_timeout)
+            diff = compute_diff(view)
+            known = self._journal.by_request_id(request.request_id)
+            if known is not None:
+                return self._plan_repair(view, diff, request.discrepancy_ids), known
+            self._admit_repair(diff, request.expected_fingerprint)
+            plan = self._plan_repair(view, diff, request.discrepancy_ids)
+            chosen = _chosen(plan, request.confirmed_action_ids)
+            # A deferred step waits for a silent node after success, which a repair has no use for: it plans again.
+            steps = [step.planned for action in chosen for step in action.steps if not step.planned.deferred]
+            if not steps:
+                return plan, None
+            steps[0] = replace(steps[0], commit_point=True)
+            confirmed = sorted(a.id for a in chosen if a.safety is not RemedySafety.SAFE)
+            audit = Audit(
+                requested_by=caller.name,
+                certificate_fingerprint=caller.certificate_fingerprint,
+                request_id=request.request_id,
+                verdict=f"repair of {len(chosen)} action(s): {', '.join(a.id for a in chosen)}; confirmed "
+                f"{len(confirmed)}; fingerprint {'checked' if request.expected_fingerprint else 'not given'}",
+                fingerprint=diff.fingerprint,
+            )
+            record = self._new_record(OperationKind.REPAIR, Member(), steps, audit, time.time())
+            record = replace(record, plan="; ".join(a.remainder for a in chosen if a.remainder))
+            record = self._journal.create(record)
+            admitted.set_result((plan, record))
+            return plan, await self._follow(record)
+
+    def _admit_repair(self, diff: MembershipDiff, expected_fingerprint: str) -> None:
+        """The guard's verdict on a repair, raised when it is not Proceed: a parked operation comes first, as for any
+        change; without a leader nothing is repaired; a stale fingerprint is ABORTED with the new diff."""
+        parked = [r for r in self._journal.unfinished() if r.state is OperationState.PARKED]
+        verdict = decide(Request(OperationKind.REPAIR, "", expected_fingerprint), diff, parked=parked)
+        if isinstance(verdict, Parked):
+            raise _parked(verdict, diff)
+        if isinstance(verdict, Refused):
+            raise DirtyMembership(
+                f"nothing can be repaired now: {len(verdict.violations)} violation(s)",
+                diff_to_proto(diff),
+                [PreconditionViolation(v.type, v.subject, v.description) for v in verdict.violations],
+            )
+        if isinstance(verdict, Stale):
             raise StaleFingerprint(
                 "the membership changed since the caller's diff: re-read it and retry", diff_to_proto(diff)
             )
+
+    def _plan_repair(self, view: ClusterView, diff: MembershipDiff, only: Sequence[str]) -> RepairPlan:
         # The PEMs a restored record needs, by fingerprint: the registry's pins and what the truststores vouch for.
         pems = self._trust.certificates(self._registry.members()).values()
         certificates = {pki.fingerprint(pem): pem for pem in pems}
         try:
-            plan = plan_repair(
+            return plan_repair(
                 view,
                 diff,
-                in_flight=unfinished,
+                in_flight=self._journal.unfinished(),
                 now=time.time(),
                 grace=self._repair_grace,
                 only=only,
@@ -240,13 +317,6 @@ class Operations:
             raise InvalidRequest(
                 [FieldViolation("discrepancy_ids", f"not in the diff: {', '.join(sorted(error.ids))}")]
             ) from None
-        try:
-            plan.chosen(confirmed)
-        except UnknownActions as error:
-            raise InvalidRequest(
-                [FieldViolation("confirmed_action_ids", f"not in the plan: {', '.join(sorted(error.ids))}")]
-            ) from None
-        return plan
 
     async def abandon(self, request: coordinator_pb2.AbandonOperationRequest, caller: Caller) -> OperationRecord:
         """Ends a parked operation at an operator's request, under the membership lock, if core/recovery.py's rule
@@ -766,12 +836,25 @@ class StepFailed(Exception):
     """A step could not be applied (the agent refused, failed or did not answer)."""
 
 
+def _request_id_violations(request_id: str) -> list[FieldViolation]:
+    if not request_id:
+        return [FieldViolation("request_id", "is required")]
+    if len(request_id) > MAX_REQUEST_ID:
+        return [FieldViolation("request_id", f"must be at most {MAX_REQUEST_ID} characters")]
+    return []
+
+
+def _chosen(plan: RepairPlan, confirmed: Sequence[str]) -> tuple[RepairAction, ...]:
+    try:
+        return plan.chosen(confirmed)
+    except UnknownActions as error:
+        raise InvalidRequest(
+            [FieldViolation("confirmed_action_ids", f"not in the plan: {', '.join(sorted(error.ids))}")]
+        ) from None
+
+
 def _validate(request: coordinator_pb2.GuardedOperationRequest) -> tuple[OperationKind, str]:
-    violations = []
-    if not request.request_id:
-        violations.append(FieldViolation("request_id", "is required"))
-    elif len(request.request_id) > MAX_REQUEST_ID:
-        violations.append(FieldViolation("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
+    violations = _request_id_violations(request.request_id)
     which = request.WhichOneof("operation")
     kind, target = OperationKind.ISSUE_TOKEN, ""
     if which is None:

@@ -140,6 +140,13 @@ def _heartbeat_interval(request: coordinator_pb2.WatchMembershipRequest) -> floa
     return seconds or DEFAULT_HEARTBEAT_INTERVAL
 
 
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The loop time by which a change must have been admitted to answer within the caller's deadline; None without
+    one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + max(0.0, remaining - _RESPONSE_MARGIN)
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(
         self,
@@ -231,12 +238,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Repair(
         self, request: coordinator_pb2.RepairRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.RepairResponse:
-        plan = await self._operations.repair_plan(
-            expected_fingerprint=request.expected_fingerprint,
-            only=list(request.discrepancy_ids),
-            confirmed=list(request.confirmed_action_ids),
-        )
-        return coordinator_pb2.RepairResponse(header=self._header(), plan=repair_plan_to_proto(plan))
+        if not request.apply:
+            plan = await self._operations.repair_plan(
+                expected_fingerprint=request.expected_fingerprint,
+                only=list(request.discrepancy_ids),
+                confirmed=list(request.confirmed_action_ids),
+            )
+            return coordinator_pb2.RepairResponse(header=self._header(), plan=repair_plan_to_proto(plan))
+        try:
+            plan, record = await self._operations.apply_repair(request, self._caller(context), _deadline(context))
+        except (TimeoutError, DeadlinePassed):
+            raise DeadlineExceeded("the request's deadline passed before it ran") from None
+        response = coordinator_pb2.RepairResponse(header=self._header(), plan=repair_plan_to_proto(plan))
+        if record is not None:
+            response.operation.CopyFrom(operation_to_proto(record))
+        return response
 
     async def guarded(
         self,
@@ -246,11 +262,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         *,
         join_listener: bool,
     ) -> coordinator_pb2.GuardedOperationResponse:
-        remaining = context.time_remaining()
-        loop = asyncio.get_running_loop()
-        deadline = None if remaining is None else loop.time() + max(0.0, remaining - _RESPONSE_MARGIN)
         try:
-            outcome = await self._operations.submit(request, caller, deadline, join_listener=join_listener)
+            outcome = await self._operations.submit(request, caller, _deadline(context), join_listener=join_listener)
         except (TimeoutError, DeadlinePassed):
             raise DeadlineExceeded("the request's deadline passed before it ran") from None
         return coordinator_pb2.GuardedOperationResponse(

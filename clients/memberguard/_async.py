@@ -6,6 +6,7 @@ Create it inside the event loop that will use it: a grpc.aio channel belongs to 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
@@ -211,6 +212,28 @@ class AsyncClient(BaseClient):
             confirmed_action_ids=confirmed_action_ids,
         )
         return (await self._call(self._coordinator.Repair, request, timeout)).plan
+
+    async def apply_repair(
+        self,
+        *,
+        expected_fingerprint: str = "",
+        discrepancy_ids: Sequence[str] = (),
+        confirmed_action_ids: Sequence[str] = (),
+        request_id: str | None = None,
+        timeout: float = 120.0,
+    ) -> coordinator_pb2.RepairResponse:
+        """Applies the plan under the membership lock: its SAFE actions and the confirmed ones, as one REPAIR
+        operation. The response holds the plan it ran and the operation as it stands (none when there was nothing to
+        do). Refused as plan_repair is, and nothing changes; a request_id of None gets a fresh one (pass your own to
+        retry safely)."""
+        request = coordinator_pb2.RepairRequest(
+            expected_fingerprint=expected_fingerprint,
+            discrepancy_ids=discrepancy_ids,
+            confirmed_action_ids=confirmed_action_ids,
+            apply=True,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        return await self._call(self._coordinator.Repair, request, timeout)
 
     async def abandon_operation(
         self,

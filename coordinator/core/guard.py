@@ -102,7 +102,13 @@ _IGNORED, _BLOCKS, _IF_SEVERE, _IF_TARGET, _ACK_TARGET, _REFUSES = (
     Rule.ACKNOWLEDGE_IF_TARGET,
     Rule.REFUSES,
 )
-_COLUMNS = (OperationKind.ISSUE_TOKEN, OperationKind.JOIN, OperationKind.REMOVE, OperationKind.FORCE_REMOVE)
+_COLUMNS = (
+    OperationKind.ISSUE_TOKEN,
+    OperationKind.JOIN,
+    OperationKind.REMOVE,
+    OperationKind.FORCE_REMOVE,
+    OperationKind.REPAIR,
+)
 
 # Why the rows are what they are:
 # - Every fact that says the records disagree about who a member is or whom a node trusts blocks the normal
@@ -116,24 +122,26 @@ _COLUMNS = (OperationKind.ISSUE_TOKEN, OperationKind.JOIN, OperationKind.REMOVE,
 # - An unreadable source blocks when the diff says it is severe (a truststore, or a cluster-wide source nobody could
 #   read); a node's unreadable Raft view counts against quorum instead, and its unreadable cache or info.yaml is
 #   only reported.
+# - A repair is what clears the diff, so no discrepancy blocks it: what it may do about each one is core/repair.py's.
+#   Only NO_LEADER refuses it, as it refuses everything.
 # fmt: off
-_ROWS: dict[DiscrepancyKind, tuple[Rule, Rule, Rule, Rule]] = {
-    #                              ISSUE_TOKEN  JOIN         REMOVE       FORCE_REMOVE
-    _K.MISSING:                    (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.ORPHAN:                     (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.ADDRESS_MISMATCH:           (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.CERTIFICATE_MISMATCH:       (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.NAME_MISMATCH:              (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.DUPLICATE_ADDRESS:          (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.VIEW_DIFFERS:               (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
-    _K.ROLE_DIFFERS:               (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
-    _K.INVALID_ENTRY:              (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
-    _K.SOURCE_UNREADABLE:          (_IF_SEVERE,  _IF_SEVERE,  _IF_SEVERE,  _ACK_TARGET),
-    _K.AGENT_UNREACHABLE:          (_IGNORED,    _IGNORED,    _IF_TARGET,  _IGNORED),
-    _K.AGENT_UNTRUSTED:            (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.AGENT_CERTIFICATE_MISMATCH: (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
-    _K.NO_LEADER:                  (_REFUSES,    _REFUSES,    _REFUSES,    _REFUSES),
-    _K.NODE_INFO_MISMATCH:         (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET),
+_ROWS: dict[DiscrepancyKind, tuple[Rule, Rule, Rule, Rule, Rule]] = {
+    #                              ISSUE_TOKEN  JOIN         REMOVE       FORCE_REMOVE REPAIR
+    _K.MISSING:                    (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.ORPHAN:                     (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.ADDRESS_MISMATCH:           (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.CERTIFICATE_MISMATCH:       (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.NAME_MISMATCH:              (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.DUPLICATE_ADDRESS:          (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.VIEW_DIFFERS:               (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
+    _K.ROLE_DIFFERS:               (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
+    _K.INVALID_ENTRY:              (_IGNORED,    _IGNORED,    _IGNORED,    _IGNORED,    _IGNORED),
+    _K.SOURCE_UNREADABLE:          (_IF_SEVERE,  _IF_SEVERE,  _IF_SEVERE,  _ACK_TARGET, _IGNORED),
+    _K.AGENT_UNREACHABLE:          (_IGNORED,    _IGNORED,    _IF_TARGET,  _IGNORED,    _IGNORED),
+    _K.AGENT_UNTRUSTED:            (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.AGENT_CERTIFICATE_MISMATCH: (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.NO_LEADER:                  (_REFUSES,    _REFUSES,    _REFUSES,    _REFUSES,    _REFUSES),
+    _K.NODE_INFO_MISMATCH:         (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
 }
 # fmt: on
 
@@ -153,6 +161,7 @@ _DOING = {
     OperationKind.JOIN: "a join",
     OperationKind.REMOVE: "a removal",
     OperationKind.FORCE_REMOVE: "a forced removal",
+    OperationKind.REPAIR: "a repair",
 }
 
 
@@ -278,6 +287,8 @@ def _target_violations(request: Request, target: _Target) -> list[Violation]:
 
 
 def _quorum_violations(request: Request, quorum: QuorumInput, target: _Target) -> list[Violation]:
+    if request.operation is OperationKind.REPAIR:
+        return []  # it adds no one, and core/repair.py checks each removal it plans against what those before leave
     if request.operation.removes:
         found = _check_removals(quorum, target)
     else:

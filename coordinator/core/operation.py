@@ -60,6 +60,7 @@ class OperationKind(IntEnum):
     JOIN = 2
     REMOVE = 3
     FORCE_REMOVE = 4  # the member is broken; what is broken about it may be acknowledged
+    REPAIR = 5  # a repair plan's chosen actions (core/repair.py); member is empty: it may repair several
 
     @property
     def removes(self) -> bool:

@@ -19,6 +19,21 @@ agent accepts it, and it cannot add itself; then the rest is undone, the cluster
 answers, and the steps on the joiner's own node are skipped and reported ("reset it before it comes back"). A join
 therefore never waits for its dead joiner.
 
+A repair (kind REPAIR: a repair plan's chosen actions, core/repair.py) is recovered by the same rules, and is safe by
+construction because of what its steps are. Its first step is its commit point, and its steps only make a source
+hold what the authoritative records say (a row from a live Raft member's own report, a truststore record from the
+members table) or delete what no authoritative record makes a member; none adds to the Raft configuration. So:
+- Once its first step is done it only rolls forward: each remaining step is re-sent (all are idempotent) when its
+  node answers, and a member is never left half-repaired by an undo. Forward never adds to Raft: no step does.
+- Before that, nothing was applied but maybe its first step. Its rollback sends nothing (`_back` gives each undo no
+  action): the reverse of a repair step takes away a record the authoritative records vouch for (undoing a restored
+  truststore record distrusts a live member), and no reverse may add to Raft. The first
+  step's own effect, if it had one, is left as it is; alone it harms no member, except a step that takes something
+  away from a source a Raft member may need (its truststore record, or its Raft entry): for those `decide` waits until
+  the source shows whether it took effect, and rolls forward when it did.
+- A SENT first step is settled from the fresh diff (`commit_effect` knows the effect of each repair step kind): shown
+  applied, it is confirmed and the repair rolls forward; shown absent, it rolls back, sending nothing.
+
 `abandon_violations` is the rule for an operator ending a parked operation by hand.
 
 Pure: no I/O and no clock. The runner (coordinator/operations.py) gathers, calls `decide`, journals, sends.
@@ -32,7 +47,7 @@ from enum import Enum
 
 from coordinator.core.guard import Violation
 from coordinator.core.inflight import is_about
-from coordinator.core.model import DiscrepancyKind, MembershipDiff, Severity, Source
+from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity, Source
 from coordinator.core.operation import (
     OperationKind,
     OperationRecord,
@@ -47,6 +62,7 @@ from coordinator.core.plan import (
     Action,
     EnsureMemberRow,
     EnsureRaftEntry,
+    EnsureTruststoreRecord,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
@@ -97,6 +113,13 @@ Decision = Forward | Back | Wait
 # A cluster-wide source that no node could read is reported with no node: the diff then shows nothing about it.
 _NOBODY_READ = (DiscrepancyKind.NO_LEADER, DiscrepancyKind.SOURCE_UNREADABLE)
 _SILENT = (DiscrepancyKind.AGENT_UNREACHABLE, DiscrepancyKind.AGENT_UNTRUSTED)
+# What says a record is not what the authoritative records want: missing, or held differently.
+_WRONG = (
+    DiscrepancyKind.MISSING,
+    DiscrepancyKind.ADDRESS_MISMATCH,
+    DiscrepancyKind.CERTIFICATE_MISMATCH,
+    DiscrepancyKind.NAME_MISMATCH,
+)
 INTERRUPTED = "interrupted before its commit point"
 
 
@@ -111,8 +134,29 @@ def commit_effect(record: OperationRecord, diff: MembershipDiff) -> Effect:
     member absent from a Raft configuration that is unknown has not been removed from it."""
     index = commit_index(record)
     action = None if index is None else record.steps[index].action
+    target = "" if index is None else record.steps[index].target
     unknown = {d.source for d in diff.discrepancies if d.kind in _NOBODY_READ and not d.node}
     match action:
+        case EnsureTruststoreRecord(name=name) | RemoveTruststoreRecord(name=name):
+            if target in silent_agents(diff) or any(
+                d.kind is DiscrepancyKind.SOURCE_UNREADABLE and d.source is Source.TRUSTSTORE and d.node == target
+                for d in diff.discrepancies
+            ):
+                return Effect.UNKNOWN
+            about = [d for d in diff.discrepancies if d.source is Source.TRUSTSTORE and d.node == target]
+            if isinstance(action, EnsureTruststoreRecord):
+                wrong = any(d.kind in _WRONG and _names(d, name) for d in about)
+                return Effect.ABSENT if wrong else Effect.APPLIED
+            held = any(d.kind is not DiscrepancyKind.MISSING and _names(d, name) for d in about)
+            return Effect.ABSENT if held else Effect.APPLIED
+        case EnsureMemberRow(name=name, address=address):
+            if Source.MEMBERS_TABLE in unknown:
+                return Effect.UNKNOWN
+            wrong = any(
+                d.kind in _WRONG and d.source is Source.MEMBERS_TABLE and _same(d.member, name, address)
+                for d in diff.discrepancies
+            )
+            return Effect.ABSENT if wrong else Effect.APPLIED
         case RemoveRaftEntry(node_id=node_id, address=address):
             if Source.RAFT_CONFIG in unknown:
                 return Effect.UNKNOWN
@@ -129,6 +173,15 @@ def commit_effect(record: OperationRecord, diff: MembershipDiff) -> Effect:
         case _:
             return Effect.UNKNOWN
     return Effect.APPLIED if gone else Effect.ABSENT
+
+
+def _names(d: Discrepancy, name: str) -> bool:
+    return d.member is not None and d.member.name == name
+
+
+def _same(member: Member | None, name: str, address: str) -> bool:
+    # A Raft member without a row may be known by its address only.
+    return member is not None and (member.name == name or (not member.name and member.address == address))
 
 
 def decide(
@@ -152,7 +205,8 @@ def decide(
     if not committed(record):
         index = commit_index(record)
         if index is not None and record.steps[index].state is StepState.SENT:
-            if commit is Effect.UNKNOWN:
+            harmless = record.kind is OperationKind.REPAIR and not _takes_away(record.steps[index].action)
+            if commit is Effect.UNKNOWN and not harmless:
                 return Wait(
                     f"cannot tell whether '{record.steps[index].name}' took effect: no node could read its source",
                     "wait until a node reads the Raft configuration and the members table again",
@@ -185,7 +239,8 @@ def _back(record: OperationRecord, *, silent: Collection[str], nodes: Sequence[s
     steps: list[Undo] = []
     for index in undo_order(record):
         step = record.steps[index]
-        action = undo(step.action) if step.action is not None else None
+        # A repair's rollback sends nothing: see the module docstring.
+        action = undo(step.action) if step.action is not None and record.kind is not OperationKind.REPAIR else None
         target = step.target
         if action is not None and target != COORDINATOR and target in silent:
             if target == joiner and not _cluster_wide(action):
@@ -203,6 +258,12 @@ def _back(record: OperationRecord, *, silent: Collection[str], nodes: Sequence[s
         # Trust first: revoking the joiner's certificate on every member is what keeps it from adding itself later.
         steps.sort(key=lambda u: not _revokes(u, joiner))
     return Back(cause, fence=bool(joiner) and not gone, undo=tuple(steps), unreset=joiner if gone else "")
+
+
+def _takes_away(action: Action | None) -> bool:
+    """Whether a repair step, applied alone, may take from a Raft member what it needs: a truststore record (a
+    repair removes a live member's misnamed copies before it writes the record) or its Raft entry."""
+    return isinstance(action, RemoveTruststoreRecord | RemoveRaftEntry)
 
 
 def _cluster_wide(action: Action) -> bool:

@@ -60,11 +60,12 @@ from .views import (
 
 K = DiscrepancyKind
 BLOCKING, WARNING, INFO = Severity.BLOCKING, Severity.WARNING, Severity.INFO
-TOKEN, JOIN, REMOVE, FORCE = (
+TOKEN, JOIN, REMOVE, FORCE, REPAIR = (
     OperationKind.ISSUE_TOKEN,
     OperationKind.JOIN,
     OperationKind.REMOVE,
     OperationKind.FORCE_REMOVE,
+    OperationKind.REPAIR,
 )
 NORMAL = (TOKEN, JOIN, REMOVE)
 
@@ -93,7 +94,7 @@ def ids(diff: MembershipDiff, kind: DiscrepancyKind, of: str = "") -> list[str]:
 # unreachable, so that a row test sees the table and nothing else. n5 is the member removed, n6 the joiner,
 # n4 "another member".
 FIVE = compute_diff(consistent_view(5))
-TARGETS = {TOKEN: "n6", JOIN: "n6", REMOVE: "n5", FORCE: "n5"}
+TARGETS = {TOKEN: "n6", JOIN: "n6", REMOVE: "n5", FORCE: "n5", REPAIR: "n5"}
 OTHER = member(4)
 
 # Where each kind is found, as diff.py reports it; facts about a node's own source carry no member.
@@ -147,8 +148,9 @@ def diff_with(*discrepancies: Discrepancy) -> MembershipDiff:
 
 # For every kind at every severity diff.py gives it, and every operation, what decide() must answer, written as
 # three letters: about the member operated on; the same, acknowledged; about another member (R refused, P proceeds).
-REPAIR_FIRST = {TOKEN: "RRR", JOIN: "RRR", REMOVE: "RRR", FORCE: "RPP"}
-NEVER = {TOKEN: "PPP", JOIN: "PPP", REMOVE: "PPP", FORCE: "PPP"}
+# A repair is what clears the diff: only NO_LEADER refuses it.
+REPAIR_FIRST = {TOKEN: "RRR", JOIN: "RRR", REMOVE: "RRR", FORCE: "RPP", REPAIR: "PPP"}
+NEVER = {TOKEN: "PPP", JOIN: "PPP", REMOVE: "PPP", FORCE: "PPP", REPAIR: "PPP"}
 EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[OperationKind, str]] = {
     (K.MISSING, BLOCKING): REPAIR_FIRST,
     (K.ORPHAN, BLOCKING): REPAIR_FIRST,
@@ -161,9 +163,9 @@ EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[OperationKind, str]] = {
     (K.ROLE_DIFFERS, INFO): NEVER,
     (K.INVALID_ENTRY, WARNING): NEVER,
     (K.SOURCE_UNREADABLE, BLOCKING): REPAIR_FIRST,
-    (K.SOURCE_UNREADABLE, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "PPP", FORCE: "RPP"},
+    (K.SOURCE_UNREADABLE, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "PPP", FORCE: "RPP", REPAIR: "PPP"},
     # Unreachable: the quorum rule's business, but a normal removal needs its member to take part.
-    (K.AGENT_UNREACHABLE, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "RRP", FORCE: "PPP"},
+    (K.AGENT_UNREACHABLE, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "RRP", FORCE: "PPP", REPAIR: "PPP"},
     (K.AGENT_UNTRUSTED, BLOCKING): REPAIR_FIRST,
     (K.AGENT_CERTIFICATE_MISMATCH, BLOCKING): REPAIR_FIRST,
     (K.NO_LEADER, BLOCKING): {operation: "RRR" for operation in OperationKind},
@@ -370,6 +372,16 @@ def test_a_join_is_refused_only_when_the_voters_answering_are_no_majority() -> N
     for operation in (TOKEN, JOIN):
         assert isinstance(decide(request(operation, "n4"), one_down), Proceed)
         assert refused_types(decide(request(operation, "n4"), two_down)) == ["QUORUM"]
+
+
+def test_a_repair_is_blocked_by_no_discrepancy_nor_the_quorum_rule_but_checks_its_fingerprint() -> None:
+    # Two of three voters down and a truststore record missing: what a repair is for; it adds no one to Raft.
+    dirty = compute_diff(
+        drop_records(fail_agent(fail_agent(consistent_view(3), "n3"), "n2"), Source.TRUSTSTORE, address(2), ["n1"])
+    )
+    assert {K.MISSING, K.AGENT_UNREACHABLE} <= {d.kind for d in dirty.discrepancies}
+    assert decide(Request(REPAIR, "", dirty.fingerprint), dirty) == Proceed(frozenset())
+    assert decide(Request(REPAIR, "", "seen-earlier"), dirty) == Stale(dirty.fingerprint)
 
 
 def test_blocking_is_decided_before_the_fingerprint() -> None:

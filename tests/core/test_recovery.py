@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.core.diff import compute_diff
-from coordinator.core.model import Member
+from coordinator.core.model import ClusterView, Member, Source
 from coordinator.core.operation import (
     Abandon,
     Audit,
@@ -60,6 +60,7 @@ from coordinator.core.recovery import (
     decide,
     silent_agents,
 )
+from coordinator.core.repair import plan_repair
 from tests.core import views
 
 MEMBERS = ("n1", "n2", "n3")
@@ -339,3 +340,118 @@ def test_the_model_applies_the_plans_as_written() -> None:
     removed = Cluster()
     crashed(removal_record(), removed, len(removal_record().steps), sent_applied=None)
     assert removed.wholly_out("n3", 3)
+
+
+# --- repairs ----------------------------------------------------------------------------------------------------------
+
+
+def repair_record(view_of_repair: ClusterView) -> OperationRecord:
+    """The REPAIR operation the coordinator journals for the plan of a view: every action's steps in plan order, the
+    first its commit point."""
+    diff = compute_diff(view_of_repair)
+    plan = plan_repair(
+        view_of_repair,
+        diff,
+        now=1e9,
+        grace=300.0,
+        certificates={views.fingerprint_of("n3"): "PEM-n3"},
+        seen_since={d.id: 0.0 for d in diff.discrepancies},  # every orphan is past its grace period
+    )
+    planned = [step.planned for action in plan.chosen() for step in action.steps]
+    steps = tuple(
+        Step(s.name, i == 0, target=s.target, action=s.action) for i, s in enumerate(planned) if not s.deferred
+    )
+    return record_of(OperationKind.REPAIR, Member(), steps)
+
+
+# S9 on two nodes: n1's and n2's truststores lost n3's record; two actions, one step each.
+N3_UNTRUSTED = views.drop_records(views.consistent_view(3), Source.TRUSTSTORE, views.address(3), ["n1", "n2"])
+
+
+def repair_effect(record: OperationRecord, cluster: Cluster) -> Effect:
+    commit = next(s for s in record.steps if s.commit_point)
+    assert isinstance(commit.action, EnsureTruststoreRecord)
+    return Effect.APPLIED if (commit.target, commit.action.name) in cluster.trust else Effect.ABSENT
+
+
+@given(done=st.integers(0, 2), sent_applied=st.none() | st.booleans(), silent=st.sampled_from([(), ("n2",)]))
+def test_a_repair_crashed_anywhere_finishes_or_changed_nothing_and_never_adds_to_raft(
+    done: int, sent_applied: bool | None, silent: tuple[str, ...]
+) -> None:
+    record = repair_record(N3_UNTRUSTED)
+    assert [s.commit_point for s in record.steps] == [True, False]
+    cluster = Cluster(trust={(n, m) for n in MEMBERS for m in MEMBERS} - {("n1", "n3"), ("n2", "n3")})
+    record = crashed(record, cluster, done, sent_applied)
+    before = set(cluster.trust)
+    for _ in range(3):
+        if record.state.finished:
+            break
+        decision = decide(record, commit=repair_effect(record, cluster), silent=frozenset(silent), nodes=MEMBERS)
+        match decision:
+            case Back(undo=undo):
+                # Nothing is sent to undo a repair: what its first step may have done is left as it is.
+                assert all(u.action is None and not u.skipped for u in undo)
+                for u in undo:
+                    record = apply(record, StepUndone(u.index), 2.0)
+                record = apply(record, RollBack(decision.cause), 2.0)
+            case Forward(confirm=confirm):
+                if confirm is not None:
+                    record = apply(record, StepDone(confirm), 2.0)
+                while (index := next_step(record)) is not None:
+                    step = record.steps[index]
+                    assert step.action is not None
+                    cluster.apply(step.target, step.action)
+                    record = apply(apply(record, StepSent(index), 2.0), StepDone(index), 2.0)
+                record = apply(record, Succeed(), 2.0)
+            case Wait():
+                silent = ()  # the silent node answers at the next pass
+    assert cluster.raft == {1, 2, 3}
+    if record.state is OperationState.SUCCEEDED:
+        assert {("n1", "n3"), ("n2", "n3")} <= cluster.trust
+    else:
+        # Rolled back: only before its first step took effect, and the trust is as the crash left it.
+        assert record.state is OperationState.ROLLED_BACK and done == 0 and not sent_applied
+        assert cluster.trust == before
+
+
+def test_a_repairs_first_step_that_takes_away_waits_until_its_effect_shows() -> None:
+    # A truststore record of nobody (n5), held by n1 only; its removal is the repair's first step.
+    orphan = views.add_records(views.consistent_view(3), Source.TRUSTSTORE, [views.trust(5)], ["n1"])
+    record = repair_record(orphan)
+    first = record.steps[0]
+    assert (first.target, first.action) == ("n1", RemoveTruststoreRecord("n5"))
+    sent = apply(apply(record, Start(), 1.0), StepSent(0), 1.0)
+    assert isinstance(decide(sent, commit=Effect.UNKNOWN, silent={"n1"}, nodes=MEMBERS), Wait)
+    assert decide(sent, commit=Effect.APPLIED, silent=set(), nodes=MEMBERS) == Forward(confirm=0)
+    back = decide(sent, commit=Effect.ABSENT, silent=set(), nodes=MEMBERS)
+    assert isinstance(back, Back) and [(u.index, u.action) for u in back.undo] == [(0, None)]
+
+
+def test_a_repairs_first_step_that_only_writes_is_rolled_back_unseen_sending_nothing() -> None:
+    record = apply(apply(repair_record(N3_UNTRUSTED), Start(), 1.0), StepSent(0), 1.0)
+    back = decide(record, commit=Effect.UNKNOWN, silent={"n1"}, nodes=MEMBERS)
+    assert isinstance(back, Back) and [(u.index, u.action) for u in back.undo] == [(0, None)]
+
+
+def test_commit_effect_knows_the_repair_steps_from_the_diff() -> None:
+    trust_n3 = apply(repair_record(N3_UNTRUSTED), Start(), 1.0)  # first: restore n3 in n1's truststore
+    assert commit_effect(trust_n3, compute_diff(N3_UNTRUSTED)) is Effect.ABSENT
+    only_n2 = views.drop_records(views.consistent_view(3), Source.TRUSTSTORE, views.address(3), ["n2"])
+    assert commit_effect(trust_n3, compute_diff(only_n2)) is Effect.APPLIED
+    assert commit_effect(trust_n3, compute_diff(views.fail_agent(N3_UNTRUSTED, "n1"))) is Effect.UNKNOWN
+    orphan = views.add_records(views.consistent_view(3), Source.TRUSTSTORE, [views.trust(5)], ["n1"])
+    remove_n5 = repair_record(orphan)
+    assert commit_effect(remove_n5, compute_diff(orphan)) is Effect.ABSENT
+    assert commit_effect(remove_n5, compute_diff(views.consistent_view(3))) is Effect.APPLIED
+    no_row = views.drop_records(views.consistent_view(3), Source.MEMBERS_TABLE, views.address(3))
+    restore_row = record_of(
+        OperationKind.REPAIR,
+        Member(),
+        (
+            Step(
+                "restore n3's row", True, target="n1", action=EnsureMemberRow("n3", views.address(3), "PEM-n3", "voter")
+            ),
+        ),
+    )
+    assert commit_effect(restore_row, compute_diff(no_row)) is Effect.ABSENT
+    assert commit_effect(restore_row, compute_diff(views.consistent_view(3))) is Effect.APPLIED

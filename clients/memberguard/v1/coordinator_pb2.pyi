@@ -610,8 +610,19 @@ class RepairRequest(_message.Message):
     EXPECTED_FINGERPRINT_FIELD_NUMBER: _builtins.int
     DISCREPANCY_IDS_FIELD_NUMBER: _builtins.int
     CONFIRMED_ACTION_IDS_FIELD_NUMBER: _builtins.int
+    APPLY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     expected_fingerprint: _builtins.str
     """expected_fingerprint is the diff fingerprint the caller saw; empty plans on whatever the diff is now."""
+    apply: _builtins.bool
+    """apply runs the plan instead of only returning it: the SAFE actions and the confirmed ones, as one journaled
+    operation of kind REPAIR, under the membership lock. The diff is read again under the lock and the plan made
+    again from it; when its fingerprint is no longer expected_fingerprint, nothing runs (ABORTED with the new diff).
+    """
+    request_id: _builtins.str
+    """request_id makes a retried apply safe: a retry with the same id returns the recorded operation instead of
+    running another. Required with apply (at most 128 characters); ignored without it.
+    """
     @_builtins.property
     def discrepancy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """discrepancy_ids limits the plan to these discrepancies; empty plans for all of them."""
@@ -626,10 +637,12 @@ class RepairRequest(_message.Message):
         expected_fingerprint: _builtins.str = ...,
         discrepancy_ids: _abc.Iterable[_builtins.str] | None = ...,
         confirmed_action_ids: _abc.Iterable[_builtins.str] | None = ...,
+        apply: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_action_ids", b"confirmed_action_ids", "discrepancy_ids", b"discrepancy_ids", "expected_fingerprint", b"expected_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply", "confirmed_action_ids", b"confirmed_action_ids", "discrepancy_ids", b"discrepancy_ids", "expected_fingerprint", b"expected_fingerprint", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,23 +654,31 @@ class RepairResponse(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___ResponseHeader:
         """header says who answered, and when."""
 
     @_builtins.property
     def plan(self) -> _repair_pb2.RepairPlan:
-        """plan is the repair of the diff as it was read for this request."""
+        """plan is the repair of the diff as it was read for this request (with apply, as read under the lock)."""
+
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """operation is the REPAIR operation that applied the plan, as it stands when the call returns; unset without
+        apply, and when the plan chose no action (there was nothing to run).
+        """
 
     def __init__(
         self,
         *,
         header: Global___ResponseHeader | None = ...,
         plan: _repair_pb2.RepairPlan | None = ...,
+        operation: _operation_pb2.Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "operation", b"operation", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "operation", b"operation", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,11 +156,13 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Repair(self, request, context):
-        """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
-        its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
-        does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
-        is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
-        the plan does not hold.
+        """Repair plans how to clear the current diff: each action with the discrepancies it clears, its safety class and
+        why, its steps with their evidence, and the discrepancies no action clears with why. Without `apply` it changes
+        nothing; with it, the SAFE and the confirmed actions run as one journaled REPAIR operation, recovered after a
+        crash like any guarded operation (it only rolls forward once its first step is done). Refused like a change:
+        FAILED_PRECONDITION (OPERATION_PARKED) while an operation is parked, FAILED_PRECONDITION (NO_LEADER) without a
+        leader, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or the
+        plan does not hold.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,11 +61,13 @@ class CoordinatorServiceStub:
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
     """
     Repair: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RepairRequest, _coordinator_pb2.RepairResponse]
-    """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
-    its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
-    does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
-    is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
-    the plan does not hold.
+    """Repair plans how to clear the current diff: each action with the discrepancies it clears, its safety class and
+    why, its steps with their evidence, and the discrepancies no action clears with why. Without `apply` it changes
+    nothing; with it, the SAFE and the confirmed actions run as one journaled REPAIR operation, recovered after a
+    crash like any guarded operation (it only rolls forward once its first step is done). Refused like a change:
+    FAILED_PRECONDITION (OPERATION_PARKED) while an operation is parked, FAILED_PRECONDITION (NO_LEADER) without a
+    leader, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or the
+    plan does not hold.
     """
     WatchMembership: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]
     """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
@@ -111,11 +113,13 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     about its member that is not INFO is acknowledged (details: one PreconditionFailure violation per discrepancy).
     """
     Repair: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RepairRequest, _coordinator_pb2.RepairResponse]  # type: ignore[assignment]
-    """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
-    its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
-    does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
-    is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
-    the plan does not hold.
+    """Repair plans how to clear the current diff: each action with the discrepancies it clears, its safety class and
+    why, its steps with their evidence, and the discrepancies no action clears with why. Without `apply` it changes
+    nothing; with it, the SAFE and the confirmed actions run as one journaled REPAIR operation, recovered after a
+    crash like any guarded operation (it only rolls forward once its first step is done). Refused like a change:
+    FAILED_PRECONDITION (OPERATION_PARKED) while an operation is parked, FAILED_PRECONDITION (NO_LEADER) without a
+    leader, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or the
+    plan does not hold.
     """
     WatchMembership: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchMembershipRequest, _coordinator_pb2.WatchMembershipResponse]  # type: ignore[assignment]
     """WatchMembership streams what the coordinator's checks find. The first response says where the stream starts: a
@@ -212,11 +216,13 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.RepairRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RepairResponse, _abc.Awaitable[_coordinator_pb2.RepairResponse]]:
-        """Repair plans how to clear the current diff and changes nothing: each action with the discrepancies it clears,
-        its safety class and why, its steps with their evidence, and the discrepancies no action clears with why. It
-        does not apply the plan yet. Refused like a change: FAILED_PRECONDITION (OPERATION_PARKED) while an operation
-        is parked, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or
-        the plan does not hold.
+        """Repair plans how to clear the current diff: each action with the discrepancies it clears, its safety class and
+        why, its steps with their evidence, and the discrepancies no action clears with why. Without `apply` it changes
+        nothing; with it, the SAFE and the confirmed actions run as one journaled REPAIR operation, recovered after a
+        crash like any guarded operation (it only rolls forward once its first step is done). Refused like a change:
+        FAILED_PRECONDITION (OPERATION_PARKED) while an operation is parked, FAILED_PRECONDITION (NO_LEADER) without a
+        leader, ABORTED with the new diff on a stale expected_fingerprint, INVALID_ARGUMENT naming ids the diff or the
+        plan does not hold.
         """
 
     @_abc_1.abstractmethod

@@ -38,6 +38,8 @@ class _OperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operati
     """Remove a member that takes part in its own removal."""
     OPERATION_KIND_FORCE_REMOVE: _OperationKind.ValueType  # 4
     """Remove a member that is dead or broken, with the discrepancies about it acknowledged."""
+    OPERATION_KIND_REPAIR: _OperationKind.ValueType  # 5
+    """Apply a repair plan: the chosen actions' steps, in plan order."""
 
 class OperationKind(_OperationKind, metaclass=_OperationKindEnumTypeWrapper):
     """What a guarded operation changes. Values may be added."""
@@ -52,6 +54,8 @@ OPERATION_KIND_REMOVE: OperationKind.ValueType  # 3
 """Remove a member that takes part in its own removal."""
 OPERATION_KIND_FORCE_REMOVE: OperationKind.ValueType  # 4
 """Remove a member that is dead or broken, with the discrepancies about it acknowledged."""
+OPERATION_KIND_REPAIR: OperationKind.ValueType  # 5
+"""Apply a repair plan: the chosen actions' steps, in plan order."""
 Global___OperationKind: _TypeAlias = OperationKind  # noqa: Y015
 
 class _OperationState:
