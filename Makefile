@@ -69,8 +69,10 @@ demo: venv
 	echo; echo "== bring the lab down"; \
 	$(BIN)/memberguard lab down --dir $(LAB)
 
+# The plot's matplotlib is the `bench` extra, which `make venv` leaves out.
 bench: venv go
-	$(BIN)/python -m coordinator.lab.bench
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m coordinator.lab.bench --plot build/bench-check.png
 	$(BIN)/python -m coordinator.lab.bench --backend dqlite --sizes 3,5
 	$(BIN)/python -m coordinator.lab.bench --dqlite-client --calls 1000
 	$(BIN)/python -m coordinator.lab.bench --microcluster-client --calls 1000

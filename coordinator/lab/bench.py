@@ -1,9 +1,13 @@
 """The benchmarks, each printing figures from one run with a same-run baseline (`make bench` runs them all).
 
-`python -m coordinator.lab.bench [--backend local|dqlite] [--sizes 3,10,50,100] [--calls 200]` brings up a lab at
-each size (large labs pack several agents into one process: the same agent code), then interleaves a trivial
-unary call (the health check, over the same mutual-TLS channel) with a full CheckMembership, so both see the
-same machine noise, and prints p50/p99 of each and their ratio.
+`python -m coordinator.lab.bench [--backend local|dqlite] [--sizes 3,10,30,100,300] [--calls 200] [--changes 20]
+[--plot FILE.png]` brings up a lab at each size (large labs pack several agents into one process: the same agent
+code), then interleaves a trivial unary call (the health check, over the same mutual-TLS channel) with a full
+CheckMembership, so both see the same machine noise, and prints p50/p99 of each and their ratio; a size whose agents
+still miss the coordinator's per-agent deadline once warmed up is timed with a longer one, and says so. Then, in a
+3-node lab whose coordinator checks every 0.2 s, it times `--changes` source changes (n2's truststore record of n3
+deleted, then restored) from the change to the WatchMembership event reaching a subscriber. `--plot` draws the
+check's p50 and the floor's against N, both axes logarithmic (matplotlib: the `bench` extra).
 
 `python -m coordinator.lab.bench --microcluster-client [--calls 1000]` starts 3 real microd daemons and times CLUSTER
 and a primary-key SELECT over microd's upgraded connection, as a member dials it, against LEADER on the same
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import ssl
 import statistics
 import subprocess
@@ -39,20 +44,28 @@ from pathlib import Path
 from typing import TypeVar
 
 from memberguard import Client
-from memberguard.v1 import operation_pb2
+from memberguard.v1 import coordinator_pb2, operation_pb2
+from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.agent.dqlite_tls import client_ssl_context
 from coordinator.agent.microcluster_dial import MemberDial
 from coordinator.agent.microcluster_sources import DATABASE as MICROCLUSTER_DATABASE
 from coordinator.agent.truststore import trusted_certificates
 from coordinator.dqlite import connect_leader
+from coordinator.files import write_atomically
 from coordinator.lab import lab as labs
 from coordinator.lab import microcluster
 from coordinator.lab.dqlite_cluster import DATABASE, MemberSpec, lay_out_members, start_members
 from coordinator.lab.dqlite_nodes import node_binary, stop_cluster
 from coordinator.lab.ports import loopback_addresses
+from coordinator.service import DEFAULT_AGENT_TIMEOUT
 
 T = TypeVar("T")
+
+# How often the watch's lab's coordinator checks on its own: every event waits for such a check.
+WATCH_INTERVAL = 0.2
+# The per-agent deadline of the timed checks in a lab whose agents miss the default one (DEFAULT_AGENT_TIMEOUT).
+LARGE_LAB_AGENT_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,22 +98,133 @@ def _succeeded(operation: operation_pb2.Operation) -> None:
         )
 
 
-def measure(nodes: int, calls: int, directory: Path, backend: str = "local") -> tuple[Figures, Figures, int]:
-    """(floor, check, discrepancies seen) for a consistent lab of `nodes` nodes."""
-    lab = labs.up(directory, nodes, agents_per_process=1 if nodes <= 10 else 25, backend=backend)
+@dataclass(frozen=True)
+class CheckCost:
+    """One lab size, from one interleaved run: the trivial call (the floor) and CheckMembership. missed is how many
+    agents the last warm-up check, with the coordinator's default per-agent deadline, found unreachable: when any
+    did, the timed checks allowed each agent LARGE_LAB_AGENT_TIMEOUT instead. late is how many timed checks found
+    some agent unreachable all the same."""
+
+    nodes: int
+    floor: Figures
+    check: Figures
+    missed: int
+    late: int
+
+
+def agents_per_process(nodes: int) -> int:
+    """Small labs give each agent its own process, as a cluster would; larger ones pack them, so that a lab of
+    hundreds does not run hundreds of interpreters on two cores."""
+    return 1 if nodes <= 10 else 25
+
+
+def measure(nodes: int, calls: int, directory: Path, backend: str = "local") -> CheckCost:
+    """The check's cost in a consistent lab of `nodes` nodes."""
+    lab = labs.up(directory, nodes, agents_per_process=agents_per_process(nodes), backend=backend)
     try:
         with Client(lab.endpoint) as client:
-            for _ in range(max(5, calls // 10)):  # warm the channels, caches and allocator
+            rounds = max(5, calls // 10)
+            for _ in range(rounds):  # warm the channels, caches and allocator
                 client.ping()
-                client.check_membership(timeout=30)
-            floor, check = [], []
+                warmed = client.check_membership(timeout=30)
+            missed = _unreachable(warmed)
+            # Checks cut short at the deadline would time the deadline, not the check: a lab too large for it on
+            # this machine is timed with the agents given the time they take, and says so.
+            agent_timeout = LARGE_LAB_AGENT_TIMEOUT if missed else None
+            check_membership = partial(client.check_membership, agent_timeout=agent_timeout, timeout=30)
+            if missed:
+                for _ in range(rounds):  # again, now that every agent has the time it takes
+                    check_membership()
+            floor, check, late = [], [], 0
             for _ in range(calls):
                 floor.append(_timed(client.ping))
-                check.append(_timed(lambda: client.check_membership(timeout=30)))
-            found = len(client.check_membership(timeout=30).diff.discrepancies)
+                elapsed, answer = _timed_result(check_membership)
+                check.append(elapsed)
+                late += bool(_unreachable(answer))
+                # An agent that misses its deadline loses its node's view, which may show as more; else only a
+                # source's own lag (INFO, as an engine's cache) may show in a lab that is consistent.
+                loud = [d for d in answer.diff.discrepancies if d.severity != pb.SEVERITY_INFO]
+                if loud and not _unreachable(answer):
+                    raise RuntimeError(f"the lab of {nodes} is not consistent: {loud}")
     finally:
         labs.down(lab.dir)
-    return Figures.of(floor), Figures.of(check), found
+    return CheckCost(nodes, Figures.of(floor), Figures.of(check), missed, late)
+
+
+def _unreachable(answer: coordinator_pb2.CheckMembershipResponse) -> int:
+    return sum(d.kind == pb.DISCREPANCY_KIND_AGENT_UNREACHABLE for d in answer.diff.discrepancies)
+
+
+def watch_latency(changes: int, directory: Path, backend: str) -> Figures:
+    """From a source change to its WatchMembership event at a subscriber, in a 3-node lab whose coordinator checks
+    every WATCH_INTERVAL seconds: `changes` changes, n2's truststore record of n3 deleted and restored in turn."""
+    lab = labs.up(directory, 3, backend=backend)
+    try:
+        _check_every(lab, WATCH_INTERVAL)
+        record = Path(lab.node("n2")["state_dir"]) / "truststore" / "n3.yaml"
+        held = record.read_bytes()
+        samples = []
+        # Each change has a few seconds to show; a stream that outlives that fails the run rather than hang it.
+        with Client(lab.endpoint) as client, client.watch_membership(timeout=10 + 5 * changes) as watch:
+            events = (response for response in watch if response.WhichOneof("event") != "heartbeat")
+            clean = next(events).snapshot.diff.fingerprint
+            for i in range(changes):
+                # A change lands anywhere in the coordinator's cycle, not just after the check that sent the last
+                # event: that would time the worst case every time.
+                time.sleep(random.uniform(0, WATCH_INTERVAL))
+                started = time.perf_counter()
+                restored = i % 2 == 1
+                if restored:
+                    write_atomically(record, held)  # whole: a half-written record would be one more event
+                else:
+                    record.unlink()
+                event = next(events)
+                samples.append((time.perf_counter() - started) * 1000)
+                if event.WhichOneof("event") != "change" or (event.change.fingerprint == clean) != restored:
+                    raise RuntimeError(f"change {i + 1}: the watch sent {event}, not the change just made")
+    finally:
+        labs.down(lab.dir)
+    return Figures.of(samples)
+
+
+def _check_every(lab: labs.Lab, interval: float) -> None:
+    """Restarts the lab's coordinator with its own checks `interval` seconds apart, which is what a watch waits on."""
+    document = json.loads((lab.dir / "coordinator" / "coordinator.json").read_text())
+    config = lab.dir / "coordinator" / "coordinator-bench.json"
+    config.write_text(json.dumps({**document, "metrics_interval": interval}))
+    labs.restart_coordinator(lab, config=config)
+
+
+def plot(costs: list[CheckCost], backend: str, path: Path) -> None:
+    """The check's p50 and the floor's against N, both axes logarithmic, as a PNG."""
+    # Imported here: matplotlib is an optional extra that only a plot needs. Agg draws without a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    sizes = [cost.nodes for cost in costs]
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    checks = [cost.check.p50 for cost in costs]
+    axes.loglog(sizes, checks, "o-", label="CheckMembership p50")
+    axes.loglog(sizes, [cost.floor.p50 for cost in costs], "s--", label="floor p50 (health check, same channel)")
+    for cost in costs:
+        label = f"{cost.check.p50:.3g} ms" + (
+            f"\n({LARGE_LAB_AGENT_TIMEOUT:g} s agent deadline)" if cost.missed else ""
+        )
+        axes.annotate(label, (cost.nodes, cost.check.p50), textcoords="offset points", xytext=(0, 8), ha="center")
+    axes.margins(0.08, 0.15)
+    axes.set_xticks(sizes, [str(size) for size in sizes])
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("agents in the lab (N)")
+    axes.set_ylabel("milliseconds")
+    axes.set_title(f"CheckMembership p50 against lab size, {backend} backend")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.savefig(path, dpi=120)
 
 
 async def _native(addresses: list[str], context: ssl.SSLContext, calls: int) -> tuple[Figures, Figures]:
@@ -258,8 +382,14 @@ _OPERATIONS = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coordinator.lab.bench", description=__doc__)
     parser.add_argument("--backend", default="local", choices=labs.BACKENDS, help="the lab's backend")
-    parser.add_argument("--sizes", default="3,10,50,100", help="comma-separated lab sizes (default 3,10,50,100)")
+    parser.add_argument(
+        "--sizes", default="3,10,30,100,300", help="comma-separated lab sizes (default 3,10,30,100,300)"
+    )
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size (rounds)")
+    parser.add_argument(
+        "--changes", type=int, default=20, help="source changes the watch's latency is timed over (0: none)"
+    )
+    parser.add_argument("--plot", type=Path, help="write a PNG of the check's p50 and the floor's against N")
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
     parser.add_argument(
@@ -281,15 +411,38 @@ def main(argv: list[str] | None = None) -> int:
         f" {args.backend} backend"
     )
     print(f"{'N':>4} {'floor p50':>10} {'floor p99':>10} {'check p50':>10} {'check p99':>10} {'p50 ratio':>10}")
+    costs = []
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         for nodes in sizes:
-            floor, check, found = measure(nodes, args.calls, Path(scratch) / f"lab-{nodes}", args.backend)
-            note = "" if found == 0 else f"  ({found} discrepancies: the lab was not consistent)"
+            cost = measure(nodes, args.calls, Path(scratch) / f"lab-{nodes}", args.backend)
+            costs.append(cost)
             print(
-                f"{nodes:>4} {floor.p50:>9.2f}ms {floor.p99:>9.2f}ms {check.p50:>9.2f}ms {check.p99:>9.2f}ms"
-                f" {check.p50 / floor.p50:>9.1f}x{note}"
+                f"{nodes:>4} {cost.floor.p50:>9.2f}ms {cost.floor.p99:>9.2f}ms {cost.check.p50:>9.2f}ms"
+                f" {cost.check.p99:>9.2f}ms {cost.check.p50 / cost.floor.p50:>9.1f}x{_notes(cost)}"
             )
+        if args.changes:
+            latency = watch_latency(args.changes, Path(scratch) / "lab-watch", args.backend)
+            print(
+                f"WatchMembership, 3-node {args.backend} lab, the coordinator checking every"
+                f" {WATCH_INTERVAL * 1000:.0f} ms: {args.changes} source changes to their events at a subscriber:"
+                f" p50 {latency.p50:.1f} ms, p99 {latency.p99:.1f} ms (interval {WATCH_INTERVAL * 1000:.0f} ms)"
+            )
+    if args.plot:
+        plot(costs, args.backend, args.plot)
+        print(f"plot: {args.plot}")
     return 0
+
+
+def _notes(cost: CheckCost) -> str:
+    notes = []
+    if cost.missed:
+        notes.append(
+            f"{cost.missed} agents missed the {DEFAULT_AGENT_TIMEOUT:g} s agent deadline when warm:"
+            f" timed with {LARGE_LAB_AGENT_TIMEOUT:g} s"
+        )
+    if cost.late:
+        notes.append(f"{cost.late} timed checks found agents unreachable")
+    return "".join(f"  ({note})" for note in notes)
 
 
 if __name__ == "__main__":
