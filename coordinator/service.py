@@ -166,6 +166,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._metrics = metrics
         self._watchers = watchers
         self._consistent: tuple[tuple[object, ...], MembershipDiff] | None = None
+        self._published_from = 0.0  # when the gather of the last diff handed to the metrics and watchers began
 
     def _diff(self, view: ClusterView) -> MembershipDiff:
         """compute_diff(view), skipped when every node answered exactly as when the cluster was last consistent.
@@ -188,9 +189,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         view = await self._agents.gather(timeout)
         diff = explain_in_flight(self._diff(view), self._journal.unfinished())
         self._metrics.checked(origin, time.monotonic() - started)
-        if timeout >= DEFAULT_AGENT_TIMEOUT:
+        if timeout >= DEFAULT_AGENT_TIMEOUT and started >= self._published_from:
             # Agents given less time than the coordinator's own checks give them may be silent only to this caller:
-            # what such a check found must not move an alert, nor reach a watcher.
+            # what such a check found must not move an alert, nor reach a watcher. Nor may a check that began before
+            # the last one published and finished after it: checks run concurrently (the background check and every
+            # caller's), and its older reading would tell the watchers that the cluster went back.
+            self._published_from = started
             self._metrics.found(view, diff)
             self._watchers.publish(diff)
         return diff

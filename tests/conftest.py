@@ -22,6 +22,7 @@ UNIT = (
     "tests/test_registry.py",
     "tests/test_status.py",
     "tests/test_layout.py",
+    "tests/test_check_order.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,17 @@ MICROCTL = str(microcluster.MICROCTL)
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
     running = labs.up(tmp_path_factory.mktemp("lab"), 3, backend="microcluster")
-    yield running
-    labs.down(running.dir)
+    # The lab is up once the members are voters in the members table; the new roles reach every node's cluster.yaml
+    # a heartbeat or so later (an INFO VIEW_DIFFERS meanwhile). The tests start from the settled cluster.
+    try:
+        with Client(running.endpoint) as client:
+            deadline = time.monotonic() + 30
+            while client.check_membership().diff.discrepancies:
+                assert time.monotonic() < deadline, "the microcluster lab did not settle within 30 s"
+                time.sleep(0.2)
+        yield running
+    finally:
+        labs.down(running.dir)
 
 
 def memberguard(*args: str) -> subprocess.CompletedProcess[str]:

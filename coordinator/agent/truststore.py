@@ -4,12 +4,15 @@ makes a node trust, and its writers.
 Each file holds `name`, `address` ("ip:port") and `certificate` (the member's server.crt PEM). Microcluster
 keys its in-memory map by the YAML `name`, not the file name, so a misnamed file still trusts its member:
 it is reported both as a record and as an invalid entry. A file microcluster would reject (no certificate)
-or choke on (a stray file or subdirectory makes its Replace fail, aborting the heartbeat) is an invalid entry.
+or choke on (a stray file or subdirectory makes its Replace fail, aborting the heartbeat) is an invalid entry. So is
+the temporary file of an interrupted write, but not while that write may still be in flight.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +27,10 @@ from coordinator.core.model import InvalidEntry, MemberRecord, Source, SourceRep
 from coordinator.files import write_atomically
 
 _SUFFIX = ".yaml"
+# microcluster writes each record with renameio.WriteFile: into ".<name>.yaml<digits>" beside it, then renamed over it.
+# Such a file is a write in flight for moments, and left behind for good by a crash during the write.
+_TEMPORARY = re.compile(r"\..+\.yaml[0-9]+")
+IN_FLIGHT = 5.0  # seconds a temporary file may be a write in flight: microcluster's writes of a record take far less
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,12 @@ class TruststoreReader:
         # unchanged truststore yields an equal key and the same report object (see MembersTableReader.read).
         seen: list[object] = [mtime, include_certificates]
         for entry in entries:
+            if _TEMPORARY.fullmatch(entry.name):
+                if _younger(entry, IN_FLIGHT):
+                    continue
+                seen.append(entry.name)
+                invalid.append(InvalidEntry(entry.name, "the temporary file of an interrupted write"))
+                continue
             if not entry.name.endswith(_SUFFIX) or not entry.is_file():
                 seen.append(entry.name)
                 invalid.append(InvalidEntry(entry.name, "not a .yaml file"))
@@ -116,6 +129,13 @@ class TruststoreReader:
             report = SourceReport(self.source, records=tuple(records), invalid_entries=tuple(invalid), changed_at=mtime)
             self._last = (key, report)
         return self._last[1]
+
+
+def _younger(entry: os.DirEntry[str], seconds: float) -> bool:
+    try:
+        return time.time() - entry.stat().st_mtime < seconds
+    except FileNotFoundError:
+        return True  # renamed since the listing: the write is done
 
 
 def trusted_certificates(directory: Path) -> list[str]:

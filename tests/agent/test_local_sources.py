@@ -27,6 +27,7 @@ from coordinator.agent.raft_files import (
 )
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.agent.truststore import (
+    IN_FLIGHT,
     TruststoreReader,
     remove_truststore_entry,
     write_truststore_entry,
@@ -217,6 +218,21 @@ async def test_subdirectory_is_an_invalid_entry(cluster: Cluster) -> None:
     (cluster.truststore("n1") / "n4.yaml").mkdir()
     report = await read(TruststoreReader(cluster.truststore("n1")))
     assert report.invalid_entries == (InvalidEntry("n4.yaml", "not a .yaml file"),)
+
+
+async def test_a_write_in_flight_is_no_entry_and_one_left_by_a_crash_is_invalid(cluster: Cluster) -> None:
+    """microcluster's renameio temporary file: unseen while young, an invalid entry once older than a write takes
+    (microcluster's own Replace fails on it)."""
+    temporary = cluster.truststore("n1") / ".n3.yaml2066200893"
+    temporary.write_text((cluster.truststore("n1") / "n3.yaml").read_text()[:20])
+    reader = TruststoreReader(cluster.truststore("n1"))
+    young = await read(reader)
+    assert ([r.name for r in young.records], young.invalid_entries) == (list(NAMES), ())
+    left = time.time() - IN_FLIGHT - 1
+    os.utime(temporary, (left, left))
+    old = await read(reader)
+    assert [r.name for r in old.records] == list(NAMES)
+    assert old.invalid_entries == (InvalidEntry(temporary.name, "the temporary file of an interrupted write"),)
 
 
 async def test_misnamed_entry_counts_and_is_reported(cluster: Cluster, identities: dict[str, pki.Identity]) -> None:
