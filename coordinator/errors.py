@@ -21,7 +21,8 @@ MemberguardError
 ├── StaleEpoch            (agents) a step from an older journal epoch than the agent has seen
 ├── SourceNotRewritable   (agents) a step's source holds what the agent cannot parse, so it is not rewritten
 ├── ConfigurationMoved    (agents) the member's vote changed since the guard decided on its removal
-└── EngineUnavailable     (agents) the dqlite engine a step needs did not answer in time
+├── EngineUnavailable     (agents) the dqlite engine a step needs did not answer in time
+└── EngineRefused         (agents) microcluster refused the change a step asked it for
 
 Messages quote what a caller sent only through `quoted`, which cuts it to a bounded length: an echoed 1 MiB name
 must not turn a NOT_FOUND into a status too large for the caller to receive.
@@ -172,3 +173,8 @@ class ConfigurationMoved(MemberguardError):
 
 class EngineUnavailable(MemberguardError):
     """The dqlite engine a step needs did not answer, found no leader, or kept refusing within the step's time."""
+
+
+class EngineRefused(MemberguardError):
+    """microcluster answered the change a step delegated to it with an error (its words are the message): nothing
+    is known to have changed, and the diff shows what did."""

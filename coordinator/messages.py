@@ -21,6 +21,7 @@ from coordinator.core.plan import (
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
 )
 from coordinator.core.repair import RepairPlan
@@ -237,6 +238,9 @@ def step_to_proto(action: Action) -> agent_pb2.ApplyStepRequest:
             if role is not None:
                 entry.role = pb.Role.ValueType(role)
             return agent_pb2.ApplyStepRequest(remove_raft_entry=entry)
+        case RemoveThroughMicrocluster(name=name, address=address, force=force):
+            removal = agent_pb2.MicroclusterRemoval(name=name, address=address, force=force)
+            return agent_pb2.ApplyStepRequest(remove_through_microcluster=removal)
         case FenceNode():
             return agent_pb2.ApplyStepRequest(fence_node=True)
         case ForgetMember() | RegisterMember():

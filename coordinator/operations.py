@@ -150,6 +150,9 @@ class Operations:
         self._join_addresses: tuple[str, ...] = ()
         self._agent_timeout = agent_timeout
         self._repair_grace = repair_grace  # how long an orphan must have been one before a repair removes it
+        # Discrepancy id → when a repair's gather first saw it, in every repair's gather since: what proves an orphan
+        # older than the grace period on a backend whose records cannot tell when they last changed (dqlite).
+        self._seen_since: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self._runs: dict[str, asyncio.Future[OperationRecord]] = {}  # running now, for WaitOperation
         self._faults = faults or Faults()
@@ -303,15 +306,18 @@ class Operations:
         # The PEMs a restored record needs, by fingerprint: the registry's pins and what the truststores vouch for.
         pems = self._trust.certificates(self._registry.members()).values()
         certificates = {pki.fingerprint(pem): pem for pem in pems}
+        now = time.time()
+        self._seen_since = {d.id: self._seen_since.get(d.id, now) for d in diff.discrepancies}
         try:
             return plan_repair(
                 view,
                 diff,
                 in_flight=self._journal.unfinished(),
-                now=time.time(),
+                now=now,
                 grace=self._repair_grace,
                 only=only,
                 certificates=certificates,
+                seen_since=self._seen_since,
             )
         except UnknownDiscrepancies as error:
             raise InvalidRequest(
@@ -542,7 +548,9 @@ class Operations:
         pinned = next((m for m in self._registry.members() if m.name == member.name), None)
         agent = None if pinned is None else AgentPin(pinned.agent_address, pinned.certificate_pem)
         try:
-            plan = plan_removal(diff, member, reachable=reachable, agent=agent)
+            plan = plan_removal(
+                diff, member, reachable=reachable, agent=agent, force=kind is OperationKind.FORCE_REMOVE
+            )
         except CannotPlan as error:
             raise DirtyMembership(
                 str(error),

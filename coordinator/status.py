@@ -39,6 +39,7 @@ from coordinator.errors import (
     ConfigurationMoved,
     DeadlineExceeded,
     DirtyMembership,
+    EngineRefused,
     EngineUnavailable,
     Internal,
     InvalidRequest,
@@ -86,6 +87,7 @@ TABLE: dict[type[MemberguardError], tuple[int, str | None]] = {
     SourceNotRewritable: (code_pb2.FAILED_PRECONDITION, "SOURCE_NOT_REWRITABLE"),
     ConfigurationMoved: (code_pb2.FAILED_PRECONDITION, "CONFIGURATION_MOVED"),
     EngineUnavailable: (code_pb2.UNAVAILABLE, "ENGINE_UNAVAILABLE"),
+    EngineRefused: (code_pb2.FAILED_PRECONDITION, "ENGINE_REFUSED"),
 }
 
 REFUSALS: dict[type[MemberguardError], frozenset[str]] = {
@@ -108,7 +110,7 @@ REFUSALS: dict[type[MemberguardError], frozenset[str]] = {
 }
 
 # The errors only agents report (to the coordinator's steps); every other entry is the coordinator's.
-AGENT_ONLY = frozenset({StaleEpoch, SourceNotRewritable, ConfigurationMoved, EngineUnavailable})
+AGENT_ONLY = frozenset({StaleEpoch, SourceNotRewritable, ConfigurationMoved, EngineUnavailable, EngineRefused})
 
 
 def statuses(kinds: Iterable[type[MemberguardError]]) -> frozenset[tuple[str, int]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from memberguard.v1 import agent_pb2
 
 from coordinator.agent.dqlite_sources import network_readers
+from coordinator.agent.microcluster_control import remove_member
 from coordinator.agent.microcluster_dial import MemberDial
 from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader
 from coordinator.agent.sources import SourceReader
@@ -69,10 +70,20 @@ async def _one_by_one(candidates: Sequence[str], timeout: float, dial: Dial) -> 
 
 
 class MicroclusterSteps:
-    """The backend's steps: none. microcluster changes its membership only through its own API, and its heartbeat
-    rewrites every truststore from the members table, so the agent writes nothing behind microd's back: a step is
-    checked (a malformed one is refused as such), then refused."""
+    """The backend's steps: requests to microcluster. microcluster changes its membership only through its own API,
+    and its heartbeat rewrites every truststore from the members table, so the agent writes nothing behind microd's
+    back: it asks this member's daemon (microcluster_control.py). A step of another backend is checked (a malformed
+    one is refused as such), then refused."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._state_dir = state_dir
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
         step = checked_step(request)
-        raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])
+        if step != "remove_through_microcluster":
+            raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])
+        removal = request.remove_through_microcluster
+        removed = await remove_member(self._state_dir, removal.name, removal.address, force=removal.force)
+        if not removed:
+            return False, f"microcluster holds no member at {removal.address}"
+        return True, f"microcluster removed {removal.name}" + (" (forced)" if removal.force else "")

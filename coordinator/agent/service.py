@@ -144,7 +144,7 @@ class AgentConfig:
             )
         elif backend == "microcluster":
             readers = microcluster_backend(state_dir)
-            steps = MicroclusterSteps()
+            steps = MicroclusterSteps(state_dir)
             interval = raw.get("role_adjustment_interval", HEARTBEAT_INTERVAL)
         else:
             raise ValueError(f"{path}: unknown backend {backend!r}")

@@ -176,6 +176,11 @@ def _check_fence_node(request: agent_pb2.ApplyStepRequest) -> list[FieldViolatio
     return [] if request.fence_node else [FieldViolation("fence_node", "must be true")]
 
 
+def _check_remove_through_microcluster(request: agent_pb2.ApplyStepRequest) -> list[FieldViolation]:
+    removal, field = request.remove_through_microcluster, "remove_through_microcluster"
+    return _usable_name(f"{field}.name", removal.name) + _address(f"{field}.address", removal.address)
+
+
 # Step → every way it can be malformed.
 _CHECKS: dict[str, Callable[[agent_pb2.ApplyStepRequest], list[FieldViolation]]] = {
     "ensure_truststore_record": _check_ensure_truststore_record,
@@ -185,6 +190,7 @@ _CHECKS: dict[str, Callable[[agent_pb2.ApplyStepRequest], list[FieldViolation]]]
     "ensure_raft_entry": _check_ensure_raft_entry,
     "remove_raft_entry": _check_remove_raft_entry,
     "fence_node": _check_fence_node,
+    "remove_through_microcluster": _check_remove_through_microcluster,
 }
 
 
@@ -280,7 +286,10 @@ class NodeSteps(abc.ABC):
 
     async def _step(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
         """Checks the request, then applies its step."""
-        return await self._steps[checked_step(request)](request)
+        kind = checked_step(request)
+        if kind not in self._steps:
+            raise InvalidRequest([FieldViolation("step", f"this backend applies no {kind} step")])
+        return await self._steps[kind](request)
 
     @abc.abstractmethod
     async def _ensure_member_row(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]: ...

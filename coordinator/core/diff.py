@@ -96,7 +96,13 @@ def compute_diff(view: ClusterView) -> MembershipDiff:
         members=tuple(sorted((joined.member for joined in ref.joined), key=_identity)),
         nodes=tuple(o.node for o in observations),
         observed_at=view.now,
+        backend=_backend(views),
     )
+
+
+def _backend(views: _NodeViews) -> str:
+    backends = {node_view.backend for _, node_view in views}
+    return backends.pop() if len(backends) == 1 else ""
 
 
 def fingerprint(view: ClusterView) -> str:

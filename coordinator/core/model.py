@@ -232,6 +232,8 @@ class MembershipDiff:
     members: tuple[Member, ...]
     nodes: tuple[str, ...]
     observed_at: float
+    # The backend the agents that answered report (one cluster has one); "" when none answered, or they disagree.
+    backend: str = ""
 
     @property
     def consistent(self) -> bool:

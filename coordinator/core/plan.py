@@ -17,6 +17,13 @@ Removal (docs/design.md, "Operations"), on the local backend:
 A member that is not in the Raft configuration (a ghost row, S2/S15) has no step 1; the row's deletion is then
 the commit point.
 
+Removal on the microcluster backend goes through microcluster (DELETE core/1.0/cluster/{name}, as `microctl cluster
+remove` does): its leader takes the member out of the members table and the Raft configuration, the truststores
+follow on its heartbeat, and it resets the member if the member's daemon answers. Memberguard writes nothing behind
+microd's back, so the plan is that request — the commit point —, the same request with force (which finds nothing
+to do, unless a crash inside microcluster left the member half-removed: its own consistency check would then refuse
+the plain request), and the coordinator forgetting the member.
+
 Join (its stages in docs/design.md, "Operations"), the same on both backends:
 1. reserve: the row is written PENDING, every reachable member's truststore learns the joiner (whoever leads must
    trust it), and the joiner's truststore learns every member (its engine must trust whoever it joins through);
@@ -81,6 +88,18 @@ class RemoveRaftEntry:
 
 
 @dataclass(frozen=True)
+class RemoveThroughMicrocluster:
+    """Asks the node's microcluster daemon to remove the member at address, by name. force skips microcluster's own
+    consistency check and goes on past its failures to reach the member. node_id is the member's Raft entry, for
+    recovery to tell from the sources whether the request took effect."""
+
+    name: str
+    address: str
+    node_id: int
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class FenceNode:
     # Where the node's agent is and the certificate it serves, for a fence deferred past the coordinator forgetting
     # the member; empty when the agent is reached as a registered member or a joiner.
@@ -111,6 +130,7 @@ Action = (
     | RemoveMemberRow
     | EnsureRaftEntry
     | RemoveRaftEntry
+    | RemoveThroughMicrocluster
     | FenceNode
     | ForgetMember
     | RegisterMember
@@ -147,7 +167,12 @@ class AgentPin:
 
 
 def plan_removal(
-    diff: MembershipDiff, member: Member, *, reachable: Collection[str], agent: AgentPin | None = None
+    diff: MembershipDiff,
+    member: Member,
+    *,
+    reachable: Collection[str],
+    agent: AgentPin | None = None,
+    force: bool = False,
 ) -> Plan:
     """The steps that remove `member` (as the diff identifies it) from every source, those of the nodes that did not
     answer deferred until they do.
@@ -155,11 +180,14 @@ def plan_removal(
     `reachable` names the nodes whose agents answered; the cluster-wide steps (Raft configuration, members table)
     go to the first of them in name order that is not the member itself. The first step is the commit point, so a
     removal never rolls back: interrupted, it rolls forward. `agent` is the member's own agent, for a deferred fence.
+    `force` is a forced removal's (the guard let it past the discrepancies its caller acknowledged).
     """
     others = sorted(node for node in reachable if node != member.name)
     if not others:
         raise CannotPlan(f"no reachable node other than {member.name or member.address} can apply the removal")
     via = others[0]
+    if diff.backend == "microcluster":
+        return _removal_through_microcluster(member, via, reachable=reachable, force=force)
     # The role the removal is decided on: the re-read right before the Raft removal checks it still holds.
     decided_role = next(
         (m.role for m in diff.members if (m.node_id, m.address) == (member.node_id, member.address)), None
@@ -214,6 +242,35 @@ def plan_removal(
         else:
             remainder.append(f"{label} did not answer and was not fenced: reset it before it comes back")
     return Plan(tuple(steps), "; ".join(remainder))
+
+
+def _removal_through_microcluster(member: Member, via: str, *, reachable: Collection[str], force: bool) -> Plan:
+    if not member.name:
+        raise CannotPlan(
+            f"microcluster removes members by name, and node {member.node_id} at {member.address} has no row"
+        )
+    name = member.name
+    steps = (
+        PlannedStep(
+            f"remove {name} through microcluster",
+            via,
+            RemoveThroughMicrocluster(name, member.address, member.node_id, force),
+            commit_point=True,
+        ),
+        PlannedStep(
+            f"finish what microcluster left of {name}, by force",
+            via,
+            RemoveThroughMicrocluster(name, member.address, member.node_id, force=True),
+        ),
+        PlannedStep(f"forget {name}'s certificate and tokens", COORDINATOR, ForgetMember(name)),
+    )
+    remainder = (
+        ""
+        if name in reachable
+        else f"{name}'s agent did not answer: microcluster resets a removed member only when its daemon answers, so"
+        " reset it before it comes back"
+    )
+    return Plan(steps, remainder)
 
 
 @dataclass(frozen=True)

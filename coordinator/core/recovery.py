@@ -65,6 +65,7 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
     undo,
 )
@@ -165,6 +166,22 @@ def commit_effect(record: OperationRecord, diff: MembershipDiff) -> Effect:
             if Source.MEMBERS_TABLE in unknown:
                 return Effect.UNKNOWN
             gone = not any(m.name == name for m in diff.members)
+        case RemoveThroughMicrocluster(name=name, address=address, node_id=node_id):
+            if unknown & {Source.MEMBERS_TABLE, Source.RAFT_CONFIG}:
+                return Effect.UNKNOWN
+            # microcluster deletes the row, then the Raft entry: a member missing either is past the point of return.
+            # A member with no node ID was a row only.
+            # The diff still names a member its truststores hold; a row that is gone is MISSING from the table.
+            in_table = any(m.name == name for m in diff.members) and not any(
+                d.kind is DiscrepancyKind.MISSING
+                and d.source is Source.MEMBERS_TABLE
+                and _same(d.member, name, address)
+                for d in diff.discrepancies
+            )
+            in_raft = node_id == 0 or any(
+                m.node_id == node_id and m.address == address and m.role is not None for m in diff.members
+            )
+            gone = not (in_table and in_raft)
         case EnsureRaftEntry(node_id=node_id, address=address):
             if Source.RAFT_CONFIG in unknown:
                 return Effect.UNKNOWN

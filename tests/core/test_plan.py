@@ -19,13 +19,23 @@ from coordinator.core.plan import (
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
     plan_join,
     plan_removal,
     undo,
 )
 
-from .views import address, consistent_view, drop_records, fail_agent, name, raft_entry
+from .views import (
+    add_raft_member,
+    address,
+    consistent_view,
+    drop_records,
+    fail_agent,
+    name,
+    on_microcluster,
+    raft_entry,
+)
 
 
 def _member(diff_members: tuple[Member, ...], member_name: str) -> Member:
@@ -151,3 +161,34 @@ def test_a_join_needs_every_members_certificate() -> None:
     diff = compute_diff(consistent_view(3))
     with pytest.raises(CannotPlan, match="n3"):
         plan_join(diff, _joiner(), reachable={"n1", "n2", "n3"}, certificates=_certificates(2))
+
+
+def test_on_microcluster_a_removal_is_microclusters_request_then_its_forced_finish() -> None:
+    diff = compute_diff(on_microcluster(consistent_view(3)))
+    n3 = _member(diff.members, "n3")
+    plan = plan_removal(diff, n3, reachable={"n1", "n2", "n3"})
+    assert [(step.target, step.action, step.commit_point) for step in plan.steps] == [
+        ("n1", RemoveThroughMicrocluster("n3", n3.address, n3.node_id, force=False), True),
+        ("n1", RemoveThroughMicrocluster("n3", n3.address, n3.node_id, force=True), False),
+        (COORDINATOR, ForgetMember("n3"), False),
+    ]
+    assert plan.remainder == ""
+
+
+def test_on_microcluster_a_forced_removal_of_a_silent_member_forces_and_says_to_reset_it() -> None:
+    diff = compute_diff(fail_agent(on_microcluster(consistent_view(3)), "n3"))
+    plan = plan_removal(diff, _member(diff.members, "n3"), reachable={"n1", "n2"}, force=True)
+    assert [step.action.force for step in plan.steps[:2] if isinstance(step.action, RemoveThroughMicrocluster)] == [
+        True,
+        True,
+    ]
+    assert not any(step.deferred for step in plan.steps), "microcluster's heartbeat, not memberguard, fixes the rest"
+    assert "reset it before it comes back" in plan.remainder
+
+
+def test_on_microcluster_a_member_without_a_name_cannot_be_removed_through_it() -> None:
+    ghost = raft_entry(4)
+    diff = compute_diff(on_microcluster(add_raft_member(consistent_view(3), 4)))
+    member = next(m for m in diff.members if m.address == ghost.address)
+    with pytest.raises(CannotPlan, match="by name"):
+        plan_removal(diff, member, reachable={"n1", "n2", "n3"})

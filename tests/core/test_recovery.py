@@ -312,6 +312,25 @@ def test_commit_effect_reads_the_raft_configuration_and_knows_when_it_cannot() -
     assert commit_effect(removal, compute_diff(views.remove_raft_member(views.consistent_view(3), 3))) is Effect.APPLIED
 
 
+def test_a_removal_through_microcluster_took_effect_once_the_row_or_the_raft_entry_is_gone() -> None:
+    """microcluster deletes the row, then the Raft entry: a crash between the two is past the point of return."""
+    healthy = views.on_microcluster(views.consistent_view(3))
+    diff = compute_diff(healthy)
+    member = next(m for m in diff.members if m.name == "n3")
+    plan = plan_removal(diff, member, reachable=MEMBERS)
+    removal = record_of(
+        OperationKind.REMOVE,
+        member,
+        tuple(Step(s.name, s.commit_point, target=s.target, action=s.action) for s in plan.steps),
+    )
+    no_row = views.drop_records(healthy, Source.MEMBERS_TABLE, views.address(3))
+    assert commit_effect(removal, diff) is Effect.ABSENT
+    assert commit_effect(removal, compute_diff(no_row)) is Effect.APPLIED
+    assert commit_effect(removal, compute_diff(views.remove_raft_member(no_row, 3))) is Effect.APPLIED
+    unread = views.set_report(healthy, Source.MEMBERS_TABLE, error="no leader")
+    assert commit_effect(removal, compute_diff(unread)) is Effect.UNKNOWN
+
+
 def test_silent_agents_are_the_nodes_that_did_not_answer() -> None:
     view = views.fail_agent(views.consistent_view(3), "n2")
     assert silent_agents(compute_diff(view)) == {"n2"}

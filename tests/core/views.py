@@ -179,3 +179,10 @@ def remove_raft_member(view: ClusterView, i: int, nodes: Iterable[str] | None = 
     for source in RAFT_SOURCES:
         view = drop_records(view, source, address(i), nodes)
     return view
+
+
+def on_microcluster(view: ClusterView) -> ClusterView:
+    """The same cluster, every agent reporting the microcluster backend."""
+    for node in [o.node for o in view.nodes if o.view is not None]:
+        view = edit_node_view(view, node, backend="microcluster")
+    return view

@@ -116,6 +116,40 @@ class RaftEntry(_message.Message):
 Global___RaftEntry: _TypeAlias = RaftEntry  # noqa: Y015
 
 @_typing.final
+class MicroclusterRemoval(_message.Message):
+    """A removal microcluster is asked to make, as `microctl cluster remove` asks it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the member's name, the path element of DELETE core/1.0/cluster/{name}."""
+    address: _builtins.str
+    """address is the member's address, "ip:port", sent as the request's address: microcluster removes the Raft entry
+    and the row at that address.
+    """
+    force: _builtins.bool
+    """force sets the request's force=1: microcluster skips its membership consistency check and goes on past its
+    failures to reach the member.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "force", b"force", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MicroclusterRemoval: _TypeAlias = MicroclusterRemoval  # noqa: Y015
+
+@_typing.final
 class ApplyStepRequest(_message.Message):
     """One step of an operation, for one node's agent."""
 
@@ -131,6 +165,7 @@ class ApplyStepRequest(_message.Message):
     ENSURE_RAFT_ENTRY_FIELD_NUMBER: _builtins.int
     REMOVE_RAFT_ENTRY_FIELD_NUMBER: _builtins.int
     FENCE_NODE_FIELD_NUMBER: _builtins.int
+    REMOVE_THROUGH_MICROCLUSTER_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """operation_id is the journaled operation the step belongs to."""
     step_index: _builtins.int
@@ -166,6 +201,12 @@ class ApplyStepRequest(_message.Message):
     def remove_raft_entry(self) -> Global___RaftEntry:
         """remove_raft_entry takes the entry (node_id, address) out of the Raft configuration; absent is fine."""
 
+    @_builtins.property
+    def remove_through_microcluster(self) -> Global___MicroclusterRemoval:
+        """remove_through_microcluster asks this node's microcluster daemon, on its control socket, to remove the member
+        (microcluster backend only); a member microcluster no longer holds at that address is unchanged.
+        """
+
     def __init__(
         self,
         *,
@@ -179,12 +220,13 @@ class ApplyStepRequest(_message.Message):
         ensure_raft_entry: Global___RaftEntry | None = ...,
         remove_raft_entry: Global___RaftEntry | None = ...,
         fence_node: _builtins.bool = ...,
+        remove_through_microcluster: Global___MicroclusterRemoval | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_truststore_record", b"remove_truststore_record", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_truststore_record", b"remove_truststore_record", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node"]  # noqa: Y015
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node", "remove_through_microcluster"]  # noqa: Y015
     _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 

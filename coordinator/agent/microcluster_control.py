@@ -1,0 +1,75 @@
+"""microd's control socket, `<state>/control.socket`: microcluster's API as `microctl` calls it, HTTP over a Unix
+socket with no TLS (the socket's file mode is what admits a caller).
+
+The agent uses it for what only microcluster may do to its own membership, never to read a source. Answers are
+microcluster's (LXD's) envelope: `{"type": "sync", ...}` on success, `{"type": "error", "error_code": 404, "error":
+"..."}` otherwise (microcluster internal/rest/types, rendered by lxd's response package).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from coordinator.errors import EngineRefused, EngineUnavailable
+
+# A removal waits on microcluster's leader, its hooks and its reset of the removed member: seconds on a healthy
+# cluster, and the caller's deadline bounds it anyway.
+REQUEST_TIMEOUT = 30.0
+# What remove_member takes to mean "microcluster holds no such member": clusterMemberDelete's NotFound when neither
+# dqlite nor the members table has the address (microcluster v3 internal/rest/resources/cluster.go).
+_NOT_FOUND = "not found in dqlite or database"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("control.socket", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _request(control_socket: Path, method: str, path: str, timeout: float) -> tuple[int, str]:
+    """(error_code, error) of microcluster's answer: (0, "") for success."""
+    connection = _UnixConnection(control_socket, timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as error:
+        raise EngineUnavailable(f"microcluster's control socket {control_socket}: {error}") from None
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(body)
+        kind, code, text = answer["type"], int(answer.get("error_code") or 0), str(answer.get("error") or "")
+    except (ValueError, KeyError, TypeError):
+        raise EngineUnavailable(f"microcluster answered HTTP {response.status} with no envelope") from None
+    if kind == "error" or response.status >= 400:
+        return code or response.status, text or f"HTTP {response.status}"
+    return 0, ""
+
+
+async def remove_member(state_dir: Path, name: str, address: str, *, force: bool) -> bool:
+    """Has microcluster remove the member at address (DELETE core/1.0/cluster/{name}); False when it holds no member
+    at that address. A refusal is EngineRefused with microcluster's words; no answer is EngineUnavailable."""
+    query = {"address": address, **({"force": "1"} if force else {})}
+    path = f"/core/1.0/cluster/{quote(name, safe='')}?{urlencode(query)}"
+    code, error = await asyncio.to_thread(_request, state_dir / "control.socket", "DELETE", path, REQUEST_TIMEOUT)
+    if code == 0:
+        return True
+    if code == 404 and _NOT_FOUND in error:
+        return False
+    raise EngineRefused(f"microcluster refused to remove {name}: {error}")

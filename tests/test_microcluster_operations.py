@@ -1,0 +1,131 @@
+"""Guarded removals on a microcluster lab go through microcluster itself (DELETE core/1.0/cluster/{name} on a member's
+control socket): memberguard decides, journals and recovers; microcluster changes its own membership. Each ends
+consistent by memberguard's check and by `microctl cluster list`, the two printed side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from memberguard import Client, MemberguardError
+from memberguard.v1 import membership_pb2 as pb
+from memberguard.v1 import operation_pb2 as o
+
+from coordinator.lab import lab as labs
+from coordinator.lab import microcluster
+from tests.restarts import start_coordinator
+
+pytestmark = pytest.mark.microcluster
+
+SETTLE = 30.0  # seconds: the truststores follow a removal on microcluster's next heartbeats (2 s in the lab)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
+    running = labs.up(tmp_path_factory.mktemp("lab"), 5, backend="microcluster")
+    try:
+        yield running
+    finally:
+        labs.down(running.dir)
+
+
+def _listed(lab: labs.Lab, via: str) -> list[str]:
+    """The members `microctl cluster list` shows on node via."""
+    node = lab.node(via)
+    listed = subprocess.run(
+        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), "cluster", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return sorted(row["name"] for row in json.loads(listed.stdout))
+
+
+def _settled(client: Client) -> pb.MembershipDiff:
+    """The diff once nothing in it is above INFO, within SETTLE seconds. INFO stays: a spare's own view of Raft lags
+    for as long as it is a spare, and of two members one is."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        diff = client.check_membership(timeout=10).diff
+        loud = [d for d in diff.discrepancies if d.severity != pb.SEVERITY_INFO]
+        if not loud:
+            return diff
+        assert time.monotonic() < deadline, [(pb.DiscrepancyKind.Name(d.kind), d.summary) for d in loud]
+        time.sleep(0.3)
+
+
+def _side_by_side(what: str, client: Client, lab: labs.Lab, via: str) -> tuple[list[str], list[str]]:
+    ours = sorted(m.name for m in _settled(client).members)
+    theirs = _listed(lab, via)
+    print(f"{what}: memberguard's members {ours}, microctl cluster list {theirs}")
+    return ours, theirs
+
+
+def _steps(operation: o.Operation) -> list[tuple[str, str]]:
+    return [(s.name, o.StepState.Name(s.state).removeprefix("STEP_STATE_")) for s in operation.steps]
+
+
+def test_a_removal_is_microclusters_own(lab: labs.Lab) -> None:
+    with Client(lab.endpoint) as client:
+        _settled(client)
+        operation = client.remove_member("n5", timeout=60)
+        assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+        assert _steps(operation) == [
+            ("remove n5 through microcluster", "DONE"),
+            ("finish what microcluster left of n5, by force", "DONE"),
+            ("forget n5's certificate and tokens", "DONE"),
+        ]
+        assert operation.plan == "", "the member's daemon answered: microcluster reset it"
+        ours, theirs = _side_by_side("removed n5", client, lab, "n1")
+    assert ours == theirs == ["n1", "n2", "n3", "n4"]
+
+
+def test_a_dead_member_is_refused_by_microcluster_and_removed_by_force(lab: labs.Lab) -> None:
+    """n4's daemon is killed, its agent still answers: memberguard reports the daemon unreadable (a WARNING, which
+    does not stop a removal); microcluster refuses the plain removal, since it cannot run the member's pre-remove
+    hook. The operation rolls back with microcluster's words, nothing changed; forced, it goes through."""
+    os.kill(lab.node("n4")["microcluster"]["pid"], signal.SIGKILL)
+    with Client(lab.endpoint) as client:
+        deadline = time.monotonic() + SETTLE
+        while True:
+            diff = client.check_membership(timeout=10).diff
+            loud = {(d.kind, d.severity, d.node) for d in diff.discrepancies if d.severity != pb.SEVERITY_INFO}
+            if loud:
+                break
+            assert time.monotonic() < deadline, "the dead daemon is never reported"
+            time.sleep(0.2)
+        assert loud == {(pb.DISCREPANCY_KIND_SOURCE_UNREADABLE, pb.SEVERITY_WARNING, "n4")}
+        refused = client.remove_member("n4", timeout=60)
+        print(f"plain removal of n4, its daemon dead: {o.OperationState.Name(refused.state)}: {refused.error}")
+        assert refused.state == o.OPERATION_STATE_ROLLED_BACK, refused
+        assert "microcluster refused to remove n4" in refused.error and "pre-remove" in refused.error
+        assert _listed(lab, "n1") == ["n1", "n2", "n3", "n4"]
+        about = [d.id for d in diff.discrepancies if d.severity != pb.SEVERITY_INFO]
+        operation = client.remove_member("n4", force=True, acknowledged=about, timeout=60)
+        assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+        assert _steps(operation)[0] == ("remove n4 through microcluster", "DONE")
+        ours, theirs = _side_by_side("force-removed n4, its daemon killed", client, lab, "n1")
+    assert ours == theirs == ["n1", "n2", "n3"]
+
+
+def test_a_coordinator_killed_once_microcluster_removed_finishes_on_restart(lab: labs.Lab) -> None:
+    """Killed after the agent had microcluster remove n3 and before the journal recorded it: the restarted
+    coordinator's reconciler sees from the sources that the removal took effect, and rolls it forward."""
+    start_coordinator(lab, {"MEMBERGUARD_FAULT": "applied-step:0"})
+    try:
+        with Client(lab.endpoint) as client, pytest.raises(MemberguardError):
+            client.remove_member("n3", timeout=60)
+    finally:
+        start_coordinator(lab, {})
+    with Client(lab.endpoint) as client:
+        [operation] = [op for op in client.list_operations().operations if op.member.name == "n3"]
+        assert operation.state == o.OPERATION_STATE_SUCCEEDED, operation
+        what = "n3's removal, the coordinator killed after microcluster removed it"
+        ours, theirs = _side_by_side(what, client, lab, "n1")
+    assert ours == theirs == ["n1", "n2"]
