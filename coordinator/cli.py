@@ -544,7 +544,8 @@ def _run_token_issue(args: argparse.Namespace) -> int:
         if args.output != "table" or operation.token:
             _show(args, operation.token, operation)
         if operation.token:
-            print(_expiry_line(client, args.name, args.timeout), file=sys.stderr)
+            # A token that is not the coordinator's (microcluster's, on that backend) says in its plan how to use it.
+            print(operation.plan or _expiry_line(client, args.name, args.timeout), file=sys.stderr)
     if operation.state != operation_pb2.OPERATION_STATE_SUCCEEDED:
         raise _Exit(EXIT_NOT_SUCCEEDED, f"operation {operation.id} {_state(operation)}: {operation.error or '-'}")
     if not operation.token:

@@ -163,8 +163,10 @@ class Agents:
             )
         return NodeObservation(member.name, member.agent_address, view=view)
 
-    async def apply_step(self, member: RegisteredMember, request: agent_pb2.ApplyStepRequest, timeout: float) -> str:
-        """Has `member`'s agent apply one step; returns its detail. Raises grpc.aio.AioRpcError when it refuses or
+    async def apply_step(
+        self, member: RegisteredMember, request: agent_pb2.ApplyStepRequest, timeout: float
+    ) -> agent_pb2.ApplyStepResponse:
+        """Has `member`'s agent apply one step; returns its answer. Raises grpc.aio.AioRpcError when it refuses or
         does not answer, and KeyError when no certificate is known to trust its agent with."""
         link = self._link(member)
         if link is None:
@@ -176,7 +178,7 @@ class Agents:
             self._heard(member.name, error.code() not in _SILENT)
             raise
         self._heard(member.name, True)
-        return response.detail
+        return response
 
     async def node_id_of(self, member: RegisteredMember, timeout: float) -> int | None:
         """The dqlite node ID that `member`'s agent reports (its info.yaml), asked over a channel pinned to the

@@ -18,11 +18,13 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    IssueMicroclusterToken,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
+    RevokeMicroclusterToken,
 )
 from coordinator.core.repair import RepairPlan
 from coordinator.core.tokens import TokenRecord
@@ -241,6 +243,12 @@ def step_to_proto(action: Action) -> agent_pb2.ApplyStepRequest:
         case RemoveThroughMicrocluster(name=name, address=address, force=force):
             removal = agent_pb2.MicroclusterRemoval(name=name, address=address, force=force)
             return agent_pb2.ApplyStepRequest(remove_through_microcluster=removal)
+        case IssueMicroclusterToken(name=name, ttl=ttl):
+            token = agent_pb2.MicroclusterToken(name=name)
+            token.expire_after.FromNanoseconds(int(ttl * 1e9))
+            return agent_pb2.ApplyStepRequest(issue_microcluster_token=token)
+        case RevokeMicroclusterToken(name=name):
+            return agent_pb2.ApplyStepRequest(revoke_microcluster_token=name)
         case FenceNode():
             return agent_pb2.ApplyStepRequest(fence_node=True)
         case ForgetMember() | RegisterMember():

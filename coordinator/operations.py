@@ -74,6 +74,7 @@ from coordinator.core.plan import (
     RegisterMember,
     plan_join,
     plan_removal,
+    plan_token,
 )
 from coordinator.core.recovery import Back, Forward, Wait, commit_effect, silent_agents
 from coordinator.core.repair import RepairAction, RepairPlan, UnknownActions, UnknownDiscrepancies, plan_repair
@@ -155,6 +156,9 @@ class Operations:
         self._seen_since: dict[str, float] = {}
         self._lock = asyncio.Lock()
         self._runs: dict[str, asyncio.Future[OperationRecord]] = {}  # running now, for WaitOperation
+        # The join token a step obtained from microcluster, by operation, until its issuer hands it to the caller: it
+        # is never journaled.
+        self._obtained: dict[str, str] = {}
         self._faults = faults or Faults()
         self._remainder_tried: dict[str, float] = {}  # operation id → when its deferred steps were last tried
 
@@ -431,7 +435,7 @@ class Operations:
                 acknowledged=tuple(sorted(verdict.acknowledged_used)),
             )
             if kind is OperationKind.ISSUE_TOKEN:
-                return self._issue_token(request.issue_token, diff, audit, admitted)
+                return await self._issue_token(request.issue_token, diff, audit, admitted)
             if kind is OperationKind.JOIN:
                 assert token is not None
                 return await self._join(request.join, token, diff, audit, admitted)
@@ -440,7 +444,7 @@ class Operations:
 
     # --- tokens --------------------------------------------------------------------------------------------------
 
-    def _issue_token(
+    async def _issue_token(
         self,
         operation: operation_pb2.IssueTokenOperation,
         diff: MembershipDiff,
@@ -451,6 +455,8 @@ class Operations:
             raise AlreadyExists(f"{operation.name} is already a member")
         now = time.time()
         ttl = operation.ttl.ToNanoseconds() / 1e9 if operation.HasField("ttl") else None
+        if diff.backend == "microcluster":
+            return await self._issue_microcluster_token(operation.name, ttl, diff, audit, admitted)
         try:
             text, token = tokens.issue(
                 operation.name,
@@ -471,6 +477,30 @@ class Operations:
         self._journal.put_token(token)
         record = self._save(apply(apply(record, Start(), now), Succeed(), now))
         return Outcome(record, text)
+
+    async def _issue_microcluster_token(
+        self,
+        name: str,
+        ttl: float | None,
+        diff: MembershipDiff,
+        audit: Audit,
+        admitted: asyncio.Future[OperationRecord],
+    ) -> Outcome:
+        """On the microcluster backend a joiner joins through microcluster, with microcluster's own token: the guard
+        has passed, and a member's daemon issues it (core/plan.py, `plan_token`)."""
+        try:
+            ttl = tokens.checked_request(name, ttl)
+            plan = plan_token(diff, name, ttl=ttl, reachable=set(diff.nodes) - silent_agents(diff))
+        except tokens.InvalidTokenRequest as error:
+            raise InvalidRequest([FieldViolation(f"issue_token.{error.field}", error.reason)]) from None
+        except CannotPlan as error:
+            violation = PreconditionViolation("NO_REACHABLE_NODE", name, str(error))
+            raise DirtyMembership(str(error), diff_to_proto(diff), [violation]) from None
+        record = self._new_record(OperationKind.ISSUE_TOKEN, Member(name=name), plan.steps, audit, time.time())
+        record = self._journal.create(replace(record, plan=plan.remainder))
+        admitted.set_result(record)
+        record = await self._follow(record)
+        return Outcome(record, self._obtained.pop(record.id, ""))
 
     # --- joins ---------------------------------------------------------------------------------------------------
 
@@ -684,7 +714,7 @@ class Operations:
         request = step_to_proto(step.action)
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
-            await self._agents.apply_step(self._target(record, step.target), request, timeout)
+            response = await self._agents.apply_step(self._target(record, step.target), request, timeout)
         except asyncio.CancelledError as error:
             if _own_cancellation():
                 raise
@@ -694,6 +724,8 @@ class Operations:
             raise StepFailed(f"{error.code().name}: {error.details() or 'no details'}") from error
         except Exception as error:
             raise StepFailed(f"{type(error).__name__}: {error}") from error
+        if response.token:
+            self._obtained[record.id] = response.token
 
     def _apply_own(self, action: Action) -> None:
         try:

@@ -8,9 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from memberguard import Client
 
 from coordinator.lab import lab as labs
+
+# The properties run beside labs and engines on two cores: how fast inputs are drawn, or an example runs, says nothing
+# of the property. Every other health check stays on.
+settings.register_profile("shared-machine", suppress_health_check=[HealthCheck.too_slow], deadline=None)
+settings.load_profile("shared-machine")
 
 # The test modules that start no process: the pure core, the codecs, the readers of files, the status table. One list,
 # so a maintainer sees at a glance what `make test-fast` covers; everything else is marked `process`.

@@ -4,12 +4,14 @@ consistent by memberguard's check and by `microctl cluster list`, the two printe
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from memberguard import Client, MemberguardError
@@ -18,6 +20,7 @@ from memberguard.v1 import operation_pb2 as o
 
 from coordinator.lab import lab as labs
 from coordinator.lab import microcluster
+from coordinator.lab.ports import loopback_addresses
 from tests.restarts import start_coordinator
 
 pytestmark = pytest.mark.microcluster
@@ -34,17 +37,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
         labs.down(running.dir)
 
 
-def _listed(lab: labs.Lab, via: str) -> list[str]:
-    """The members `microctl cluster list` shows on node via."""
+def _microctl(lab: labs.Lab, via: str, *args: str) -> list[dict[str, str]]:
+    """What `microctl ARGS --format json` prints on node via."""
     node = lab.node(via)
     listed = subprocess.run(
-        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), "cluster", "list", "--format", "json"],
+        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), *args, "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    return sorted(row["name"] for row in json.loads(listed.stdout))
+    return list(json.loads(listed.stdout))
+
+
+def _listed(lab: labs.Lab, via: str) -> list[str]:
+    """The members `microctl cluster list` shows on node via."""
+    return sorted(row["name"] for row in _microctl(lab, via, "cluster", "list"))
 
 
 def _settled(client: Client) -> pb.MembershipDiff:
@@ -69,6 +77,44 @@ def _side_by_side(what: str, client: Client, lab: labs.Lab, via: str) -> tuple[l
 
 def _steps(operation: o.Operation) -> list[tuple[str, str]]:
     return [(s.name, o.StepState.Name(s.state).removeprefix("STEP_STATE_")) for s in operation.steps]
+
+
+def test_a_token_is_microclusters_own_issued_behind_the_guard_and_joins_through_microctl(
+    lab: labs.Lab, tmp_path: Path
+) -> None:
+    with Client(lab.endpoint) as client:
+        _settled(client)
+        issued = client.issue_token("n9", ttl=600, timeout=60)
+        assert issued.state == o.OPERATION_STATE_SUCCEEDED, issued
+        assert _steps(issued) == [("microcluster issues n9's join token on n1", "DONE")]
+        assert "microctl init n9" in issued.plan
+        # microcluster's types.Token: its secret, the cluster certificate's fingerprint and the members' addresses.
+        token = json.loads(base64.b64decode(issued.token))
+        assert sorted(token) == ["fingerprint", "join_addresses", "secret"]
+        again = client.issue_token("n9", ttl=600, timeout=60).token
+        assert again != issued.token
+        assert [row["name"] for row in _microctl(lab, "n1", "tokens", "list")] == ["n9"], "a re-issue replaces"
+        kept = b"".join(path.read_bytes() for path in (lab.dir / "coordinator").glob("journal.db*"))
+        assert json.loads(base64.b64decode(again))["secret"].encode() not in kept, "the journal keeps no secret"
+        [address] = loopback_addresses(1)
+        with microcluster.uninitialised(tmp_path / "n9", tmp_path / "n9.log") as state_dir:
+            joined = subprocess.run(
+                [str(microcluster.MICROCTL), "--state-dir", str(state_dir), "init", "n9", address, "--token", again],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert joined.returncode == 0, joined.stderr
+            assert "n9" in _listed(lab, "n1")
+            diff = client.check_membership(timeout=10).diff
+            found = [(pb.DiscrepancyKind.Name(d.kind), d.summary) for d in diff.discrepancies]
+            print(f"n9 joined through microctl, no agent of memberguard's: {found}")
+            removed = client.remove_member(
+                "n9", force=True, acknowledged=[d.id for d in diff.discrepancies], timeout=60
+            )
+            assert removed.state == o.OPERATION_STATE_SUCCEEDED, removed
+        ours, theirs = _side_by_side("n9 joined with memberguard's token, then removed", client, lab, "n1")
+    assert ours == theirs == ["n1", "n2", "n3", "n4", "n5"]
 
 
 def test_a_removal_is_microclusters_own(lab: labs.Lab) -> None:

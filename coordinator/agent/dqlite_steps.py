@@ -32,7 +32,7 @@ from coordinator.agent.dqlite_sources import ROLES, SslFactory, find_leader
 from coordinator.agent.engine import JOIN_FLAG, Engine
 from coordinator.agent.members_table import DELETE_MEMBER, UPSERT_MEMBER
 from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader, write_raft_config
-from coordinator.agent.steps import NodeSteps
+from coordinator.agent.steps import Applied, NodeSteps
 from coordinator.agent.truststore import TruststoreReader
 from coordinator.core.model import Role, Source
 from coordinator.dqlite import Busy, Connection, DqliteError, FailureError, NodeInfo, connect
@@ -73,10 +73,10 @@ class DqliteSteps(NodeSteps):
         self._cache = RaftConfigFileReader(engine.data_dir / "cluster.yaml", Source.RAFT_CACHE)
         self._info = NodeInfoReader(engine.data_dir / "info.yaml")
 
-    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+    async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
         try:
             async with asyncio.timeout(self._budget):
-                return await self._step(request)
+                return Applied(*await self._step(request))
         except TimeoutError:
             raise EngineUnavailable(f"the step did not finish within {self._budget:g} s") from None
         except DqliteError as error:

@@ -41,35 +41,65 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _request(control_socket: Path, method: str, path: str, timeout: float) -> tuple[int, str]:
-    """(error_code, error) of microcluster's answer: (0, "") for success."""
+def _request(
+    control_socket: Path, method: str, path: str, body: object = None, timeout: float = REQUEST_TIMEOUT
+) -> tuple[int, str, object]:
+    """(error_code, error, metadata) of microcluster's answer; error_code 0 and error "" for success."""
     connection = _UnixConnection(control_socket, timeout)
     try:
-        connection.request(method, path)
+        if body is None:
+            connection.request(method, path)
+        else:
+            connection.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
-        body = response.read()
+        raw = response.read()
     except OSError as error:
         raise EngineUnavailable(f"microcluster's control socket {control_socket}: {error}") from None
     finally:
         connection.close()
     try:
-        answer = json.loads(body)
+        answer = json.loads(raw)
         kind, code, text = answer["type"], int(answer.get("error_code") or 0), str(answer.get("error") or "")
     except (ValueError, KeyError, TypeError):
         raise EngineUnavailable(f"microcluster answered HTTP {response.status} with no envelope") from None
     if kind == "error" or response.status >= 400:
-        return code or response.status, text or f"HTTP {response.status}"
-    return 0, ""
+        return code or response.status, text or f"HTTP {response.status}", None
+    return 0, "", answer.get("metadata")
+
+
+async def _call(state_dir: Path, method: str, path: str, body: object = None) -> tuple[int, str, object]:
+    return await asyncio.to_thread(_request, state_dir / "control.socket", method, path, body)
 
 
 async def remove_member(state_dir: Path, name: str, address: str, *, force: bool) -> bool:
     """Has microcluster remove the member at address (DELETE core/1.0/cluster/{name}); False when it holds no member
     at that address. A refusal is EngineRefused with microcluster's words; no answer is EngineUnavailable."""
     query = {"address": address, **({"force": "1"} if force else {})}
-    path = f"/core/1.0/cluster/{quote(name, safe='')}?{urlencode(query)}"
-    code, error = await asyncio.to_thread(_request, state_dir / "control.socket", "DELETE", path, REQUEST_TIMEOUT)
+    code, error, _ = await _call(state_dir, "DELETE", f"/core/1.0/cluster/{quote(name, safe='')}?{urlencode(query)}")
     if code == 0:
         return True
     if code == 404 and _NOT_FOUND in error:
         return False
     raise EngineRefused(f"microcluster refused to remove {name}: {error}")
+
+
+async def revoke_token(state_dir: Path, name: str) -> bool:
+    """Has microcluster delete the join token for name (DELETE core/control/tokens/{name}); False when it held none."""
+    code, error, _ = await _call(state_dir, "DELETE", f"/core/control/tokens/{quote(name, safe='')}")
+    if code == 0:
+        return True
+    if code == 404:
+        return False
+    raise EngineRefused(f"microcluster refused to revoke {name}'s join token: {error}")
+
+
+async def issue_token(state_dir: Path, name: str, expire_after: float) -> str:
+    """A new join token for name from microcluster (POST core/control/tokens, valid expire_after seconds). microcluster
+    runs its own consistency check first, and refuses with EngineRefused if that fails."""
+    body = {"name": name, "expire_after": int(expire_after * 1e9)}  # a Go time.Duration: nanoseconds
+    code, error, token = await _call(state_dir, "POST", "/core/control/tokens", body)
+    if code != 0:
+        raise EngineRefused(f"microcluster refused to issue {name}'s join token: {error}")
+    if not isinstance(token, str) or not token:
+        raise EngineUnavailable("microcluster answered a token request with no token")
+    return token

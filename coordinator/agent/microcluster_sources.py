@@ -25,11 +25,11 @@ from pathlib import Path
 from memberguard.v1 import agent_pb2
 
 from coordinator.agent.dqlite_sources import network_readers
-from coordinator.agent.microcluster_control import remove_member
+from coordinator.agent.microcluster_control import issue_token, remove_member, revoke_token
 from coordinator.agent.microcluster_dial import MemberDial
 from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader
 from coordinator.agent.sources import SourceReader
-from coordinator.agent.steps import checked_step
+from coordinator.agent.steps import Applied, checked_step
 from coordinator.agent.truststore import TruststoreReader
 from coordinator.core.model import Source
 from coordinator.dqlite import Connection, Dial, connect_leader
@@ -78,12 +78,24 @@ class MicroclusterSteps:
     def __init__(self, state_dir: Path) -> None:
         self._state_dir = state_dir
 
-    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        step = checked_step(request)
-        if step != "remove_through_microcluster":
-            raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])
-        removal = request.remove_through_microcluster
-        removed = await remove_member(self._state_dir, removal.name, removal.address, force=removal.force)
-        if not removed:
-            return False, f"microcluster holds no member at {removal.address}"
-        return True, f"microcluster removed {removal.name}" + (" (forced)" if removal.force else "")
+    async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
+        match checked_step(request):
+            case "remove_through_microcluster":
+                removal = request.remove_through_microcluster
+                if not await remove_member(self._state_dir, removal.name, removal.address, force=removal.force):
+                    return Applied(False, f"microcluster holds no member at {removal.address}")
+                return Applied(True, f"microcluster removed {removal.name}" + (" (forced)" if removal.force else ""))
+            case "issue_microcluster_token":
+                name = request.issue_microcluster_token.name
+                expire_after = request.issue_microcluster_token.expire_after.ToNanoseconds() / 1e9
+                # One token per name, as the coordinator keeps its own: a repeated step replaces the first token.
+                await revoke_token(self._state_dir, name)
+                token = await issue_token(self._state_dir, name, expire_after)
+                return Applied(True, f"microcluster issued a join token for {name}", token)
+            case "revoke_microcluster_token":
+                name = request.revoke_microcluster_token
+                if not await revoke_token(self._state_dir, name):
+                    return Applied(False, f"microcluster holds no join token for {name}")
+                return Applied(True, f"microcluster revoked {name}'s join token")
+            case step:
+                raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])

@@ -210,12 +210,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> agent_pb2.ApplyStepResponse:
         try:
             async with self._epochs.admitted(request.epoch):
-                changed, detail = await self._config.steps.apply(request)
+                applied = await self._config.steps.apply(request)
         except MemberguardError as error:
             log.info("step %d of %s refused: %s", request.step_index, request.operation_id, error)
             await abort_with(context, error)
-        log.info("step %d of %s (epoch %d): %s", request.step_index, request.operation_id, request.epoch, detail)
-        return agent_pb2.ApplyStepResponse(changed=changed, detail=detail)
+        log.info(
+            "step %d of %s (epoch %d): %s", request.step_index, request.operation_id, request.epoch, applied.detail
+        )
+        return agent_pb2.ApplyStepResponse(changed=applied.changed, detail=applied.detail, token=applied.token)
 
 
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:

@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from memberguard.v1 import agent_pb2, membership_pb2
 
@@ -87,10 +87,18 @@ class EpochGuard:
             self._newest = epoch
 
 
+class Applied(NamedTuple):
+    """What applying a step did."""
+
+    changed: bool  # False when the node already was as the step wants it (a repeated step)
+    detail: str  # what was done, in a few words: logged, and kept with the operation
+    token: str = ""  # the join token a step obtained (issue_microcluster_token): for the caller only, never logged
+
+
 class StepApplier(Protocol):
-    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        """Applies the request's step to this node's sources: (changed, detail). Raises InvalidRequest for a
-        malformed step or one the backend cannot apply. Callers run one step at a time (EpochGuard.admitted)."""
+    async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
+        """Applies the request's step to this node's sources. Raises InvalidRequest for a malformed step or one the
+        backend cannot apply. Callers run one step at a time (EpochGuard.admitted)."""
         ...
 
 
@@ -181,6 +189,19 @@ def _check_remove_through_microcluster(request: agent_pb2.ApplyStepRequest) -> l
     return _usable_name(f"{field}.name", removal.name) + _address(f"{field}.address", removal.address)
 
 
+def _check_issue_microcluster_token(request: agent_pb2.ApplyStepRequest) -> list[FieldViolation]:
+    token, field = request.issue_microcluster_token, "issue_microcluster_token"
+    expiry = token.expire_after
+    positive = expiry.seconds > 0 or (expiry.seconds == 0 and expiry.nanos > 0)
+    return _usable_name(f"{field}.name", token.name) + (
+        [] if positive else [FieldViolation(f"{field}.expire_after", "must be positive")]
+    )
+
+
+def _check_revoke_microcluster_token(request: agent_pb2.ApplyStepRequest) -> list[FieldViolation]:
+    return _usable_name("revoke_microcluster_token", request.revoke_microcluster_token)
+
+
 # Step → every way it can be malformed.
 _CHECKS: dict[str, Callable[[agent_pb2.ApplyStepRequest], list[FieldViolation]]] = {
     "ensure_truststore_record": _check_ensure_truststore_record,
@@ -191,6 +212,8 @@ _CHECKS: dict[str, Callable[[agent_pb2.ApplyStepRequest], list[FieldViolation]]]
     "remove_raft_entry": _check_remove_raft_entry,
     "fence_node": _check_fence_node,
     "remove_through_microcluster": _check_remove_through_microcluster,
+    "issue_microcluster_token": _check_issue_microcluster_token,
+    "revoke_microcluster_token": _check_revoke_microcluster_token,
 }
 
 
@@ -329,11 +352,11 @@ class LocalSteps(NodeSteps):
         self._cache = database / "cluster.yaml"
         self._engine_files = (database / "info.yaml", self._cache, database / "join")
 
-    async def apply(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
+    async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
         changed, detail = await self._step(request)
         if await self._catch_up_cache():
             detail += "; cluster.yaml caught up with the Raft configuration"
-        return changed, detail
+        return Applied(changed, detail)
 
     async def _read(self, source: Source) -> SourceReport:
         return await self._readers[source].read(include_certificates=True)

@@ -100,6 +100,20 @@ class RemoveThroughMicrocluster:
 
 
 @dataclass(frozen=True)
+class IssueMicroclusterToken:
+    """Asks the node's microcluster daemon for a join token admitting name, valid for ttl seconds; the token goes to
+    the caller, and none of it into the journal."""
+
+    name: str
+    ttl: float
+
+
+@dataclass(frozen=True)
+class RevokeMicroclusterToken:
+    name: str
+
+
+@dataclass(frozen=True)
 class FenceNode:
     # Where the node's agent is and the certificate it serves, for a fence deferred past the coordinator forgetting
     # the member; empty when the agent is reached as a registered member or a joiner.
@@ -131,6 +145,8 @@ Action = (
     | EnsureRaftEntry
     | RemoveRaftEntry
     | RemoveThroughMicrocluster
+    | IssueMicroclusterToken
+    | RevokeMicroclusterToken
     | FenceNode
     | ForgetMember
     | RegisterMember
@@ -151,7 +167,8 @@ class PlannedStep:
 @dataclass(frozen=True)
 class Plan:
     steps: tuple[PlannedStep, ...]
-    remainder: str  # what the plan cannot reach now (unreachable nodes' copies), in one sentence; "" if nothing
+    # What is left to do by hand once it ran (unreachable nodes' copies; how to use a token); "" if nothing.
+    remainder: str
 
 
 class CannotPlan(Exception):
@@ -164,6 +181,29 @@ class AgentPin:
 
     address: str
     certificate_pem: str
+
+
+def plan_token(diff: MembershipDiff, name: str, *, ttl: float, reachable: Collection[str]) -> Plan:
+    """The steps of issuing a join token for name: none where the coordinator's own token admits joiners; on the
+    microcluster backend, where joiners join through microcluster, microcluster's own token from the first reachable
+    member's daemon. That request is the commit point, undone by revoking the token: a token its caller never
+    received is revoked, not left to admit whoever finds it."""
+    if diff.backend != "microcluster":
+        return Plan((), "")
+    members = sorted(reachable)
+    if not members:
+        raise CannotPlan("no member's daemon answered to issue microcluster's join token")
+    step = PlannedStep(
+        f"microcluster issues {name}'s join token on {members[0]}",
+        members[0],
+        IssueMicroclusterToken(name, ttl),
+        commit_point=True,
+    )
+    use = (
+        f"microcluster's own join token for {name}, valid {ttl:g} s (`microctl tokens list` lists it): join with it"
+        f" through microcluster on the joiner, e.g. `microctl init {name} ADDRESS --token TOKEN`"
+    )
+    return Plan((step,), use)
 
 
 def plan_removal(
@@ -340,5 +380,7 @@ def undo(action: Action) -> Action | None:
             return RemoveTruststoreRecord(name)
         case EnsureRaftEntry(node_id=node_id, address=address):
             return RemoveRaftEntry(node_id, address)  # whatever role the engine gave it since
+        case IssueMicroclusterToken(name=name):
+            return RevokeMicroclusterToken(name)
         case _:
             return None

@@ -63,6 +63,7 @@ from coordinator.core.plan import (
     EnsureMemberRow,
     EnsureRaftEntry,
     EnsureTruststoreRecord,
+    IssueMicroclusterToken,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveThroughMicrocluster,
@@ -166,6 +167,10 @@ def commit_effect(record: OperationRecord, diff: MembershipDiff) -> Effect:
             if Source.MEMBERS_TABLE in unknown:
                 return Effect.UNKNOWN
             gone = not any(m.name == name for m in diff.members)
+        case IssueMicroclusterToken():
+            # No source shows a token, and one whose caller never received it admits nobody it was meant for: as good
+            # as not issued, and rolled back (revoked).
+            return Effect.ABSENT
         case RemoveThroughMicrocluster(name=name, address=address, node_id=node_id):
             if unknown & {Source.MEMBERS_TABLE, Source.RAFT_CONFIG}:
                 return Effect.UNKNOWN

@@ -403,6 +403,20 @@ def info(record: TokenRecord) -> TokenInfo:
     return TokenInfo(record.name, record.expires_at, record.bound_fingerprint, record.issued_by)
 
 
+def checked_request(name: str, ttl: float | None) -> float:
+    """The ttl a request for a token for name asks for (None = DEFAULT_TTL), or InvalidTokenRequest."""
+    problem = dns_name_problem(name)
+    if problem is not None:
+        raise InvalidTokenRequest("name", f"a member name {problem}")
+    if ttl is None:
+        ttl = DEFAULT_TTL
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidTokenRequest("ttl", "must be positive")
+    if ttl > MAX_TTL:
+        raise InvalidTokenRequest("ttl", "must be at most 7 days")
+    return ttl
+
+
 def issue(
     name: str,
     secret: bytes,
@@ -419,15 +433,7 @@ def issue(
     `name` and `ttl` (seconds; None = DEFAULT_TTL) come from the request: InvalidTokenRequest when wrong. The other
     arguments are the coordinator's own: ValueError when wrong. Whether a token for `name` already exists (replace it,
     or refuse) is the caller's policy; the record is found by name (see `check_join`)."""
-    problem = dns_name_problem(name)
-    if problem is not None:
-        raise InvalidTokenRequest("name", f"a member name {problem}")
-    if ttl is None:
-        ttl = DEFAULT_TTL
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidTokenRequest("ttl", "must be positive")
-    if ttl > MAX_TTL:
-        raise InvalidTokenRequest("ttl", "must be at most 7 days")
+    ttl = checked_request(name, ttl)
     if not isinstance(issued_by, str) or not issued_by:
         raise ValueError("issued_by must name who issues the token")
     if not math.isfinite(now):

@@ -41,9 +41,9 @@ def _step(**fields: Any) -> agent_pb2.ApplyStepRequest:
 
 
 async def _twice(steps: StepApplier, request: agent_pb2.ApplyStepRequest) -> str:
-    changed, detail = await steps.apply(request)
+    changed, detail, _ = await steps.apply(request)
     assert changed, detail
-    again, repeated = await steps.apply(request)
+    again, repeated, _ = await steps.apply(request)
     assert not again, repeated
     return detail
 
@@ -93,7 +93,7 @@ async def test_a_removal_whose_member_changed_its_vote_is_refused_and_removes_no
 
 async def test_removing_an_entry_the_leader_does_not_hold_changes_nothing(dqlite_lab: labs.Lab) -> None:
     entry = agent_pb2.RaftEntry(node_id=12345, address="127.0.0.1:9")
-    changed, detail = await _steps(dqlite_lab, "n1").apply(_step(remove_raft_entry=entry))
+    changed, detail, _ = await _steps(dqlite_lab, "n1").apply(_step(remove_raft_entry=entry))
     assert not changed and "holds no node 12345" in detail
 
 

@@ -82,9 +82,9 @@ def step(epoch: int = 1, **fields: Any) -> agent_pb2.ApplyStepRequest:
 
 async def twice(steps: LocalSteps, request: agent_pb2.ApplyStepRequest) -> str:
     """Applies the step twice: it changes the node once, and the repeat finds nothing to do. The first detail."""
-    changed, detail = await steps.apply(request)
+    changed, detail, _ = await steps.apply(request)
     assert changed, detail
-    again, repeated = await steps.apply(request)
+    again, repeated, _ = await steps.apply(request)
     assert not again, repeated
     return detail
 
@@ -107,6 +107,7 @@ async def test_ensure_truststore_record_leaves_an_equal_record_and_replaces_a_di
     assert await cluster.steps["n1"].apply(step(ensure_truststore_record=same)) == (
         False,
         "the truststore already holds n2",
+        "",
     )
     moved = agent_pb2.TruststoreRecord(name="n2", address="10.0.9.2:9000", certificate_pem=cluster.pem("n2"))
     await twice(cluster.steps["n1"], step(ensure_truststore_record=moved))
@@ -192,10 +193,10 @@ async def test_remove_raft_entry_takes_out_exactly_that_id_at_that_address(clust
     # The other nodes' caches catch up when their agents next apply a step, except the removed node's: its engine
     # is told nothing more, so it goes on believing it is a member.
     assert len(await cluster.raft("n2", Source.RAFT_CACHE)) == 3
-    changed, detail = await cluster.steps["n2"].apply(step(remove_member_row="nobody"))
+    changed, detail, _ = await cluster.steps["n2"].apply(step(remove_member_row="nobody"))
     assert not changed and "cluster.yaml caught up" in detail
     assert await cluster.raft("n2", Source.RAFT_CACHE) == expected
-    changed, detail = await cluster.steps["n3"].apply(step(remove_member_row="nobody"))
+    changed, detail, _ = await cluster.steps["n3"].apply(step(remove_member_row="nobody"))
     assert "caught up" not in detail
     assert len(await cluster.raft("n3", Source.RAFT_CACHE)) == 3
 

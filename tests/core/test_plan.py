@@ -15,14 +15,17 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    IssueMicroclusterToken,
     Joiner,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
+    RevokeMicroclusterToken,
     plan_join,
     plan_removal,
+    plan_token,
     undo,
 )
 
@@ -192,3 +195,16 @@ def test_on_microcluster_a_member_without_a_name_cannot_be_removed_through_it() 
     member = next(m for m in diff.members if m.address == ghost.address)
     with pytest.raises(CannotPlan, match="by name"):
         plan_removal(diff, member, reachable={"n1", "n2", "n3"})
+
+
+def test_a_token_is_the_coordinators_own_except_on_microcluster_where_a_daemon_issues_it() -> None:
+    assert plan_token(compute_diff(consistent_view(3)), "n4", ttl=60.0, reachable={"n1", "n2", "n3"}).steps == ()
+    diff = compute_diff(fail_agent(on_microcluster(consistent_view(3)), "n1"))
+    plan = plan_token(diff, "n4", ttl=60.0, reachable={"n2", "n3"})
+    assert [(step.target, step.action, step.commit_point) for step in plan.steps] == [
+        ("n2", IssueMicroclusterToken("n4", 60.0), True)
+    ]
+    assert undo(plan.steps[0].action) == RevokeMicroclusterToken("n4"), "a token nobody received is revoked"
+    assert "microctl init n4" in plan.remainder
+    with pytest.raises(CannotPlan):
+        plan_token(diff, "n4", ttl=60.0, reachable=set())

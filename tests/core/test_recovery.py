@@ -47,8 +47,10 @@ from coordinator.core.plan import (
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveTruststoreRecord,
+    RevokeMicroclusterToken,
     plan_join,
     plan_removal,
+    plan_token,
 )
 from coordinator.core.recovery import (
     Back,
@@ -329,6 +331,20 @@ def test_a_removal_through_microcluster_took_effect_once_the_row_or_the_raft_ent
     assert commit_effect(removal, compute_diff(views.remove_raft_member(no_row, 3))) is Effect.APPLIED
     unread = views.set_report(healthy, Source.MEMBERS_TABLE, error="no leader")
     assert commit_effect(removal, compute_diff(unread)) is Effect.UNKNOWN
+
+
+def test_a_microcluster_token_sent_and_never_confirmed_is_revoked() -> None:
+    diff = compute_diff(views.on_microcluster(views.consistent_view(3)))
+    plan = plan_token(diff, "n4", ttl=60.0, reachable=MEMBERS)
+    steps = tuple(Step(s.name, s.commit_point, target=s.target, action=s.action) for s in plan.steps)
+    record = apply(
+        apply(record_of(OperationKind.ISSUE_TOKEN, Member(name="n4"), steps), Start(), 1.0), StepSent(0), 1.0
+    )
+    assert commit_effect(record, diff) is Effect.ABSENT, "no source shows a token"
+    back = decide(record, commit=Effect.ABSENT, silent=set(), nodes=MEMBERS)
+    assert isinstance(back, Back) and [(u.target, u.action) for u in back.undo] == [
+        ("n1", RevokeMicroclusterToken("n4"))
+    ]
 
 
 def test_silent_agents_are_the_nodes_that_did_not_answer() -> None:

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from memberguard.v1 import membership_pb2 as memberguard_dot_v1_dot_membership__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemberguard/v1/agent.proto\x12\x0ememberguard.v1\x1a\x1fmemberguard/v1/membership.proto\"J\n\x10TruststoreRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\t\"Q\n\tMemberRow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"Q\n\tRaftEntry\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.memberguard.v1.Role\"C\n\x13MicroclusterRemoval\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\xe4\x03\n\x10\x41pplyStepRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x44\n\x18\x65nsure_truststore_record\x18\n \x01(\x0b\x32 .memberguard.v1.TruststoreRecordH\x00\x12\"\n\x18remove_truststore_record\x18\x0b \x01(\tH\x00\x12\x36\n\x11\x65nsure_member_row\x18\x0c \x01(\x0b\x32\x19.memberguard.v1.MemberRowH\x00\x12\x1b\n\x11remove_member_row\x18\r \x01(\tH\x00\x12\x36\n\x11\x65nsure_raft_entry\x18\x0e \x01(\x0b\x32\x19.memberguard.v1.RaftEntryH\x00\x12\x36\n\x11remove_raft_entry\x18\x0f \x01(\x0b\x32\x19.memberguard.v1.RaftEntryH\x00\x12\x14\n\nfence_node\x18\x10 \x01(\x08H\x00\x12J\n\x1bremove_through_microcluster\x18\x11 \x01(\x0b\x32#.memberguard.v1.MicroclusterRemovalH\x00\x42\x06\n\x04step\"4\n\x11\x41pplyStepResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"H\n\x12GetNodeViewRequest\x12\x1c\n\x14include_certificates\x18\x01 \x01(\x08\x12\x14\n\x0cknown_digest\x18\x02 \x01(\t\"t\n\x13GetNodeViewResponse\x12&\n\x04view\x18\x01 \x01(\x0b\x32\x18.memberguard.v1.NodeView\x12\x13\n\x0bview_digest\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x32\xb8\x01\n\x0c\x41gentService\x12V\n\x0bGetNodeView\x12\".memberguard.v1.GetNodeViewRequest\x1a#.memberguard.v1.GetNodeViewResponse\x12P\n\tApplyStep\x12 .memberguard.v1.ApplyStepRequest\x1a!.memberguard.v1.ApplyStepResponseBHZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemberguard/v1/agent.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fmemberguard/v1/membership.proto\"J\n\x10TruststoreRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\t\"Q\n\tMemberRow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"Q\n\tRaftEntry\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.memberguard.v1.Role\"C\n\x13MicroclusterRemoval\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"R\n\x11MicroclusterToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0c\x65xpire_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd0\x04\n\x10\x41pplyStepRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x44\n\x18\x65nsure_truststore_record\x18\n \x01(\x0b\x32 .memberguard.v1.TruststoreRecordH\x00\x12\"\n\x18remove_truststore_record\x18\x0b \x01(\tH\x00\x12\x36\n\x11\x65nsure_member_row\x18\x0c \x01(\x0b\x32\x19.memberguard.v1.MemberRowH\x00\x12\x1b\n\x11remove_member_row\x18\r \x01(\tH\x00\x12\x36\n\x11\x65nsure_raft_entry\x18\x0e \x01(\x0b\x32\x19.memberguard.v1.RaftEntryH\x00\x12\x36\n\x11remove_raft_entry\x18\x0f \x01(\x0b\x32\x19.memberguard.v1.RaftEntryH\x00\x12\x14\n\nfence_node\x18\x10 \x01(\x08H\x00\x12J\n\x1bremove_through_microcluster\x18\x11 \x01(\x0b\x32#.memberguard.v1.MicroclusterRemovalH\x00\x12\x45\n\x18issue_microcluster_token\x18\x12 \x01(\x0b\x32!.memberguard.v1.MicroclusterTokenH\x00\x12#\n\x19revoke_microcluster_token\x18\x13 \x01(\tH\x00\x42\x06\n\x04step\"C\n\x11\x41pplyStepResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\"H\n\x12GetNodeViewRequest\x12\x1c\n\x14include_certificates\x18\x01 \x01(\x08\x12\x14\n\x0cknown_digest\x18\x02 \x01(\t\"t\n\x13GetNodeViewResponse\x12&\n\x04view\x18\x01 \x01(\x0b\x32\x18.memberguard.v1.NodeView\x12\x13\n\x0bview_digest\x18\x02 \x01(\t\x12\x11\n\tunchanged\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x32\xb8\x01\n\x0c\x41gentService\x12V\n\x0bGetNodeView\x12\".memberguard.v1.GetNodeViewRequest\x1a#.memberguard.v1.GetNodeViewResponse\x12P\n\tApplyStep\x12 .memberguard.v1.ApplyStepRequest\x1a!.memberguard.v1.ApplyStepResponseBHZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memberguard.v1.agent_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1'
-  _globals['_TRUSTSTORERECORD']._serialized_start=79
-  _globals['_TRUSTSTORERECORD']._serialized_end=153
-  _globals['_MEMBERROW']._serialized_start=155
-  _globals['_MEMBERROW']._serialized_end=236
-  _globals['_RAFTENTRY']._serialized_start=238
-  _globals['_RAFTENTRY']._serialized_end=319
-  _globals['_MICROCLUSTERREMOVAL']._serialized_start=321
-  _globals['_MICROCLUSTERREMOVAL']._serialized_end=388
-  _globals['_APPLYSTEPREQUEST']._serialized_start=391
-  _globals['_APPLYSTEPREQUEST']._serialized_end=875
-  _globals['_APPLYSTEPRESPONSE']._serialized_start=877
-  _globals['_APPLYSTEPRESPONSE']._serialized_end=929
-  _globals['_GETNODEVIEWREQUEST']._serialized_start=931
-  _globals['_GETNODEVIEWREQUEST']._serialized_end=1003
-  _globals['_GETNODEVIEWRESPONSE']._serialized_start=1005
-  _globals['_GETNODEVIEWRESPONSE']._serialized_end=1121
-  _globals['_AGENTSERVICE']._serialized_start=1124
-  _globals['_AGENTSERVICE']._serialized_end=1308
+  _globals['_TRUSTSTORERECORD']._serialized_start=111
+  _globals['_TRUSTSTORERECORD']._serialized_end=185
+  _globals['_MEMBERROW']._serialized_start=187
+  _globals['_MEMBERROW']._serialized_end=268
+  _globals['_RAFTENTRY']._serialized_start=270
+  _globals['_RAFTENTRY']._serialized_end=351
+  _globals['_MICROCLUSTERREMOVAL']._serialized_start=353
+  _globals['_MICROCLUSTERREMOVAL']._serialized_end=420
+  _globals['_MICROCLUSTERTOKEN']._serialized_start=422
+  _globals['_MICROCLUSTERTOKEN']._serialized_end=504
+  _globals['_APPLYSTEPREQUEST']._serialized_start=507
+  _globals['_APPLYSTEPREQUEST']._serialized_end=1099
+  _globals['_APPLYSTEPRESPONSE']._serialized_start=1101
+  _globals['_APPLYSTEPRESPONSE']._serialized_end=1168
+  _globals['_GETNODEVIEWREQUEST']._serialized_start=1170
+  _globals['_GETNODEVIEWREQUEST']._serialized_end=1242
+  _globals['_GETNODEVIEWRESPONSE']._serialized_start=1244
+  _globals['_GETNODEVIEWRESPONSE']._serialized_end=1360
+  _globals['_AGENTSERVICE']._serialized_start=1363
+  _globals['_AGENTSERVICE']._serialized_end=1547
 # @@protoc_insertion_point(module_scope)

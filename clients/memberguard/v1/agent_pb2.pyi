@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from memberguard.v1 import membership_pb2 as _membership_pb2
 import builtins as _builtins
@@ -150,6 +151,34 @@ class MicroclusterRemoval(_message.Message):
 Global___MicroclusterRemoval: _TypeAlias = MicroclusterRemoval  # noqa: Y015
 
 @_typing.final
+class MicroclusterToken(_message.Message):
+    """A join token microcluster is asked to issue, as `microctl tokens add` asks for one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the joiner's name, which the token admits."""
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
+        """expire_after is how long the token is valid (microcluster's expire_after); it must be positive."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        expire_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MicroclusterToken: _TypeAlias = MicroclusterToken  # noqa: Y015
+
+@_typing.final
 class ApplyStepRequest(_message.Message):
     """One step of an operation, for one node's agent."""
 
@@ -166,6 +195,8 @@ class ApplyStepRequest(_message.Message):
     REMOVE_RAFT_ENTRY_FIELD_NUMBER: _builtins.int
     FENCE_NODE_FIELD_NUMBER: _builtins.int
     REMOVE_THROUGH_MICROCLUSTER_FIELD_NUMBER: _builtins.int
+    ISSUE_MICROCLUSTER_TOKEN_FIELD_NUMBER: _builtins.int
+    REVOKE_MICROCLUSTER_TOKEN_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """operation_id is the journaled operation the step belongs to."""
     step_index: _builtins.int
@@ -182,6 +213,10 @@ class ApplyStepRequest(_message.Message):
     """fence_node, set to true, stops this node from acting as a member: its Raft files (info.yaml, cluster.yaml, the
     join flag) are cleared, so that it cannot come back as a zombie; on the dqlite backend its engine is killed
     first and its whole data directory emptied.
+    """
+    revoke_microcluster_token: _builtins.str
+    """revoke_microcluster_token asks this node's microcluster daemon to delete the named joiner's join token (DELETE
+    core/control/tokens/{name}); none is fine (microcluster backend only).
     """
     @_builtins.property
     def ensure_truststore_record(self) -> Global___TruststoreRecord:
@@ -207,6 +242,12 @@ class ApplyStepRequest(_message.Message):
         (microcluster backend only); a member microcluster no longer holds at that address is unchanged.
         """
 
+    @_builtins.property
+    def issue_microcluster_token(self) -> Global___MicroclusterToken:
+        """issue_microcluster_token asks this node's microcluster daemon for a join token (POST core/control/tokens), after
+        revoking any it holds for that name, so that a repeated step leaves one token (microcluster backend only).
+        """
+
     def __init__(
         self,
         *,
@@ -221,12 +262,14 @@ class ApplyStepRequest(_message.Message):
         remove_raft_entry: Global___RaftEntry | None = ...,
         fence_node: _builtins.bool = ...,
         remove_through_microcluster: Global___MicroclusterRemoval | None = ...,
+        issue_microcluster_token: Global___MicroclusterToken | None = ...,
+        revoke_microcluster_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node", "remove_through_microcluster"]  # noqa: Y015
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node", "remove_through_microcluster", "issue_microcluster_token", "revoke_microcluster_token"]  # noqa: Y015
     _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 
@@ -240,19 +283,25 @@ class ApplyStepResponse(_message.Message):
 
     CHANGED_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     changed: _builtins.bool
     """changed is false when the node already was as the step wants it (a repeated step)."""
     detail: _builtins.str
     """detail says what was done, in a few words."""
+    token: _builtins.str
+    """token is, for issue_microcluster_token, the join token microcluster issued: the coordinator hands it to the
+    caller that asked for it and keeps none of it. Empty for every other step.
+    """
     def __init__(
         self,
         *,
         changed: _builtins.bool = ...,
         detail: _builtins.str = ...,
+        token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "detail", b"detail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "detail", b"detail", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
