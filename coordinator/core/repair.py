@@ -368,6 +368,11 @@ class _Facts:
         return found
 
     @cached_property
+    def disputed(self) -> frozenset[str]:
+        """Members whose agent serves another certificate than their row records: which of the two is theirs is open."""
+        return frozenset(d.node for d in self.diff.discrepancies if d.kind is _K.AGENT_CERTIFICATE_MISMATCH)
+
+    @cached_property
     def raft_names(self) -> frozenset[str]:
         return frozenset(member.name for member in raft_members(self.diff) if member.name)
 
@@ -619,6 +624,13 @@ class _Planner:
 
     def _trust(self, node: str, name: str) -> _Built | _Refusal:
         """One truststore's record of one Raft member, made what the members table says."""
+        if name in self.facts.disputed:
+            # Writing the row's certificate would settle the dispute for the table, and distrust the live member
+            # everywhere if its agent serves the right one.
+            return _Refusal(
+                f"{name}'s agent serves another certificate than its members-table row records: which one is {name}'s "
+                "is a human's decision, and no truststore is rewritten to either until it is made."
+            )
         candidates = self.facts.trusted.get(name, [])
         if len(candidates) != 1:
             return _Refusal(

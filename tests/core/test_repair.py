@@ -492,6 +492,16 @@ def test_a_row_is_not_restored_over_a_row_that_claims_the_same_name() -> None:
     assert any("a human's decision" in u.reason for u in repair.unplanned)
 
 
+def test_no_truststore_is_rewritten_to_a_certificate_the_members_own_agent_disputes() -> None:
+    """n2's row records a certificate n2's agent does not serve. Even with a copy of the row's certificate at hand (an
+    operator pinned it, or a gather carried it), writing it would distrust n2 everywhere if its agent is right."""
+    view = replace_records(V3, TABLE, row(2), replace(row(2), certificate_fingerprint=fingerprint_of("other")))
+    repair = plan(view, certificates={**PINNED, fingerprint_of("other"): pem("other")})
+    assert repair.actions == ()
+    assert unplanned_kinds(view, repair) == Counter({K.CERTIFICATE_MISMATCH: 3, K.AGENT_CERTIFICATE_MISMATCH: 1})
+    assert all("a human's decision" in u.reason for u in repair.unplanned)
+
+
 def test_nothing_is_ever_added_to_raft() -> None:
     """S2: a PENDING row Raft does not hold is removed once the grace period is over; Raft is not made to match."""
     (action,) = plan(settled(pending_row_only())).actions
