@@ -34,10 +34,13 @@ from coordinator.core.plan import (
     EnsureTruststoreRecord,
     FenceNode,
     ForgetMember,
+    IssueMicroclusterToken,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
+    RevokeMicroclusterToken,
 )
 from coordinator.core.tokens import TokenRecord, TokenState
 from coordinator.journal import (
@@ -261,6 +264,9 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         FenceNode("10.0.0.4:9100", "-----BEGIN CERTIFICATE-----\n..."),
         ForgetMember("n4"),
         RegisterMember("n4", "10.0.0.4:9100", "-----BEGIN CERTIFICATE-----\n..."),
+        RemoveThroughMicrocluster("n4", "10.0.0.4:9000", 7, force=True),
+        IssueMicroclusterToken("n4", 3600.0),
+        RevokeMicroclusterToken("n4"),
     ]
     assert {type(action) for action in actions} == set(get_args(Action)), "journal every kind of action here"
     steps = tuple(

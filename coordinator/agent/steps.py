@@ -191,11 +191,10 @@ def _check_remove_through_microcluster(request: agent_pb2.ApplyStepRequest) -> l
 
 def _check_issue_microcluster_token(request: agent_pb2.ApplyStepRequest) -> list[FieldViolation]:
     token, field = request.issue_microcluster_token, "issue_microcluster_token"
-    expiry = token.expire_after
-    positive = expiry.seconds > 0 or (expiry.seconds == 0 and expiry.nanos > 0)
-    return _usable_name(f"{field}.name", token.name) + (
-        [] if positive else [FieldViolation(f"{field}.expire_after", "must be positive")]
+    expiry = (
+        [] if token.expire_after.ToNanoseconds() > 0 else [FieldViolation(f"{field}.expire_after", "must be positive")]
     )
+    return _usable_name(f"{field}.name", token.name) + expiry
 
 
 def _check_revoke_microcluster_token(request: agent_pb2.ApplyStepRequest) -> list[FieldViolation]:
