@@ -34,7 +34,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,18 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from coordinator.agent.filecache import MalformedFile, load_yaml
 from coordinator.agent.microcluster_dial import MemberDial, UnusableStateDir
 from coordinator.agent.truststore import file_name_problem
-from coordinator.auth import Principal
 from coordinator.core.addresses import address_problem
-from coordinator.files import write_atomically
+from coordinator.deployment import (
+    COORDINATOR_NAME,
+    OPERATOR_NAME,
+    agent_config,
+    coordinator_config,
+    write_coordinator_registry,
+)
+from coordinator.files import write_atomically, write_json
 from coordinator.pki import fingerprint, make_identity
-from coordinator.registry import RegisteredIdentity, RegisteredMember, Registry, UnreadableRegistry, write_registry
+from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 
-COORDINATOR_NAME = "memberguard-coordinator"
-OPERATOR_NAME = "operator"
 DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:7443"
 
 AGENTS = "agents"
@@ -199,7 +202,14 @@ def adopt(
             raise Refused(f"{flag} {address!r} {problem}")
     member = read_member(state_dir.resolve())
     out = config_dir.resolve()
-    agent = _agent_document(member, out, agent_listen, heartbeat)
+    agent = agent_config(
+        member.name,
+        agent_listen,
+        member.state_dir,
+        {"backend": "microcluster"},
+        out / PINS,
+        role_adjustment_interval=heartbeat,
+    )
     pin = RegisteredMember(member.name, agent_listen, member.certificate_pem)
     if (out / COORDINATOR_CONFIG).exists():
         return _adopt_into(out, member, agent, pin, coordinator_listen, replace=replace)
@@ -212,19 +222,6 @@ def adopt(
         )
     _set_up(out, agent, pin, coordinator_listen or DEFAULT_COORDINATOR_LISTEN)
     return Adopted(member, out, tuple(sorted(path for path in out.rglob("*") if path.is_file())))
-
-
-def _agent_document(member: Member, out: Path, listen: str, heartbeat: float | None) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "name": member.name,
-        "listen": listen,
-        "state_dir": str(member.state_dir),
-        "backend": "microcluster",
-        "trusted_coordinators": str(out / PINS),
-    }
-    if heartbeat is not None:
-        document["role_adjustment_interval"] = heartbeat
-    return document
 
 
 def _adopt_into(
@@ -263,7 +260,7 @@ def _adopt_into(
         )
     wrote = []
     if held_agent != agent:
-        _write_json(config, agent)
+        write_json(config, agent)
         wrote.append(config)
     if held_pin != pin:
         registry.register(pin)
@@ -311,17 +308,15 @@ def _set_up(out: Path, agent: dict[str, Any], pin: RegisteredMember, listen: str
     if int(port) == 65535:
         raise Refused(f"--coordinator-listen {listen}: the join listener takes the next port, and there is none")
     coordinator, operator = make_identity(COORDINATOR_NAME), make_identity(OPERATOR_NAME)
-    config = {
-        "coordinator_id": COORDINATOR_NAME,
-        "listen": listen,
+    config = coordinator_config(
+        listen,
+        cert=out / "coordinator.crt",
+        key=out / "coordinator.key",
+        registry=out / REGISTRY,
+        journal=out / JOURNAL,
         # A fixed port, unlike the lab's: the join tokens issued name it, and they must outlive a restart.
-        "join_listen": f"{host}:{int(port) + 1}",
-        "cert": str(out / "coordinator.crt"),
-        "key": str(out / "coordinator.key"),
-        "registry": str(out / REGISTRY),
-        "journal": str(out / JOURNAL),
-        "cluster_id": uuid.uuid4().hex,
-    }
+        join_listen=f"{host}:{int(port) + 1}",
+    )
     # Relative to the profile's own directory, as Endpoint.from_profile reads them: OUT can be copied elsewhere.
     profile = {
         "address": listen,
@@ -338,19 +333,14 @@ def _set_up(out: Path, agent: dict[str, Any], pin: RegisteredMember, listen: str
         write_atomically(staging / PINS, coordinator.certificate_pem)
         write_atomically(staging / "operator.crt", operator.certificate_pem)
         write_atomically(staging / "operator.key", operator.key_pem, mode=_PRIVATE)
-        _write_json(staging / COORDINATOR_CONFIG, config)
-        _write_json(staging / PROFILE, profile)
-        _write_json(agent_config_path(staging, pin.name), agent)
-        operator_identity = RegisteredIdentity(OPERATOR_NAME, Principal.OPERATOR, operator.certificate_pem.decode())
-        write_registry(staging / REGISTRY, [pin], [operator_identity])
+        write_json(staging / COORDINATOR_CONFIG, config)
+        write_json(staging / PROFILE, profile)
+        write_json(agent_config_path(staging, pin.name), agent)
+        write_coordinator_registry(staging / REGISTRY, [pin], operator)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 # --- what it says -----------------------------------------------------------------------------------------------

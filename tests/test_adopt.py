@@ -29,7 +29,7 @@ from coordinator.agent.microcluster_dial import MemberDial
 from coordinator.dqlite import connect_leader
 from coordinator.lab import microcluster
 from coordinator.lab.ports import loopback_addresses
-from tests.test_microcluster_backend import copy_member, heartbeat_after
+from tests.microcluster_members import copy_member, heartbeat_after
 
 pytestmark = pytest.mark.microcluster
 

@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ import grpc
 from memberguard import Client, Endpoint, MemberguardError, MembershipRefused, error_from_rpc
 from memberguard.v1 import operation_pb2
 
-from coordinator.adopt import COORDINATOR_NAME
 from coordinator.agent.dqlite_sources import ROLES
 from coordinator.agent.engine import PID_FILE, Engine, write_pid_file
 from coordinator.agent.filecache import load_yaml
@@ -54,10 +52,16 @@ from coordinator.agent.join import CoordinatorNotVerified, request_join
 from coordinator.agent.members_table import create_members_table, upsert_member
 from coordinator.agent.node_state import LaidOutMember, lay_out_node
 from coordinator.agent.raft_files import write_node_info, write_raft_config
-from coordinator.auth import Principal
 from coordinator.core import tokens
 from coordinator.core.model import Role
-from coordinator.files import write_atomically
+from coordinator.deployment import (
+    COORDINATOR_NAME,
+    OPERATOR_NAME,
+    agent_config,
+    coordinator_config,
+    write_coordinator_registry,
+)
+from coordinator.files import throwaway, write_atomically, write_json
 from coordinator.lab import microcluster
 from coordinator.lab.dqlite_cluster import (
     DATABASE,
@@ -70,13 +74,14 @@ from coordinator.lab.dqlite_cluster import (
 from coordinator.lab.dqlite_nodes import NodeTls, node_command, node_environment
 from coordinator.lab.ports import loopback_addresses
 from coordinator.pki import Identity, make_identity, write_identity
-from coordinator.registry import RegisteredIdentity, RegisteredMember, write_registry
+from coordinator.registry import RegisteredMember
 
 # Every dqlite bootstrap node has this ID (docs/design.md, "Backends"); joiners get random ones.
 BOOTSTRAP_ID = 0x2DC171858C3155BE
 STARTUP_TIMEOUT = 30.0
 BACKENDS = ("local", "dqlite", "microcluster")
 AGENT_PID_FILE = "agent.pid"
+PINS_FILE = "coordinators.pem"  # in a node's state directory: the coordinators its agent answers
 ENGINE_SUFFIX = "-engine"
 _LOG_TAIL_LINES = 5  # of a process that exited at start, quoted in the error
 
@@ -220,11 +225,30 @@ def _pin_listen(config: Path, key: str, address: str) -> None:
     """Writes the address a process bound into its configuration, for it to bind again when it restarts."""
     document = json.loads(config.read_text())
     if document.get(key) != address:
-        _write_json(config, {**document, key: address})
+        write_json(config, {**document, key: address})
 
 
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())
+def _set_up_agent(
+    state_dir: Path, name: str, backend: dict[str, Any], coordinators: bytes, role_adjustment_interval: float | None
+) -> Path:
+    """Writes the configuration of node name's agent, which binds port 0 and says which it got in agent.port, and the
+    coordinators it answers (PEM) into a file of the node's own, as on a real node; returns the configuration."""
+    pins = state_dir / PINS_FILE
+    pins.write_bytes(coordinators)
+    config = state_dir / "agent.json"
+    write_json(
+        config,
+        agent_config(
+            name,
+            "127.0.0.1:0",
+            state_dir,
+            backend,
+            pins,
+            role_adjustment_interval=role_adjustment_interval,
+            port_file=state_dir / "agent.port",
+        ),
+    )
+    return config
 
 
 @dataclass(frozen=True)
@@ -264,13 +288,15 @@ def up(
     names = [f"n{i}" for i in range(1, nodes + 1)]
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        if backend == "local":
-            cluster = _local_cluster(directory, names)
-        elif backend == "dqlite":
-            cluster = _dqlite_cluster(directory, names, roles_interval, processes)
-        else:
-            cluster = _microcluster_cluster(directory, names, processes)
-        return _start(directory, backend, cluster, agents_per_process, processes)
+        # A lab directory is laid out anew by every `up`: not worth one fsync per file, thousands in a large lab.
+        with throwaway():
+            if backend == "local":
+                cluster = _local_cluster(directory, names)
+            elif backend == "dqlite":
+                cluster = _dqlite_cluster(directory, names, roles_interval, processes)
+            else:
+                cluster = _microcluster_cluster(directory, names, processes)
+            return _start(directory, backend, cluster, agents_per_process, processes)
     except BaseException:
         # Half a lab is worse than none: nothing may keep running that lab.json does not list.
         for process in processes:
@@ -399,29 +425,19 @@ def _start(
     processes: list[subprocess.Popen[bytes]],
 ) -> Lab:
     logs = directory / "logs"
-    coordinator_cert, coordinator_key = write_identity(directory / "coordinator", make_identity(COORDINATOR_NAME))
-    operator = make_identity("operator")
+    coordinator, operator = make_identity(COORDINATOR_NAME), make_identity(OPERATOR_NAME)
+    coordinator_cert, coordinator_key = write_identity(directory / "coordinator", coordinator)
     operator_cert, operator_key = write_identity(directory / "operator", operator, stem="operator")
-    configs = []
-    for name, _, _, _, _ in cluster.members:
-        state_dir = cluster.state_dirs[name]
-        # Each node pins the coordinators it answers in a file of its own, as a real node would.
-        pins = state_dir / "coordinators.pem"
-        pins.write_bytes(coordinator_cert.read_bytes())
-        config = state_dir / "agent.json"
-        _write_json(
-            config,
-            {
-                "name": name,
-                "listen": "127.0.0.1:0",
-                "state_dir": str(state_dir),
-                **cluster.agent_settings[name],
-                "trusted_coordinators": str(pins),
-                "role_adjustment_interval": cluster.role_adjustment_interval,
-                "port_file": str(state_dir / "agent.port"),
-            },
+    configs = [
+        _set_up_agent(
+            cluster.state_dirs[name],
+            name,
+            cluster.agent_settings[name],
+            coordinator.certificate_pem,
+            cluster.role_adjustment_interval,
         )
-        configs.append(config)
+        for name, _, _, _, _ in cluster.members
+    ]
 
     # Start every agent process first and only then wait: they import and bind in parallel.
     batches = []
@@ -453,37 +469,35 @@ def _start(
 
     registry = directory / "coordinator" / "registry.json"
     certificates = {member[0]: member[2] for member in cluster.members}
-    write_registry(
+    write_coordinator_registry(
         registry,
         [RegisteredMember(n["name"], n["agent_address"], certificates[n["name"]]) for n in node_entries],
-        [RegisteredIdentity("operator", Principal.OPERATOR, operator.certificate_pem.decode())],
+        operator,
     )
-    coordinator_config = directory / "coordinator" / "coordinator.json"
-    _write_json(
-        coordinator_config,
-        {
-            "coordinator_id": COORDINATOR_NAME,
-            "listen": "127.0.0.1:0",
-            "cert": str(coordinator_cert),
-            "key": str(coordinator_key),
-            "registry": str(registry),
-            "journal": str(directory / "coordinator" / "journal.db"),
-            "cluster_id": uuid.uuid4().hex,
-            "metrics_listen": "127.0.0.1:0",
-            "port_file": str(directory / "coordinator" / "coordinator.port"),
-            "join_port_file": str(directory / "coordinator" / "join.port"),
-            "metrics_port_file": str(directory / "coordinator" / "metrics.port"),
-        },
+    config = directory / "coordinator" / "coordinator.json"
+    write_json(
+        config,
+        coordinator_config(
+            "127.0.0.1:0",
+            cert=coordinator_cert,
+            key=coordinator_key,
+            registry=registry,
+            journal=directory / "coordinator" / "journal.db",
+            metrics_listen="127.0.0.1:0",
+            port_file=str(directory / "coordinator" / "coordinator.port"),
+            join_port_file=str(directory / "coordinator" / "join.port"),
+            metrics_port_file=str(directory / "coordinator" / "metrics.port"),
+        ),
     )
     log = logs / "coordinator.log"
-    process = _spawn(["-m", "coordinator.service", str(coordinator_config)], log)
+    process = _spawn(["-m", "coordinator.service", str(config)], log)
     processes.append(process)
     port = _wait_for_port(directory / "coordinator" / "coordinator.port", process, log)
     join_port = _wait_for_port(directory / "coordinator" / "join.port", process, log)
     metrics_port = _wait_for_port(directory / "coordinator" / "metrics.port", process, log)
-    _pin_listen(coordinator_config, "listen", f"127.0.0.1:{port}")
-    _pin_listen(coordinator_config, "join_listen", f"127.0.0.1:{join_port}")
-    _pin_listen(coordinator_config, "metrics_listen", f"127.0.0.1:{metrics_port}")
+    _pin_listen(config, "listen", f"127.0.0.1:{port}")
+    _pin_listen(config, "join_listen", f"127.0.0.1:{join_port}")
+    _pin_listen(config, "metrics_listen", f"127.0.0.1:{metrics_port}")
 
     document = {
         "backend": backend,
@@ -499,7 +513,7 @@ def _start(
         **cluster.document,
         "nodes": node_entries,
     }
-    _write_json(directory / "lab.json", document)
+    write_json(directory / "lab.json", document)
     lab = Lab(directory, document)
     _wait_until_answering(lab)
     return lab
@@ -560,7 +574,7 @@ def _update_document(directory: Path, change: Any) -> dict[str, Any]:
     """Applies change (document -> document) to lab.json as it is now, under DIR/lab.lock; the new document."""
     with _locked(directory):
         document = change(Lab.load(directory).document)
-        _write_json(directory / "lab.json", document)
+        write_json(directory / "lab.json", document)
         return dict(document)
 
 
@@ -825,20 +839,12 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
                 state_dir / "database" / "info.yaml", random.SystemRandom().getrandbits(63), address, Role.VOTER
             )
             write_raft_config(state_dir / "database" / "cluster.yaml", [])
-            pins = state_dir / "coordinators.pem"
-            pins.write_bytes(make_identity("nobody-yet").certificate_pem)
-            config = state_dir / "agent.json"
-            _write_json(
-                config,
-                {
-                    "name": name,
-                    "listen": "127.0.0.1:0",
-                    "state_dir": str(state_dir),
-                    **_backend_settings(document, state_dir, address),
-                    "trusted_coordinators": str(pins),
-                    "role_adjustment_interval": document.get("role_adjustment_interval"),
-                    "port_file": str(state_dir / "agent.port"),
-                },
+            config = _set_up_agent(
+                state_dir,
+                name,
+                _backend_settings(document, state_dir, address),
+                make_identity("nobody-yet").certificate_pem,
+                document.get("role_adjustment_interval"),
             )
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
@@ -855,7 +861,7 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
         _children.pop(process.pid, None)
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
-    return JoiningNode(name, address, identity, state_dir, process.pid, f"127.0.0.1:{port}", pins)
+    return JoiningNode(name, address, identity, state_dir, process.pid, f"127.0.0.1:{port}", state_dir / PINS_FILE)
 
 
 def _backend_settings(document: dict[str, Any], state_dir: Path, address: str) -> dict[str, Any]:
