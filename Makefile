@@ -75,7 +75,7 @@ bench: venv go
 	$(BIN)/python -m coordinator.lab.bench --plot build/bench-check.png
 	$(BIN)/python -m coordinator.lab.bench --backend dqlite --sizes 3,5
 	$(BIN)/python -m coordinator.lab.bench --dqlite-client --calls 1000
-	$(BIN)/python -m coordinator.lab.bench --microcluster-client --calls 1000
+	$(BIN)/python -m coordinator.lab.bench --microcluster --calls 1000 --changes 20
 	$(BIN)/python -m coordinator.lab.bench --backend microcluster --sizes 3
 	$(BIN)/python -m coordinator.lab.bench --operations --calls 20
 	$(BIN)/python -m coordinator.lab.bench --operations --backend dqlite --calls 20

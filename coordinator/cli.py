@@ -479,12 +479,52 @@ def render_diff(diff: membership_pb2.MembershipDiff) -> str:
         for remedy in discrepancy.remedies:
             safety = _enum_name(membership_pb2.RemedySafety.DESCRIPTOR, remedy.safety, "REMEDY_SAFETY_")
             lines.append(f"    remedy ({safety}): {_one_line(remedy.action)}")
+            lines += [f"      - {_remedy_step(step)}" for step in remedy.steps]
     counts = {name: sum(1 for d in diff.discrepancies if d.severity == value) for name, value in _SEVERITIES.items()}
     lines.append(
         f"fingerprint {diff.fingerprint}  {len(diff.discrepancies)} discrepancies: "
         f"{counts['blocking']} blocking, {counts['warning']} warning, {counts['info']} info"
     )
     return "\n".join(lines)
+
+
+_STEP_TEXT = {
+    membership_pb2.REPAIR_STEP_KIND_WRITE_RECORD: "write {record} to {where}",
+    membership_pb2.REPAIR_STEP_KIND_DELETE_RECORD: "delete {record} from {where}",
+    membership_pb2.REPAIR_STEP_KIND_RESET_NODE: "reset {node}",
+    membership_pb2.REPAIR_STEP_KIND_FORGET_MEMBER: "forget {record}'s pinned certificate and tokens",
+    membership_pb2.REPAIR_STEP_KIND_RESTART_ENGINE: "restart {node}'s engine",
+    membership_pb2.REPAIR_STEP_KIND_WAIT: "wait for {where}",
+    membership_pb2.REPAIR_STEP_KIND_CONFIRM: "confirm {where}",
+    membership_pb2.REPAIR_STEP_KIND_BY_HAND: "by hand: {entry}{where}",
+}
+
+
+def _remedy_step(step: membership_pb2.RepairStep) -> str:
+    """A remedy's typed step in a few words, e.g. "write n3 to n2's truststore, from the members-table"; -o json has
+    it in full."""
+    record = step.record
+    label = record.name or (f"node {record.node_id} at {record.address}" if record.node_id else record.address)
+    known = _STEP_TEXT.get(step.kind)
+    # A kind added after this client was built is shown by its number.
+    text = f"{step.kind} {{where}}" if known is None else known
+    text = text.format(
+        record=label or record.entry or "-",
+        entry=f"{record.entry} in " if record.entry else "",
+        where=_where(step.node, step.source),
+        node=step.node or "-",
+    )
+    if step.kind == membership_pb2.REPAIR_STEP_KIND_WRITE_RECORD and step.HasField("evidence"):
+        text += f", from {_where(step.evidence.node, step.evidence.source)}"
+    return text
+
+
+def _where(node: str, source: membership_pb2.Source.ValueType) -> str:
+    """n2's truststore, the members-table; a step about no single source names its node, or the cluster."""
+    name = _enum_name(membership_pb2.Source.DESCRIPTOR, source, "SOURCE_") if source else ""
+    if node:
+        return f"{node}'s {name}" if name else node
+    return f"the {name or 'cluster'}"
 
 
 # --- token issue | list | revoke ---------------------------------------------------------------------------------
@@ -510,6 +550,11 @@ def _register_token(subparsers: _Subparsers) -> None:
     issue.add_argument("name", metavar="NAME", help="the new member's name (a DNS name of its certificate)")
     issue.add_argument("--ttl", type=_seconds, metavar="S", help="how long it may be used (default 1 h, at most 7 d)")
     issue.add_argument("--request-id", metavar="ID", help="makes a retry safe (default: a fresh one)")
+    issue.add_argument(
+        "--microcluster",
+        action="store_true",
+        help="microcluster's own token, for a joiner that joins with `microctl init` (microcluster backend)",
+    )
     issue.set_defaults(handler=_run_token_issue)
     listing = _operation_parser(
         commands, "list", help="list the usable tokens (never their secrets)", description="List the usable tokens."
@@ -539,7 +584,9 @@ def _operation_parser(
 
 def _run_token_issue(args: argparse.Namespace) -> int:
     with _connected(args) as client:
-        operation = client.issue_token(args.name, ttl=args.ttl, request_id=args.request_id, timeout=args.timeout)
+        operation = client.issue_token(
+            args.name, ttl=args.ttl, request_id=args.request_id, microcluster=args.microcluster, timeout=args.timeout
+        )
         # Print before asking anything else: this answer is the only copy of the token.
         if args.output != "table" or operation.token:
             _show(args, operation.token, operation)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
-from coordinator.core.model import AgentFailure, ClusterView, NodeObservation, NodeView, Source
+from coordinator.core.model import AgentFailure, ClusterView, NodeObservation, NodeView
 from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import view_from_proto
 from coordinator.pki import Identity
@@ -180,16 +180,13 @@ class Agents:
         self._heard(member.name, True)
         return response
 
-    async def node_id_of(self, member: RegisteredMember, timeout: float) -> int | None:
-        """The dqlite node ID that `member`'s agent reports (its info.yaml), asked over a channel pinned to the
-        member's certificate; None when it does not answer as that certificate's holder or reports no ID."""
+    async def joiner_view(self, member: RegisteredMember, timeout: float) -> NodeView | None:
+        """What a joiner's agent reports of its node, asked over a channel pinned to the certificate the joiner
+        submitted; None when it does not answer as that certificate's holder."""
         if member.name not in self._registered and (stale := self._links.pop(member.name, None)) is not None:
             # A joiner's channel from an earlier attempt may be backing off from an agent that was away: dial anew.
             await stale.channel.close(None)
-        observation = await self._observe(member, timeout)
-        report = observation.view.report(Source.NODE_INFO) if observation.view else None
-        ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
-        return ids[0] if len(ids) == 1 else None
+        return (await self._observe(member, timeout)).view
 
     async def close(self) -> None:
         for link in self._links.values():

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from memberguard.v1 import agent_pb2, operation_pb2, repair_pb2
 from memberguard.v1 import membership_pb2 as pb
 
+from coordinator import pki
 from coordinator.core import model
 from coordinator.core.operation import OperationRecord
 from coordinator.core.plan import (
@@ -19,6 +20,7 @@ from coordinator.core.plan import (
     FenceNode,
     ForgetMember,
     IssueMicroclusterToken,
+    JoinThroughMicrocluster,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
@@ -26,7 +28,7 @@ from coordinator.core.plan import (
     RemoveTruststoreRecord,
     RevokeMicroclusterToken,
 )
-from coordinator.core.repair import RepairPlan
+from coordinator.core.repair import RepairPlan, RepairStep
 from coordinator.core.tokens import TokenRecord
 
 
@@ -143,6 +145,27 @@ def evidence_to_proto(evidence: model.Evidence) -> pb.Evidence:
     )
 
 
+def remedy_step_to_proto(step: model.RemedyStep) -> pb.RepairStep:
+    message = pb.RepairStep(
+        kind=pb.RepairStepKind.ValueType(step.kind),
+        node=step.node,
+        source=pb.Source.ValueType(step.source or 0),
+    )
+    if step.record is not None:
+        message.record.CopyFrom(record_to_proto(step.record))
+    if step.evidence is not None:
+        message.evidence.CopyFrom(evidence_to_proto(step.evidence))
+    return message
+
+
+def remedy_to_proto(remedy: model.Remedy) -> pb.Remedy:
+    return pb.Remedy(
+        action=remedy.action,
+        safety=pb.RemedySafety.ValueType(remedy.safety),
+        steps=[remedy_step_to_proto(step) for step in remedy.steps],
+    )
+
+
 def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
     message = pb.Discrepancy(
         id=discrepancy.id,
@@ -152,7 +175,7 @@ def discrepancy_to_proto(discrepancy: model.Discrepancy) -> pb.Discrepancy:
         node=discrepancy.node,
         summary=discrepancy.summary,
         evidence=[evidence_to_proto(e) for e in discrepancy.evidence],
-        remedies=[pb.Remedy(action=r.action, safety=pb.RemedySafety.ValueType(r.safety)) for r in discrepancy.remedies],
+        remedies=[remedy_to_proto(r) for r in discrepancy.remedies],
         age=_duration(discrepancy.age),
         explained_by_operation_id=discrepancy.explained_by,
     )
@@ -249,10 +272,54 @@ def step_to_proto(action: Action) -> agent_pb2.ApplyStepRequest:
             return agent_pb2.ApplyStepRequest(issue_microcluster_token=token)
         case RevokeMicroclusterToken(name=name):
             return agent_pb2.ApplyStepRequest(revoke_microcluster_token=name)
+        case JoinThroughMicrocluster(name=name, address=address):
+            # The token is the runner's to add (plan.JoinThroughMicrocluster).
+            join = agent_pb2.MicroclusterJoin(name=name, address=address)
+            return agent_pb2.ApplyStepRequest(join_through_microcluster=join)
         case FenceNode():
             return agent_pb2.ApplyStepRequest(fence_node=True)
         case ForgetMember() | RegisterMember():
             raise AssertionError("the coordinator applies its own steps itself")
+
+
+def _typed(action: Action) -> tuple[model.RepairStepKind, model.MemberRecord | None]:
+    """What a planned step does, in the terms of a remedy's step: its kind, and the record it writes or deletes."""
+    write, delete = model.RepairStepKind.WRITE_RECORD, model.RepairStepKind.DELETE_RECORD
+    match action:
+        case EnsureTruststoreRecord(name=name, address=address, certificate_pem=pem):
+            fingerprint = pki.fingerprint(pem)
+            return write, model.MemberRecord(name, address, fingerprint, entry=f"{name}.yaml", certificate_pem=pem)
+        case EnsureMemberRow(name=name, address=address, certificate_pem=pem, role=role):
+            row = model.MemberRecord(
+                name,
+                address,
+                pki.fingerprint(pem),
+                role=model.Role.from_text(role),
+                role_text=role,
+                certificate_pem=pem,
+            )
+            return write, row
+        case RemoveTruststoreRecord(name=name) | RemoveMemberRow(name=name):
+            return delete, model.MemberRecord(name=name)
+        case RemoveRaftEntry(node_id=node_id, address=address, role=role):
+            return delete, model.MemberRecord(address=address, node_id=node_id, role=role)
+        case RemoveThroughMicrocluster(name=name, address=address, node_id=node_id):
+            return delete, model.MemberRecord(name=name, address=address, node_id=node_id)
+        case FenceNode():
+            return model.RepairStepKind.RESET_NODE, None
+        case ForgetMember(name=name):
+            return model.RepairStepKind.FORGET_MEMBER, model.MemberRecord(name=name)
+        case _:
+            raise AssertionError(f"no repair plans {type(action).__name__}")
+
+
+def repair_step_to_proto(step: RepairStep) -> pb.RepairStep:
+    """A planned step as the contract has it: a remedy's step, with the name of what it does and the agent that
+    applies it."""
+    kind, record = _typed(step.planned.action)
+    message = remedy_step_to_proto(model.RemedyStep(kind, step.source, step.planned.target, record, step.evidence))
+    message.name = step.planned.name
+    return message
 
 
 def repair_plan_to_proto(plan: RepairPlan) -> repair_pb2.RepairPlan:
@@ -265,15 +332,7 @@ def repair_plan_to_proto(plan: RepairPlan) -> repair_pb2.RepairPlan:
                 member=member_to_proto(action.member),
                 safety=pb.RemedySafety.ValueType(action.safety),
                 reason=action.reason,
-                steps=[
-                    repair_pb2.RepairStep(
-                        name=step.planned.name,
-                        node=step.planned.target,
-                        source=pb.Source.ValueType(step.source or 0),
-                        evidence=evidence_to_proto(step.evidence) if step.evidence is not None else None,
-                    )
-                    for step in action.steps
-                ],
+                steps=[repair_step_to_proto(step) for step in action.steps],
                 remainder=action.remainder,
             )
             for action in plan.actions

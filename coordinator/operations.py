@@ -40,7 +40,7 @@ from coordinator.core import recovery, tokens
 from coordinator.core.addresses import address_problem
 from coordinator.core.diff import compute_diff
 from coordinator.core.guard import Parked, Proceed, Refused, Request, Stale, decide
-from coordinator.core.model import ClusterView, Member, MembershipDiff, RemedySafety
+from coordinator.core.model import ClusterView, Member, MembershipDiff, NodeView, RemedySafety, Source
 from coordinator.core.operation import (
     Abandon,
     Audit,
@@ -70,11 +70,13 @@ from coordinator.core.plan import (
     FenceNode,
     ForgetMember,
     Joiner,
+    JoinThroughMicrocluster,
+    NotOnMicrocluster,
     PlannedStep,
     RegisterMember,
     plan_join,
+    plan_microcluster_token,
     plan_removal,
-    plan_token,
 )
 from coordinator.core.recovery import Back, Forward, Wait, commit_effect, silent_agents
 from coordinator.core.repair import RepairAction, RepairPlan, UnknownActions, UnknownDiscrepancies, plan_repair
@@ -103,6 +105,8 @@ from coordinator.registry import RegisteredMember, Registry, UnreadableRegistry
 log = logging.getLogger("memberguard.operations")
 
 STEP_TIMEOUT = 5.0
+# microcluster's join answers once the joiner's dqlite has joined and its hooks have run: seconds, more when loaded.
+JOIN_THROUGH_MICROCLUSTER_TIMEOUT = 60.0
 # A deferred step is tried at most this often (seconds): its node may stay away for good, and each try holds the lock.
 REMAINDER_RETRY = 5.0
 # After the commit point a failing step is retried this many times before the operation is parked.
@@ -455,7 +459,7 @@ class Operations:
             raise AlreadyExists(f"{operation.name} is already a member")
         now = time.time()
         ttl = operation.ttl.ToNanoseconds() / 1e9 if operation.HasField("ttl") else None
-        if diff.backend == "microcluster":
+        if operation.microcluster:
             return await self._issue_microcluster_token(operation.name, ttl, diff, audit, admitted)
         try:
             text, token = tokens.issue(
@@ -486,13 +490,15 @@ class Operations:
         audit: Audit,
         admitted: asyncio.Future[OperationRecord],
     ) -> Outcome:
-        """On the microcluster backend a joiner joins through microcluster, with microcluster's own token: the guard
-        has passed, and a member's daemon issues it (core/plan.py, `plan_token`)."""
+        """microcluster's own token, for a joiner that joins with `microctl init`: the guard has passed, and a member's
+        daemon issues it (core/plan.py, `plan_microcluster_token`)."""
         try:
             ttl = tokens.checked_request(name, ttl)
-            plan = plan_token(diff, name, ttl=ttl, reachable=set(diff.nodes) - silent_agents(diff))
+            plan = plan_microcluster_token(diff, name, ttl=ttl, reachable=set(diff.nodes) - silent_agents(diff))
         except tokens.InvalidTokenRequest as error:
             raise InvalidRequest([FieldViolation(f"issue_token.{error.field}", error.reason)]) from None
+        except NotOnMicrocluster as error:
+            raise InvalidRequest([FieldViolation("issue_token.microcluster", str(error))]) from None
         except CannotPlan as error:
             violation = PreconditionViolation("NO_REACHABLE_NODE", name, str(error))
             raise DirtyMembership(str(error), diff_to_proto(diff), [violation]) from None
@@ -540,7 +546,9 @@ class Operations:
         # Dialled pinned to the certificate it submitted, the joiner's agent proves it holds that key; its view
         # says which dqlite node ID its node has.
         joining = RegisteredMember(join.name, join.agent_address, join.certificate_pem)
-        node_id = await self._agents.node_id_of(joining, self._agent_timeout)
+        view = await self._agents.joiner_view(joining, self._agent_timeout)
+        # On microcluster the joiner has no node ID until microcluster's join gives it one.
+        node_id = 0 if view is not None and diff.backend == "microcluster" else _node_id(view)
         if node_id is None:
             raise JoinerNotVerified(
                 f"the joiner's agent at {join.agent_address} did not answer as the holder of the certificate it"
@@ -562,7 +570,10 @@ class Operations:
         record = replace(self._new_record(OperationKind.JOIN, member, plan.steps, audit, now), plan=plan.remainder)
         record = self._journal.create(record)
         admitted.set_result(record)
-        return Outcome(await self._follow(record))
+        try:
+            return Outcome(await self._follow(record))
+        finally:
+            self._obtained.pop(record.id, None)  # microcluster's token for the joiner, used or not
 
     # --- removals ------------------------------------------------------------------------------------------------
 
@@ -635,7 +646,7 @@ class Operations:
         if record.kind is OperationKind.JOIN and not committed(record):
             joiner = record.member.name
             try:
-                answered = await self._agents.node_id_of(self._target(record, joiner), self._agent_timeout) is not None
+                answered = await self._agents.joiner_view(self._target(record, joiner), self._agent_timeout) is not None
             except StepFailed:
                 answered = False
             if not answered:
@@ -712,6 +723,15 @@ class Operations:
             self._apply_own(step.action)
             return
         request = step_to_proto(step.action)
+        if isinstance(step.action, JoinThroughMicrocluster):
+            timeout = max(timeout, JOIN_THROUGH_MICROCLUSTER_TIMEOUT)
+            token = self._obtained.get(record.id)
+            if token is None:
+                raise StepFailed(
+                    "microcluster's join token was issued to an earlier run of this coordinator, and kept only in its"
+                    " memory"
+                )
+            request.join_through_microcluster.token = token
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
             response = await self._agents.apply_step(self._target(record, step.target), request, timeout)
@@ -863,6 +883,13 @@ class Operations:
     def _save(self, record: OperationRecord) -> OperationRecord:
         self._journal.save(record)
         return record
+
+
+def _node_id(view: NodeView | None) -> int | None:
+    """The dqlite node ID a node's own view reports (its info.yaml); None without one."""
+    report = view.report(Source.NODE_INFO) if view else None
+    ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
+    return ids[0] if len(ids) == 1 else None
 
 
 def _own_cancellation() -> bool:

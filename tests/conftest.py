@@ -29,6 +29,7 @@ UNIT = (
     "tests/test_status.py",
     "tests/test_layout.py",
     "tests/test_check_order.py",
+    "tests/test_messages.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
-"""Guarded removals on a microcluster lab go through microcluster itself (DELETE core/1.0/cluster/{name} on a member's
-control socket): memberguard decides, journals and recovers; microcluster changes its own membership. Each ends
-consistent by memberguard's check and by `microctl cluster list`, the two printed side by side."""
+"""Guarded operations on a microcluster lab go through microcluster itself, on its members' control sockets: a join is
+microcluster's token from a member's daemon and the joiner's own POST core/control with it, a removal is DELETE
+core/1.0/cluster/{name}. memberguard decides, journals and recovers; microcluster changes its own membership. Each
+ends consistent by memberguard's check and by `microctl cluster list`, the two printed side by side."""
 
 from __future__ import annotations
 
@@ -84,14 +85,14 @@ def test_a_token_is_microclusters_own_issued_behind_the_guard_and_joins_through_
 ) -> None:
     with Client(lab.endpoint) as client:
         _settled(client)
-        issued = client.issue_token("n9", ttl=600, timeout=60)
+        issued = client.issue_token("n9", ttl=600, microcluster=True, timeout=60)
         assert issued.state == o.OPERATION_STATE_SUCCEEDED, issued
         assert _steps(issued) == [("microcluster issues n9's join token on n1", "DONE")]
         assert "microctl init n9" in issued.plan
         # microcluster's types.Token: its secret, the cluster certificate's fingerprint and the members' addresses.
         token = json.loads(base64.b64decode(issued.token))
         assert sorted(token) == ["fingerprint", "join_addresses", "secret"]
-        again = client.issue_token("n9", ttl=600, timeout=60).token
+        again = client.issue_token("n9", ttl=600, microcluster=True, timeout=60).token
         assert again != issued.token
         assert [row["name"] for row in _microctl(lab, "n1", "tokens", "list")] == ["n9"], "a re-issue replaces"
         kept = b"".join(path.read_bytes() for path in (lab.dir / "coordinator").glob("journal.db*"))
@@ -109,12 +110,66 @@ def test_a_token_is_microclusters_own_issued_behind_the_guard_and_joins_through_
             diff = client.check_membership(timeout=10).diff
             found = [(pb.DiscrepancyKind.Name(d.kind), d.summary) for d in diff.discrepancies]
             print(f"n9 joined through microctl, no agent of memberguard's: {found}")
+            unwatched = [d for d in diff.discrepancies if d.kind == pb.DISCREPANCY_KIND_UNWATCHED_MEMBER]
+            assert [(d.node, d.severity) for d in unwatched] == [("n9", pb.SEVERITY_WARNING)], found
             removed = client.remove_member(
                 "n9", force=True, acknowledged=[d.id for d in diff.discrepancies], timeout=60
             )
             assert removed.state == o.OPERATION_STATE_SUCCEEDED, removed
         ours, theirs = _side_by_side("n9 joined with memberguard's token, then removed", client, lab, "n1")
     assert ours == theirs == ["n1", "n2", "n3", "n4", "n5"]
+
+
+def test_a_join_through_memberguard_is_microclusters_own_join(lab: labs.Lab) -> None:
+    """`lab add-node`: the joiner's agent presents memberguard's token; memberguard has a member's daemon issue
+    microcluster's token, the joiner's daemon join with it, and registers the joiner. microcluster used its token up."""
+    with Client(lab.endpoint) as client:
+        _settled(client)
+        labs.add_node(lab.dir, "n6")
+        [join] = [op for op in client.list_operations().operations if op.kind == o.OPERATION_KIND_JOIN]
+        assert join.state == o.OPERATION_STATE_SUCCEEDED, join
+        assert _steps(join) == [
+            ("microcluster issues n6's join token on n1", "DONE"),
+            ("n6 joins through microcluster", "DONE"),
+            ("register n6", "DONE"),
+        ]
+        assert _microctl(lab, "n1", "tokens", "list") == [], "microcluster consumed its token"
+        ours, theirs = _side_by_side("n6 joined through memberguard", client, lab, "n1")
+        assert ours == theirs == ["n1", "n2", "n3", "n4", "n5", "n6"]
+        assert client.remove_member("n6", timeout=60).state == o.OPERATION_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("fault", "joined"),
+    [("before-step:1", False), ("applied-step:1", True)],
+    ids=["token-issued", "joined-unrecorded"],
+)
+def test_a_join_whose_coordinator_was_killed_ends_wholly_in_or_out(lab: labs.Lab, fault: str, joined: bool) -> None:
+    """Killed once microcluster's token was issued (nothing joined yet: the restarted coordinator rolls back, revoking
+    it), or once the joiner's daemon had joined and before the journal recorded it (the sources show it a member:
+    rolled forward). The restarted coordinator decides from what microcluster holds, not from the journal."""
+    name = "n7" if joined else "n8"
+    start_coordinator(lab, {"MEMBERGUARD_FAULT": fault})
+    try:
+        with pytest.raises(labs.LabError):
+            labs.add_node(lab.dir, name)
+    finally:
+        start_coordinator(lab, {})
+    with Client(lab.endpoint) as client:
+        [operation] = [
+            op
+            for op in client.list_operations().operations
+            if (op.kind, op.member.name) == (o.OPERATION_KIND_JOIN, name)
+        ]
+        operation = client.wait_operation(operation.id, wait=60)
+        expected = o.OPERATION_STATE_SUCCEEDED if joined else o.OPERATION_STATE_ROLLED_BACK
+        assert operation.state == expected, operation
+        assert _microctl(lab, "n1", "tokens", "list") == [], "the token is used or revoked"
+        what = f"{name}'s join, the coordinator killed at {fault}"
+        ours, theirs = _side_by_side(what, client, lab, "n1")
+        assert ours == theirs == sorted(["n1", "n2", "n3", "n4", "n5"] + ([name] if joined else []))
+        if joined:
+            assert client.remove_member(name, timeout=60).state == o.OPERATION_STATE_SUCCEEDED
 
 
 def test_a_removal_is_microclusters_own(lab: labs.Lab) -> None:

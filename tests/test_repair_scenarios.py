@@ -59,6 +59,8 @@ class Outcome:
 
 
 CLEAN = Outcome([])
+# S4's joiner has no agent: a member memberguard cannot see, which a human adopts; nothing repairs it.
+UNWATCHED_J1: Fact = ("UNWATCHED_MEMBER", "WARNING", "AGENT", "j1")
 MISSING_ROW: Fact = ("MISSING", "BLOCKING", "MEMBERS_TABLE", "")
 DUPLICATE: Fact = ("DUPLICATE_ADDRESS", "BLOCKING", "MEMBERS_TABLE", "")
 STALE_CACHE: Fact = ("VIEW_DIFFERS", "WARNING", "RAFT_CACHE", "n2")
@@ -72,7 +74,7 @@ LOCAL: dict[str, Outcome] = {
     "S1 ghost Raft member": Outcome([MISSING_ROW], confirmed=[(*STALE_CACHE[:3], "n2"), (*STALE_CACHE[:3], "n3")]),
     "S2 PENDING row only": CLEAN,
     "S3 PENDING row and leader trust": CLEAN,
-    "S4 partial truststore fan-out": CLEAN,
+    "S4 partial truststore fan-out": Outcome([UNWATCHED_J1]),
     "S6 row deleted, still in Raft": CLEAN,
     "S7 removal crashed after Raft remove": CLEAN,
     "S9 truststore record deleted on a follower": CLEAN,
@@ -426,7 +428,11 @@ DQLITE: dict[str, DqliteScenario] = {
         lambda _: [("MISSING", "BLOCKING", "RAFT_CONFIG", "")],
         CLEAN,
     ),
-    "S4 partial truststore fan-out": (_dq_partial_fan_out, _follower_trust, CLEAN),
+    "S4 partial truststore fan-out": (
+        _dq_partial_fan_out,
+        lambda lab: [*_follower_trust(lab), UNWATCHED_J1],
+        Outcome([UNWATCHED_J1]),
+    ),
     "S6 row deleted, still in Raft": (
         lambda lab: _sql(lab.lab, "DELETE FROM core_cluster_members WHERE name = ?", "n2"),
         lambda _: [MISSING_ROW],

@@ -119,7 +119,11 @@ SCENARIOS: dict[str, tuple[Callable[[Lab], None], Expected]] = {
     "S3 PENDING row and leader trust": (_pending_row_and_leader_trust, [("MISSING", "BLOCKING", "RAFT_CONFIG", "")]),
     "S4 partial truststore fan-out": (
         _partial_truststore_fan_out,
-        [("MISSING", "BLOCKING", "TRUSTSTORE", "n2"), ("MISSING", "BLOCKING", "TRUSTSTORE", "n3")],
+        [
+            ("MISSING", "BLOCKING", "TRUSTSTORE", "n2"),
+            ("MISSING", "BLOCKING", "TRUSTSTORE", "n3"),
+            ("UNWATCHED_MEMBER", "WARNING", "AGENT", "j1"),
+        ],
     ),
     "S6 row deleted, still in Raft": (_row_deleted_while_in_raft, [("MISSING", "BLOCKING", "MEMBERS_TABLE", "")]),
     "S7 removal crashed after Raft remove": (

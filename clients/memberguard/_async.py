@@ -144,10 +144,16 @@ class AsyncClient(BaseClient):
         return await self._call(self._guarded_operation, request, timeout)
 
     async def issue_token(
-        self, name: str, *, ttl: float | None = None, request_id: str | None = None, timeout: float = 30.0
+        self,
+        name: str,
+        *,
+        ttl: float | None = None,
+        request_id: str | None = None,
+        microcluster: bool = False,
+        timeout: float = 30.0,
     ) -> operation_pb2.Operation:
         """Issues a join token for `name`; see Client.issue_token."""
-        request = issue_token_request(name, ttl=ttl, request_id=request_id)
+        request = issue_token_request(name, ttl=ttl, request_id=request_id, microcluster=microcluster)
         return (await self.guarded_operation(request, timeout)).operation
 
     async def remove_member(

@@ -300,9 +300,9 @@ def watch_timeout(timeout: float | None) -> float | None:
 
 
 def issue_token_request(
-    name: str, *, ttl: float | None, request_id: str | None
+    name: str, *, ttl: float | None, request_id: str | None, microcluster: bool = False
 ) -> coordinator_pb2.GuardedOperationRequest:
-    operation = operation_pb2.IssueTokenOperation(name=name)
+    operation = operation_pb2.IssueTokenOperation(name=name, microcluster=microcluster)
     if ttl is not None:
         operation.ttl.FromNanoseconds(int(ttl * 1e9))
     return coordinator_pb2.GuardedOperationRequest(request_id=request_id or uuid.uuid4().hex, issue_token=operation)

@@ -136,10 +136,18 @@ class Client(BaseClient):
         return self._call(self._guarded_operation, request, timeout)
 
     def issue_token(
-        self, name: str, *, ttl: float | None = None, request_id: str | None = None, timeout: float = 30.0
+        self,
+        name: str,
+        *,
+        ttl: float | None = None,
+        request_id: str | None = None,
+        microcluster: bool = False,
+        timeout: float = 30.0,
     ) -> operation_pb2.Operation:
-        """Issues a join token for `name`; the returned operation's `token` is the only copy of it."""
-        return self.guarded_operation(issue_token_request(name, ttl=ttl, request_id=request_id), timeout).operation
+        """Issues a join token for `name`; the returned operation's `token` is the only copy of it. microcluster asks
+        for microcluster's own token instead (microcluster backend), for a joiner that joins with `microctl init`."""
+        request = issue_token_request(name, ttl=ttl, request_id=request_id, microcluster=microcluster)
+        return self.guarded_operation(request, timeout).operation
 
     def remove_member(
         self,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl as _ssl
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from memberguard.v1 import agent_pb2, membership_pb2
@@ -128,36 +128,7 @@ class DqliteSteps(NodeSteps):
     # --- the Raft configuration ----------------------------------------------------------------------------------
 
     async def _remove_raft_entry(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
-        entry = request.remove_raft_entry
-        decided = None if entry.role == membership_pb2.ROLE_UNSPECIFIED else Role(entry.role)
-        label = f"node {entry.node_id} at {entry.address}"
-        backoff = _POLL
-        handed = ""
-        while True:
-            async with self._leader() as leader:
-                nodes = await leader.cluster()
-                held = _entry(nodes, entry.node_id, entry.address)
-                if held is None:
-                    return False, f"the leader's configuration holds no {label}"
-                role = ROLES[held.role]
-                if decided is not None and (role is Role.VOTER) != (decided is Role.VOTER):
-                    raise ConfigurationMoved(
-                        f"{label} is a {role.text} now, not the {decided.text} the removal was decided on"
-                    )
-                if leader.address == entry.address:
-                    handed = (
-                        f"; it led: handed leadership to node {await _hand_over(leader, nodes, entry.node_id)} first"
-                    )
-                    continue  # and find the new leader
-                try:
-                    await leader.remove(entry.node_id)
-                except Busy:
-                    # Raft allows one configuration change at a time: another is still being committed.
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 0.5)
-                    continue
-                if _entry(await leader.cluster(), entry.node_id, entry.address) is None:
-                    return True, f"removed {label} from the Raft configuration ({role.text}){handed}"
+        return await remove_raft_entry(self._leader, request.remove_raft_entry)
 
     async def _ensure_raft_entry(self, request: agent_pb2.ApplyStepRequest) -> tuple[bool, str]:
         entry = request.ensure_raft_entry
@@ -218,6 +189,40 @@ class DqliteSteps(NodeSteps):
             return False, "the node is fenced already"
         done = (["stopped its engine"] if stopped else []) + ([f"removed {', '.join(removed)}"] if removed else [])
         return True, "fenced: " + "; ".join(done)
+
+
+async def remove_raft_entry(
+    leader_of: Callable[[], contextlib.AbstractAsyncContextManager[Connection]], entry: agent_pb2.RaftEntry
+) -> tuple[bool, str]:
+    """The Raft removal step through the leader that leader_of() connects to (this backend's, and microcluster's for
+    a ghost Raft member)."""
+    decided = None if entry.role == membership_pb2.ROLE_UNSPECIFIED else Role(entry.role)
+    label = f"node {entry.node_id} at {entry.address}"
+    backoff = _POLL
+    handed = ""
+    while True:
+        async with leader_of() as leader:
+            nodes = await leader.cluster()
+            held = _entry(nodes, entry.node_id, entry.address)
+            if held is None:
+                return False, f"the leader's configuration holds no {label}"
+            role = ROLES[held.role]
+            if decided is not None and (role is Role.VOTER) != (decided is Role.VOTER):
+                raise ConfigurationMoved(
+                    f"{label} is a {role.text} now, not the {decided.text} the removal was decided on"
+                )
+            if leader.address == entry.address:
+                handed = f"; it led: handed leadership to node {await _hand_over(leader, nodes, entry.node_id)} first"
+                continue  # and find the new leader
+            try:
+                await leader.remove(entry.node_id)
+            except Busy:
+                # Raft allows one configuration change at a time: another is still being committed.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
+                continue
+            if _entry(await leader.cluster(), entry.node_id, entry.address) is None:
+                return True, f"removed {label} from the Raft configuration ({role.text}){handed}"
 
 
 def _entry(nodes: list[NodeInfo], node_id: int, address: str) -> NodeInfo | None:

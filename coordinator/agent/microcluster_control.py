@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+from coordinator.agent.filecache import MalformedFile, load_yaml
 from coordinator.errors import EngineRefused, EngineUnavailable
 
 # A removal waits on microcluster's leader, its hooks and its reset of the removed member: seconds on a healthy
@@ -23,6 +24,9 @@ REQUEST_TIMEOUT = 30.0
 # What remove_member takes to mean "microcluster holds no such member": clusterMemberDelete's NotFound when neither
 # dqlite nor the members table has the address (microcluster v3 internal/rest/resources/cluster.go).
 _NOT_FOUND = "not found in dqlite or database"
+# controlPost's refusal of a daemon whose database is no longer "not yet initialized" but online: it has joined
+# (internal/rest/resources/control.go, with microcluster/types/database.go's status text).
+_JOINED = "Unable to initialize cluster: Database is online"
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -103,3 +107,26 @@ async def issue_token(state_dir: Path, name: str, expire_after: float) -> str:
     if not isinstance(token, str) or not token:
         raise EngineUnavailable("microcluster answered a token request with no token")
     return token
+
+
+async def join_cluster(state_dir: Path, name: str, address: str, token: str) -> bool:
+    """Has this member's daemon join the cluster as name at address with microcluster's join token (POST core/control,
+    as `microctl init NAME ADDRESS --token TOKEN` does); it answers once it has joined. False when the daemon had
+    already joined as name (a re-sent step). A refusal is EngineRefused with microcluster's words."""
+    body = {"bootstrap": False, "name": name, "address": address, "join_token": token}
+    code, error, _ = await _call(state_dir, "POST", "/core/control", body)
+    if code == 0:
+        return True
+    # A daemon still joining is refused too, with another status: that is no answer yet (EngineRefused below).
+    if _JOINED in error and _daemon_name(state_dir) == name:
+        return False
+    raise EngineRefused(f"microcluster refused to join {name}: {error}")
+
+
+def _daemon_name(state_dir: Path) -> str:
+    """The name daemon.yaml gives this member; "" when there is none (an uninitialised daemon has no daemon.yaml)."""
+    try:
+        document = load_yaml((state_dir / "daemon.yaml").read_bytes())
+    except (OSError, MalformedFile):
+        return ""
+    return str(document.get("name") or "") if isinstance(document, dict) else ""

@@ -25,8 +25,9 @@ from pathlib import Path
 from memberguard.v1 import agent_pb2
 
 from coordinator.agent.dqlite_sources import network_readers
-from coordinator.agent.microcluster_control import issue_token, remove_member, revoke_token
+from coordinator.agent.microcluster_control import issue_token, join_cluster, remove_member, revoke_token
 from coordinator.agent.microcluster_dial import MemberDial
+from coordinator.agent.microcluster_writes import DirectWrites
 from coordinator.agent.raft_files import NodeInfoReader, RaftConfigFileReader
 from coordinator.agent.sources import SourceReader
 from coordinator.agent.steps import Applied, checked_step
@@ -70,13 +71,21 @@ async def _one_by_one(candidates: Sequence[str], timeout: float, dial: Dial) -> 
 
 
 class MicroclusterSteps:
-    """The backend's steps: requests to microcluster. microcluster changes its membership only through its own API,
-    and its heartbeat rewrites every truststore from the members table, so the agent writes nothing behind microd's
-    back: it asks this member's daemon (microcluster_control.py). A step of another backend is checked (a malformed
-    one is refused as such), then refused."""
+    """The backend's steps: requests to microcluster. microcluster changes its membership through its own API, and its
+    heartbeat rewrites every truststore from the members table, so the agent asks this member's daemon
+    (microcluster_control.py) and writes into dqlite only what microcluster has no flow for (microcluster_writes.py).
+    A step of another backend is checked (a malformed one is refused as such), then refused."""
 
     def __init__(self, state_dir: Path) -> None:
         self._state_dir = state_dir
+        database = state_dir / "database"
+        self._direct = DirectWrites(
+            MemberDial(state_dir),
+            RaftConfigFileReader(database / "cluster.yaml", Source.RAFT_CACHE),
+            TruststoreReader(state_dir / "truststore"),
+            DATABASE,
+            _one_by_one,
+        )
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
         match checked_step(request):
@@ -97,5 +106,18 @@ class MicroclusterSteps:
                 if not await revoke_token(self._state_dir, name):
                     return Applied(False, f"microcluster holds no join token for {name}")
                 return Applied(True, f"microcluster revoked {name}'s join token")
+            case "join_through_microcluster":
+                join = request.join_through_microcluster
+                if not join.token:
+                    raise InvalidRequest([FieldViolation("join_through_microcluster.token", "is required")])
+                if not await join_cluster(self._state_dir, join.name, join.address, join.token):
+                    return Applied(False, f"microcluster has already joined this daemon as {join.name}")
+                return Applied(True, f"microcluster joined {join.name} at {join.address}")
+            case "fence_node":
+                # A join is rolled back only when no source holds the joiner (recovery.commit_effect), and
+                # microcluster lets a daemon in again only with a token, which the rollback revokes.
+                return Applied(False, "microcluster admits this daemon only with a join token: nothing to fence")
+            case "ensure_member_row" | "remove_raft_entry":
+                return await self._direct.apply(request)
             case step:
                 raise InvalidRequest([FieldViolation("step", f"the microcluster backend applies no {step} step")])

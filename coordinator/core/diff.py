@@ -38,6 +38,8 @@ from coordinator.core.model import (
     NodeView,
     Remedy,
     RemedySafety,
+    RemedyStep,
+    RepairStepKind,
     Role,
     Severity,
     Source,
@@ -75,6 +77,8 @@ _SourceFacts = tuple[int, bool, tuple[_Identity, ...], tuple[str, ...]]
 _SAFE = RemedySafety.SAFE
 _CONFIRM = RemedySafety.NEEDS_CONFIRMATION
 _UNSAFE = RemedySafety.UNSAFE
+_WRITE = RepairStepKind.WRITE_RECORD
+_DELETE = RepairStepKind.DELETE_RECORD
 
 
 # --- public API ---------------------------------------------------------------------------------------------------
@@ -88,6 +92,7 @@ def compute_diff(view: ClusterView) -> MembershipDiff:
     raft, raft_found = _agreed_reading(views, Source.RAFT_CONFIG)
     ref = _reference(views, table, raft, view.now)
     found = table_found + raft_found + _agent_failures(observations, ref) + _membership(ref)
+    found += _unwatched(observations, ref)
     for node, node_view in views:
         found += _node_findings(node, node_view, ref)
     return MembershipDiff(
@@ -222,6 +227,7 @@ def _agreed_reading(views: _NodeViews, source: Source) -> tuple[_Reading | None,
 def _nobody_could_read(source: Source, errors: dict[str, str]) -> Discrepancy:
     evidence = tuple(Evidence(source, node, detail=error) for node, error in errors.items())
     if source is Source.RAFT_CONFIG:
+        by_hand = RemedyStep(RepairStepKind.BY_HAND, Source.RAFT_CONFIG)
         return _discrepancy(
             DiscrepancyKind.NO_LEADER,
             Severity.BLOCKING,
@@ -229,15 +235,18 @@ def _nobody_could_read(source: Source, errors: dict[str, str]) -> Discrepancy:
             source=source,
             evidence=evidence,
             remedies=(
-                Remedy("Bring back enough voters for the Raft configuration to elect a leader.", _CONFIRM),
+                Remedy("Bring back enough voters for the Raft configuration to elect a leader.", _CONFIRM, (by_hand,)),
                 Remedy(
                     "If the lost voters will never return, rewrite the Raft configuration once, on one surviving node, "
                     "with dqlite's `.reconfigure` or microcluster's `cluster edit`.",
                     _CONFIRM,
+                    (by_hand,),
                 ),
                 Remedy(
-                    "Reconfiguring on more than one node, or more than once: that splits the cluster.",
+                    "Do not reconfigure on more than one node, or more than once: each rewrite starts a configuration "
+                    "of its own, and the cluster splits.",
                     _UNSAFE,
+                    (by_hand,),
                 ),
             ),
         )
@@ -335,6 +344,7 @@ def _agent_failures(observations: Sequence[NodeObservation], ref: _Reference) ->
                         f"Check which certificate {node}'s agent serves, and pin it only if it is {node}'s member "
                         "certificate.",
                         _CONFIRM,
+                        (RemedyStep(RepairStepKind.CONFIRM, Source.AGENT, node, evidence=evidence[0]),),
                     ),
                 ),
             )
@@ -349,6 +359,35 @@ def _agent_failures(observations: Sequence[NodeObservation], ref: _Reference) ->
                 evidence=evidence,
             )
         found.append(discrepancy)
+    return found
+
+
+def _unwatched(observations: Sequence[NodeObservation], ref: _Reference) -> list[Discrepancy]:
+    """The members (a row and a Raft entry) whose node no agent speaks for: they joined without memberguard."""
+    asked = {observation.node for observation in observations}
+    found = []
+    for joined in ref.joined:
+        member, row, entry = joined.member, joined.row, joined.entry
+        if row is None or entry is None or not member.name or member.name in asked or row.address in ref.duplicated:
+            continue
+        found.append(
+            _discrepancy(
+                DiscrepancyKind.UNWATCHED_MEMBER,
+                Severity.WARNING,
+                f"{member.name} is a member, but no agent of memberguard's runs on its node: what it holds is unknown.",
+                member=member,
+                source=Source.AGENT,
+                node=member.name,
+                evidence=(_read_row(row), _read(Source.RAFT_CONFIG, (entry,))),
+                remedies=(
+                    Remedy(
+                        f"Adopt {member.name}: run `memberguard adopt` on its node and start its agent.",
+                        _CONFIRM,
+                        (RemedyStep(RepairStepKind.BY_HAND, Source.AGENT, member.name),),
+                    ),
+                ),
+            )
+        )
     return found
 
 
@@ -375,6 +414,9 @@ def _duplicate_address(address: str, ref: _Reference) -> Discrepancy:
     source = Source.MEMBERS_TABLE if len(rows) > 1 else Source.RAFT_CONFIG
     claims = rows if len(rows) > 1 else [entry for entry in ref.raft or () if entry.address == address]
     member = Member(address=address)
+    by_address = RemedyStep(
+        _DELETE, Source.MEMBERS_TABLE, record=MemberRecord(address=address), evidence=_read(Source.MEMBERS_TABLE, rows)
+    )
     return _discrepancy(
         DiscrepancyKind.DUPLICATE_ADDRESS,
         Severity.BLOCKING,
@@ -387,14 +429,25 @@ def _duplicate_address(address: str, ref: _Reference) -> Discrepancy:
                 f"Keep only the claim on {address} whose certificate the node serving there presents, and delete the "
                 "others by name.",
                 _CONFIRM,
+                (RemedyStep(RepairStepKind.CONFIRM, source, evidence=_read(source, claims)),),
             ),
-            Remedy(f"Deleting the members-table rows at {address} by address: that deletes all of them.", _UNSAFE),
+            Remedy(
+                f"Do not delete the members-table rows at {address} by address: that deletes every claim, the right "
+                "one with the others.",
+                _UNSAFE,
+                (by_address,),
+            ),
         ),
     )
 
 
 def _missing_from_raft(member: Member, row: MemberRecord, ref: _Reference) -> Discrepancy:
     name = member.name
+    delete_row = RemedyStep(_DELETE, Source.MEMBERS_TABLE, record=MemberRecord(name=name), evidence=_read_row(row))
+    forget = RemedyStep(
+        RepairStepKind.FORGET_MEMBER,
+        record=MemberRecord(name=name, address=row.address, certificate_fingerprint=row.certificate_fingerprint),
+    )
     if member.role is Role.PENDING:
         summary = f"{name} has a PENDING members-table row but is not in the Raft configuration: its join stalled."
         remedies = (
@@ -402,18 +455,41 @@ def _missing_from_raft(member: Member, row: MemberRecord, ref: _Reference) -> Di
                 f"Once no join traffic for {name} has been seen for a grace period, delete its members-table row, "
                 f"truststore records and tokens, and reset {name} before it joins again.",
                 _CONFIRM,
+                (
+                    delete_row,
+                    *_truststore_deletions(name, ref),
+                    forget,
+                    RemedyStep(RepairStepKind.RESET_NODE, Source.NODE_INFO, name),
+                ),
             ),
-            Remedy(f"Deleting {name}'s row while its join is still in flight.", _UNSAFE),
+            Remedy(
+                f"Do not delete {name}'s row while its join is still in flight: the join would still reach the Raft "
+                "configuration, as a member no row names (S1).",
+                _UNSAFE,
+                (delete_row,),
+            ),
         )
     else:
         summary = f"{name} has a members-table row (role {row.role_text!r}) but is not in the Raft configuration."
+        add = RemedyStep(
+            _WRITE,
+            Source.RAFT_CONFIG,
+            record=MemberRecord(address=row.address, node_id=row.node_id),
+            evidence=_read_row(row),
+        )
         remedies = (
             Remedy(
                 f"Once {name} has been out of Raft for a grace period, delete its members-table row and tokens; "
                 "the truststores follow.",
                 _CONFIRM,
+                (delete_row, forget),
             ),
-            Remedy(f"Adding {name} to the Raft configuration to match the table.", _UNSAFE),
+            Remedy(
+                f"Do not add {name} to the Raft configuration to match the table: the Raft configuration decides who "
+                "is a member, and a node added that does not run as one is a vote that never answers.",
+                _UNSAFE,
+                (add,),
+            ),
         )
     return _discrepancy(
         DiscrepancyKind.MISSING,
@@ -429,10 +505,43 @@ def _missing_from_raft(member: Member, row: MemberRecord, ref: _Reference) -> Di
 def _missing_from_table(member: Member, entry: MemberRecord, ref: _Reference) -> Discrepancy:
     label = _label(member)
     # A row can be rebuilt only from what the member proves about itself, that is from its own agent's report.
+    row = MemberRecord(
+        name=member.name,
+        address=member.address,
+        certificate_fingerprint=member.certificate_fingerprint,
+        role=member.role,
+        role_text="" if member.role is None else member.role.text,
+    )
+    report = Evidence(
+        Source.AGENT,
+        member.name,
+        (replace(row, node_id=member.node_id, role=None, role_text=""),),
+        f"its info.yaml holds node {member.node_id} at {member.address}; it serves certificate "
+        f"{member.certificate_fingerprint}",
+    )
     restore = (
-        (Remedy(f"Restore {label}'s members-table row from its own agent's report.", _CONFIRM),)
+        (
+            Remedy(
+                f"Restore {label}'s members-table row from its own agent's report.",
+                _CONFIRM,
+                (RemedyStep(_WRITE, Source.MEMBERS_TABLE, record=row, evidence=report),),
+            ),
+        )
         if _own_agent(entry, ref.views) is not None
         else ()
+    )
+    copied = _truststore_copy(entry.address, ref)
+    from_copy = RemedyStep(
+        _WRITE,
+        Source.MEMBERS_TABLE,
+        record=row if copied is None else replace(copied.records[0], entry="", certificate_pem=""),
+        evidence=copied,
+    )
+    remove = RemedyStep(
+        _DELETE,
+        Source.RAFT_CONFIG,
+        record=MemberRecord(address=entry.address, node_id=entry.node_id),
+        evidence=Evidence(Source.RAFT_CONFIG, "", (entry,)),
     )
     return _discrepancy(
         DiscrepancyKind.MISSING,
@@ -448,8 +557,14 @@ def _missing_from_table(member: Member, entry: MemberRecord, ref: _Reference) ->
                 f"Once {label} is confirmed gone or wiped, remove node {member.node_id} from the Raft configuration "
                 "by address, checking quorum first if it votes.",
                 _CONFIRM,
+                (remove,),
             ),
-            Remedy(f"Re-inserting {label}'s row from truststore data.", _UNSAFE),
+            Remedy(
+                f"Do not re-insert {label}'s row from truststore data: a truststore record is a copy that may be "
+                "stale or another member's, and only the member's own agent proves who it is.",
+                _UNSAFE,
+                (from_copy,),
+            ),
         ),
     )
 
@@ -512,7 +627,7 @@ def _truststore(node: str, report: SourceReport, ref: _Reference) -> list[Discre
         held = {record.name for record in records}
         for joined in ref.joined:
             if joined.row is not None and joined.entry is not None and joined.member.name not in held:
-                found.append(_missing_from_truststore(node, joined.member, ref))
+                found.append(_missing_from_truststore(node, joined, ref))
     rows = _first_by(ref.rows, lambda row: row.name)
     owners = _first_by(
         (row for row in ref.rows if row.certificate_fingerprint), lambda row: row.certificate_fingerprint
@@ -533,8 +648,8 @@ def _truststore(node: str, report: SourceReport, ref: _Reference) -> list[Discre
             elif ref.raft is not None and record.address not in raft_only:
                 orphan = Member(record.name, record.certificate_fingerprint, record.address, record.node_id)
                 orphans[orphan] = None
-    found += [_name_mismatch(node, ref.member_of(rows[owner]), held, ref) for owner, held in misnamed.items()]
-    return found + [_orphan(node, orphan, ref) for orphan in orphans]
+    found += [_name_mismatch(node, rows[owner], held, ref) for owner, held in misnamed.items()]
+    return found + [_orphan(node, orphan, records, ref) for orphan in orphans]
 
 
 def _heartbeat_rewrites(node: str, node_view: NodeView, found: list[Discrepancy]) -> list[Discrepancy]:
@@ -549,6 +664,7 @@ def _heartbeat_rewrites(node: str, node_view: NodeView, found: list[Discrepancy]
         f"Wait for microcluster's heartbeat, which rewrites {node}'s truststore from the members table every "
         f"{interval:g} s when the leader reaches {node}; check again after it.",
         _SAFE,
+        (RemedyStep(RepairStepKind.WAIT, Source.TRUSTSTORE, node),),
     )
     return [
         replace(
@@ -560,7 +676,15 @@ def _heartbeat_rewrites(node: str, node_view: NodeView, found: list[Discrepancy]
     ]
 
 
-def _missing_from_truststore(node: str, member: Member, ref: _Reference) -> Discrepancy:
+def _missing_from_truststore(node: str, joined: _Joined, ref: _Reference) -> Discrepancy:
+    member, row, entry = joined.member, joined.row, joined.entry
+    assert row is not None and entry is not None  # a member only the table or only Raft holds need not be trusted
+    shrink = RemedyStep(
+        _DELETE,
+        Source.RAFT_CONFIG,
+        record=MemberRecord(address=entry.address, node_id=entry.node_id),
+        evidence=Evidence(Source.RAFT_CONFIG, "", (entry,)),
+    )
     return _discrepancy(
         DiscrepancyKind.MISSING,
         Severity.BLOCKING,
@@ -570,8 +694,17 @@ def _missing_from_truststore(node: str, member: Member, ref: _Reference) -> Disc
         node=node,
         evidence=_holdings(member, ref),
         remedies=(
-            Remedy(f"Restore {member.name}'s record in {node}'s truststore from the members table.", _SAFE),
-            Remedy(f"Treating {member.name} as removed and shrinking the Raft configuration.", _UNSAFE),
+            Remedy(
+                f"Restore {member.name}'s record in {node}'s truststore from the members table.",
+                _SAFE,
+                (_restore_trust(node, row),),
+            ),
+            Remedy(
+                f"Do not treat {member.name} as removed and shrink the Raft configuration: the members table and Raft "
+                f"both hold it, and only {node}'s truststore lacks it.",
+                _UNSAFE,
+                (shrink,),
+            ),
         ),
     )
 
@@ -580,7 +713,11 @@ def _record_mismatches(node: str, row: MemberRecord, held: list[MemberRecord], r
     if all(r.address == row.address and r.certificate_fingerprint == row.certificate_fingerprint for r in held):
         return []
     member = ref.member_of(row)
-    rewrite = Remedy(f"Rewrite {row.name}'s record in {node}'s truststore from the members table.", _SAFE)
+    rewrite = Remedy(
+        f"Rewrite {row.name}'s record in {node}'s truststore from the members table.",
+        _SAFE,
+        (_restore_trust(node, row),),
+    )
     found = []
     addresses = sorted({record.address for record in held if record.address != row.address})
     if addresses:
@@ -615,8 +752,19 @@ def _record_mismatches(node: str, row: MemberRecord, held: list[MemberRecord], r
     return found
 
 
-def _name_mismatch(node: str, member: Member, held: list[MemberRecord], ref: _Reference) -> Discrepancy:
+def _name_mismatch(node: str, row: MemberRecord, held: list[MemberRecord], ref: _Reference) -> Discrepancy:
+    member = ref.member_of(row)
     names = _labels(held)
+    removals = [
+        RemedyStep(
+            _DELETE,
+            Source.TRUSTSTORE,
+            node,
+            MemberRecord(name=alias),
+            Evidence(Source.TRUSTSTORE, node, tuple(r for r in held if r.name == alias)),
+        )
+        for alias in dict.fromkeys(record.name for record in held)
+    ]
     return _discrepancy(
         DiscrepancyKind.NAME_MISMATCH,
         Severity.BLOCKING,
@@ -629,13 +777,16 @@ def _name_mismatch(node: str, member: Member, held: list[MemberRecord], ref: _Re
             Remedy(
                 f"Remove {names} from {node}'s truststore and restore {member.name}'s record from the members table.",
                 _CONFIRM,
+                (*removals, _restore_trust(node, row)),
             ),
         ),
     )
 
 
-def _orphan(node: str, member: Member, ref: _Reference) -> Discrepancy:
+def _orphan(node: str, member: Member, records: tuple[MemberRecord, ...], ref: _Reference) -> Discrepancy:
     name = _label(member)
+    held = Evidence(Source.TRUSTSTORE, node, tuple(r for r in records if r.name == member.name))
+    row = MemberRecord(name=member.name, address=member.address, certificate_fingerprint=member.certificate_fingerprint)
     return _discrepancy(
         DiscrepancyKind.ORPHAN,
         Severity.BLOCKING,
@@ -645,10 +796,23 @@ def _orphan(node: str, member: Member, ref: _Reference) -> Discrepancy:
         node=node,
         evidence=_holdings(member, ref),
         remedies=(
-            Remedy(f"Remove {name}'s record from {node}'s truststore once no join for {name} is in flight.", _CONFIRM),
+            Remedy(
+                f"Remove {name}'s record from {node}'s truststore once no join for {name} is in flight.",
+                _CONFIRM,
+                (RemedyStep(_DELETE, Source.TRUSTSTORE, node, MemberRecord(name=member.name), held),),
+            ),
             # A removed node keeps the cluster key and its own files; until it is wiped it can come back as a zombie.
-            Remedy(f"Reset {name} (wipe its state) before it is added again.", _CONFIRM),
-            Remedy(f"Re-adding a members-table row or truststore record for {name} from its own files.", _UNSAFE),
+            Remedy(
+                f"Reset {name} (wipe its state) before it is added again.",
+                _CONFIRM,
+                (RemedyStep(RepairStepKind.RESET_NODE, Source.NODE_INFO, member.name),),
+            ),
+            Remedy(
+                f"Do not restore a members-table row for {name} from its records or its own files: no record makes "
+                "it a member, and a row would have every truststore trust it again.",
+                _UNSAFE,
+                (RemedyStep(_WRITE, Source.MEMBERS_TABLE, record=row, evidence=held),),
+            ),
         ),
     )
 
@@ -692,16 +856,19 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
         summary = f"{where} lists {_words(roles)}: the role adjuster moves roles on its own."
     else:
         return []
+    changed = "" if age is None else f"last changed {age:.0f}s ago"
+    lagging = Evidence(report.source, node, records, changed)
     remedies = (
         (
             Remedy(
-                f"If it does not catch up, restart {node}'s dqlite engine so that it reloads from the leader.", _CONFIRM
+                f"If it does not catch up, restart {node}'s dqlite engine so that it reloads from the leader.",
+                _CONFIRM,
+                (RemedyStep(RepairStepKind.RESTART_ENGINE, report.source, node, evidence=lagging),),
             ),
         )
         if severity is Severity.WARNING
         else ()
     )
-    changed = "" if age is None else f"last changed {age:.0f}s ago"
     return [
         _discrepancy(
             DiscrepancyKind.VIEW_DIFFERS,
@@ -709,7 +876,7 @@ def _raft_view(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
             summary,
             source=report.source,
             node=node,
-            evidence=(Evidence(Source.RAFT_CONFIG, "", ref.raft), Evidence(report.source, node, records, changed)),
+            evidence=(Evidence(Source.RAFT_CONFIG, "", ref.raft), lagging),
             remedies=remedies,
             age=age,
         )
@@ -738,7 +905,11 @@ def _node_info(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
         summary = f"{node}'s info.yaml holds no identity, though {node} is a member."
     else:
         return []
-    evidence = (Evidence(Source.NODE_INFO, node, records), *_holdings(member, ref))
+    info = Evidence(Source.NODE_INFO, node, records)
+    itself = wrong[0] if wrong else MemberRecord(address=member.address)
+    from_files = MemberRecord(
+        name=node, address=itself.address, certificate_fingerprint=node_view.certificate_fingerprint
+    )
     return [
         _discrepancy(
             DiscrepancyKind.NODE_INFO_MISMATCH,
@@ -747,10 +918,19 @@ def _node_info(node: str, node_view: NodeView, report: SourceReport, ref: _Refer
             member=member,
             source=Source.NODE_INFO,
             node=node,
-            evidence=evidence,
+            evidence=(info, *_holdings(member, ref)),
             remedies=(
-                Remedy(f"Reset {node} (wipe its state) before it joins again.", _CONFIRM),
-                Remedy(f"Re-adding a members-table row or truststore record for {node} from its own files.", _UNSAFE),
+                Remedy(
+                    f"Reset {node} (wipe its state) before it joins again.",
+                    _CONFIRM,
+                    (RemedyStep(RepairStepKind.RESET_NODE, Source.NODE_INFO, node, evidence=info),),
+                ),
+                Remedy(
+                    f"Do not restore a members-table row for {node} from its own files: its info.yaml may be what a "
+                    "removal left behind, and a row made from it names a member the Raft configuration does not hold.",
+                    _UNSAFE,
+                    (RemedyStep(_WRITE, Source.MEMBERS_TABLE, record=from_files, evidence=info),),
+                ),
             ),
         )
     ]
@@ -760,6 +940,7 @@ def _agent_certificate(node: str, node_view: NodeView, ref: _Reference) -> list[
     row = ref.row_named(node)
     if row is None or row.certificate_fingerprint == node_view.certificate_fingerprint:
         return []
+    served = MemberRecord(name=node, certificate_fingerprint=row.certificate_fingerprint)
     return [
         _discrepancy(
             DiscrepancyKind.AGENT_CERTIFICATE_MISMATCH,
@@ -772,7 +953,13 @@ def _agent_certificate(node: str, node_view: NodeView, ref: _Reference) -> list[
                 Evidence(Source.AGENT, node, detail=f"serves certificate {node_view.certificate_fingerprint}"),
                 Evidence(Source.MEMBERS_TABLE, "", (row,)),
             ),
-            remedies=(Remedy(f"Make {node}'s agent serve the certificate its members-table row records.", _CONFIRM),),
+            remedies=(
+                Remedy(
+                    f"Make {node}'s agent serve the certificate its members-table row records.",
+                    _CONFIRM,
+                    (RemedyStep(RepairStepKind.BY_HAND, Source.AGENT, node, served, _read_row(row)),),
+                ),
+            ),
         )
     ]
 
@@ -801,11 +988,18 @@ def _invalid_entries(source: Source, node: str, entries: Iterable[InvalidEntry])
             f"{entry} in {where} is not a valid record: {'; '.join(why)}.",
             source=source,
             node=node,
-            evidence=(Evidence(source, node, detail=f"{entry}: {'; '.join(why)}"),),
-            remedies=(Remedy(f"Repair {entry} in {where}, or move it out of the way.", _CONFIRM),),
+            evidence=(evidence,),
+            remedies=(
+                Remedy(
+                    f"Repair {entry} in {where}, or move it out of the way.",
+                    _CONFIRM,
+                    (RemedyStep(RepairStepKind.BY_HAND, source, node, MemberRecord(entry=entry), evidence),),
+                ),
+            ),
             entry=entry,
         )
         for entry, why in reasons.items()
+        for evidence in [Evidence(source, node, detail=f"{entry}: {'; '.join(why)}")]
     ]
 
 
@@ -837,6 +1031,54 @@ def _discrepancy(
         remedies=remedies,
         age=age,
     )
+
+
+def _restore_trust(node: str, row: MemberRecord) -> RemedyStep:
+    """Writing a row's member into node's truststore, from the row: the SAFE write."""
+    return RemedyStep(_WRITE, Source.TRUSTSTORE, node, _trust_record(row), _read_row(row))
+
+
+def _trust_record(row: MemberRecord) -> MemberRecord:
+    """A row's member as a truststore record: its identity (and certificate, when gathered), in <name>.yaml."""
+    return MemberRecord(
+        name=row.name,
+        address=row.address,
+        certificate_fingerprint=row.certificate_fingerprint,
+        entry=f"{row.name}.yaml",
+        certificate_pem=row.certificate_pem,
+    )
+
+
+def _read_row(row: MemberRecord) -> Evidence:
+    return Evidence(Source.MEMBERS_TABLE, "", (row,))
+
+
+def _read(source: Source, records: Iterable[MemberRecord]) -> Evidence:
+    """What a cluster-wide source holds of the records, in canonical order."""
+    return Evidence(source, "", _sorted(records))
+
+
+def _truststore_deletions(name: str, ref: _Reference) -> list[RemedyStep]:
+    """Deleting name's records from every readable truststore that holds one."""
+    steps = []
+    for node, node_view in ref.views:
+        held = tuple(record for record in _readable_records(node_view, Source.TRUSTSTORE) if record.name == name)
+        if held:
+            steps.append(
+                RemedyStep(
+                    _DELETE, Source.TRUSTSTORE, node, MemberRecord(name=name), Evidence(Source.TRUSTSTORE, node, held)
+                )
+            )
+    return steps
+
+
+def _truststore_copy(address: str, ref: _Reference) -> Evidence | None:
+    """The first truststore record at address, where it was read: the copy a row must not be rebuilt from."""
+    for node, node_view in ref.views:
+        for record in _readable_records(node_view, Source.TRUSTSTORE):
+            if record.address == address:
+                return Evidence(Source.TRUSTSTORE, node, (record,))
+    return None
 
 
 def _holdings(member: Member, ref: _Reference) -> tuple[Evidence, ...]:

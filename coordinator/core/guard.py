@@ -122,6 +122,9 @@ _COLUMNS = (
 # - An unreadable source blocks when the diff says it is severe (a truststore, or a cluster-wide source nobody could
 #   read); a node's unreadable Raft view counts against quorum instead, and its unreadable cache or info.yaml is
 #   only reported.
+# - A member no agent watches is, like an unreachable agent, the quorum rule's business (it counts as not answering);
+#   removing it means acting on a node memberguard cannot see (its truststore is not read, it cannot be fenced), so
+#   the caller acknowledges that first.
 # - A repair is what clears the diff, so no discrepancy blocks it: what it may do about each one is core/repair.py's.
 #   Only NO_LEADER refuses it, as it refuses everything.
 # fmt: off
@@ -142,6 +145,7 @@ _ROWS: dict[DiscrepancyKind, tuple[Rule, Rule, Rule, Rule, Rule]] = {
     _K.AGENT_CERTIFICATE_MISMATCH: (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
     _K.NO_LEADER:                  (_REFUSES,    _REFUSES,    _REFUSES,    _REFUSES,    _REFUSES),
     _K.NODE_INFO_MISMATCH:         (_BLOCKS,     _BLOCKS,     _BLOCKS,     _ACK_TARGET, _IGNORED),
+    _K.UNWATCHED_MEMBER:           (_IGNORED,    _IGNORED,    _ACK_TARGET, _ACK_TARGET, _IGNORED),
 }
 # fmt: on
 

@@ -78,12 +78,26 @@ class DiscrepancyKind(IntEnum):
     AGENT_CERTIFICATE_MISMATCH = 13
     NO_LEADER = 14
     NODE_INFO_MISMATCH = 15
+    UNWATCHED_MEMBER = 16
 
 
 class RemedySafety(IntEnum):
     SAFE = 1
     NEEDS_CONFIRMATION = 2
     UNSAFE = 3
+
+
+class RepairStepKind(IntEnum):
+    """What one step of a remedy does; the contract's RepairStep carries it, for a repair plan's steps too."""
+
+    WRITE_RECORD = 1
+    DELETE_RECORD = 2
+    RESET_NODE = 3
+    FORGET_MEMBER = 4  # the coordinator's own: the certificate it pinned for the member, and its tokens
+    RESTART_ENGINE = 5
+    WAIT = 6
+    CONFIRM = 7
+    BY_HAND = 8
 
 
 # --- what agents report ---------------------------------------------------------------------------
@@ -204,9 +218,29 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class RemedyStep:
+    """A remedy's action in typed form, one step of it: what it does to which source, on which node, with which record,
+    from which evidence. node is "" for the cluster-wide sources and the coordinator's own step. record is what a
+    write writes, what a deletion deletes (by the fields it sets), whom a forget is about, what a human repairs.
+
+    The contract carries it as a RepairStep, the message a repair plan's steps (coordinator/core/repair.py) use: both
+    say what is done where from which evidence, a plan's steps also which agent sends it."""
+
+    kind: RepairStepKind
+    source: Source | None = None
+    node: str = ""
+    record: MemberRecord | None = None
+    evidence: Evidence | None = None
+
+
+@dataclass(frozen=True)
 class Remedy:
+    """A way to clear a discrepancy: action is one imperative sentence, steps the same in typed form. An UNSAFE remedy
+    is what not to do: its sentence says so and why, its steps are what a program must not do."""
+
     action: str
     safety: RemedySafety
+    steps: tuple[RemedyStep, ...]
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ remove` does): its leader takes the member out of the members table and the Raft
 follow on its heartbeat, and it resets the member if the member's daemon answers. Memberguard writes nothing behind
 microd's back, so the plan is that request — the commit point —, the same request with force (which finds nothing
 to do, unless a crash inside microcluster left the member half-removed: its own consistency check would then refuse
-the plain request), and the coordinator forgetting the member.
+the plain request), and the coordinator forgetting the member. A Raft member that no record names (a ghost) has no
+name for microcluster to remove it by: its Raft entry is removed through dqlite, as on the dqlite backend.
 
-Join (its stages in docs/design.md, "Operations"), the same on both backends:
+Join (its stages in docs/design.md, "Operations"), the same on the local and dqlite backends:
 1. reserve: the row is written PENDING, every reachable member's truststore learns the joiner (whoever leads must
    trust it), and the joiner's truststore learns every member (its engine must trust whoever it joins through);
 2. engine join: the joiner's own agent puts its entry into the Raft configuration — the commit point (on the
@@ -34,6 +35,12 @@ Join (its stages in docs/design.md, "Operations"), the same on both backends:
    agent and consumes the token.
 Before the commit point a join rolls back: the joiner is fenced first (a joiner left able to add itself again is
 the zombie that becomes a ghost Raft member, microcluster #774), then each done step is undone, last first.
+
+Join on the microcluster backend goes through microcluster, as `microctl tokens add` and `microctl init --token` do:
+a member's daemon issues microcluster's token for the joiner (undone by revoking it), the joiner's own daemon joins
+with it — the commit point: microcluster writes the row, the truststores and the Raft entry itself —, and the
+coordinator registers the joiner's agent. Memberguard's own token (the one the joiner's agent presented) is consumed
+then, as on the other backends.
 """
 
 from __future__ import annotations
@@ -114,6 +121,16 @@ class RevokeMicroclusterToken:
 
 
 @dataclass(frozen=True)
+class JoinThroughMicrocluster:
+    """Has the joiner's own microcluster daemon join as name at address, with the token an IssueMicroclusterToken
+    step of the same operation obtained. The token is not part of the action: the runner adds it to the request from
+    memory, so the journal never holds it."""
+
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
 class FenceNode:
     # Where the node's agent is and the certificate it serves, for a fence deferred past the coordinator forgetting
     # the member; empty when the agent is reached as a registered member or a joiner.
@@ -147,6 +164,7 @@ Action = (
     | RemoveThroughMicrocluster
     | IssueMicroclusterToken
     | RevokeMicroclusterToken
+    | JoinThroughMicrocluster
     | FenceNode
     | ForgetMember
     | RegisterMember
@@ -183,13 +201,15 @@ class AgentPin:
     certificate_pem: str
 
 
-def plan_token(diff: MembershipDiff, name: str, *, ttl: float, reachable: Collection[str]) -> Plan:
-    """The steps of issuing a join token for name: none where the coordinator's own token admits joiners; on the
-    microcluster backend, where joiners join through microcluster, microcluster's own token from the first reachable
-    member's daemon. That request is the commit point, undone by revoking the token: a token its caller never
-    received is revoked, not left to admit whoever finds it."""
+def plan_microcluster_token(diff: MembershipDiff, name: str, *, ttl: float, reachable: Collection[str]) -> Plan:
+    """The steps of issuing microcluster's own join token for name, for a joiner that joins with `microctl init`:
+    the first reachable member's daemon issues it. That request is the commit point, undone by revoking the token: a
+    token its caller never received is revoked, not left to admit whoever finds it. (The coordinator's own tokens
+    take no step: it issues them itself.)"""
     if diff.backend != "microcluster":
-        return Plan((), "")
+        raise NotOnMicrocluster(
+            f"microcluster's token needs the microcluster backend, and the agents report {diff.backend or 'none'}"
+        )
     members = sorted(reachable)
     if not members:
         raise CannotPlan("no member's daemon answered to issue microcluster's join token")
@@ -226,12 +246,14 @@ def plan_removal(
     if not others:
         raise CannotPlan(f"no reachable node other than {member.name or member.address} can apply the removal")
     via = others[0]
-    if diff.backend == "microcluster":
-        return _removal_through_microcluster(member, via, reachable=reachable, force=force)
     # The role the removal is decided on: the re-read right before the Raft removal checks it still holds.
     decided_role = next(
         (m.role for m in diff.members if (m.node_id, m.address) == (member.node_id, member.address)), None
     )
+    if diff.backend == "microcluster":
+        if not member.name:
+            return _ghost_removal(member, via, decided_role)
+        return _removal_through_microcluster(member, via, reachable=reachable, force=force)
     in_raft = member.node_id != 0 and decided_role not in (None, Role.PENDING)
     in_table = bool(member.name) and any(m.name == member.name for m in diff.members)
     label = member.name or f"node {member.node_id} at {member.address}"
@@ -284,11 +306,19 @@ def plan_removal(
     return Plan(tuple(steps), "; ".join(remainder))
 
 
+def _ghost_removal(member: Member, via: str, role: Role | None) -> Plan:
+    """A Raft member no record names (microcluster #774's ghost): microcluster removes members by the record that
+    names them, so this is one of the writes it has no flow for, made through dqlite by a member's agent."""
+    step = PlannedStep(
+        f"remove node {member.node_id} at {member.address} from the Raft configuration",
+        via,
+        RemoveRaftEntry(member.node_id, member.address, role),
+        commit_point=True,
+    )
+    return Plan((step,), "")
+
+
 def _removal_through_microcluster(member: Member, via: str, *, reachable: Collection[str], force: bool) -> Plan:
-    if not member.name:
-        raise CannotPlan(
-            f"microcluster removes members by name, and node {member.node_id} at {member.address} has no row"
-        )
     name = member.name
     steps = (
         PlannedStep(
@@ -324,6 +354,14 @@ class Joiner:
     node_id: int
 
 
+class NotOnMicrocluster(ValueError):
+    """A request for what only the microcluster backend has, on a cluster whose agents report another backend."""
+
+
+# How long microcluster's token for a joiner lives: it is used within the same operation, seconds after its issue.
+MICROCLUSTER_JOIN_TOKEN_TTL = 300.0
+
+
 def plan_join(
     diff: MembershipDiff,
     joiner: Joiner,
@@ -341,6 +379,8 @@ def plan_join(
         raise CannotPlan("no reachable member can write the joiner's row")
     via = members[0]
     name, address, pem = joiner.name, joiner.address, joiner.certificate_pem
+    if diff.backend == "microcluster":
+        return _join_through_microcluster(joiner, via)
     known = {m.name: m for m in diff.members if m.name}
     missing = sorted(set(known) - set(certificates))
     if missing:
@@ -369,6 +409,24 @@ def plan_join(
     unreached = sorted(set(diff.nodes) - set(reachable))
     remainder = f"the truststores of {', '.join(unreached)} (no answer) do not hold {name} yet" if unreached else ""
     return Plan(tuple(steps), remainder)
+
+
+def _join_through_microcluster(joiner: Joiner, via: str) -> Plan:
+    name = joiner.name
+    steps = (
+        PlannedStep(
+            f"microcluster issues {name}'s join token on {via}",
+            via,
+            IssueMicroclusterToken(name, MICROCLUSTER_JOIN_TOKEN_TTL),
+        ),
+        PlannedStep(
+            f"{name} joins through microcluster", name, JoinThroughMicrocluster(name, joiner.address), commit_point=True
+        ),
+        PlannedStep(
+            f"register {name}", COORDINATOR, RegisterMember(name, joiner.agent_address, joiner.certificate_pem)
+        ),
+    )
+    return Plan(steps, "")
 
 
 def undo(action: Action) -> Action | None:

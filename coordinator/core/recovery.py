@@ -47,7 +47,7 @@ from enum import Enum
 
 from coordinator.core.guard import Violation
 from coordinator.core.inflight import is_about
-from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Severity, Source
+from coordinator.core.model import Discrepancy, DiscrepancyKind, Member, MembershipDiff, Role, Severity, Source
 from coordinator.core.operation import (
     OperationKind,
     OperationRecord,
@@ -64,6 +64,7 @@ from coordinator.core.plan import (
     EnsureRaftEntry,
     EnsureTruststoreRecord,
     IssueMicroclusterToken,
+    JoinThroughMicrocluster,
     RemoveMemberRow,
     RemoveRaftEntry,
     RemoveThroughMicrocluster,
@@ -187,6 +188,16 @@ def commit_effect(record: OperationRecord, diff: MembershipDiff) -> Effect:
                 m.node_id == node_id and m.address == address and m.role is not None for m in diff.members
             )
             gone = not (in_table and in_raft)
+        case JoinThroughMicrocluster(name=name, address=address):
+            if unknown & {Source.MEMBERS_TABLE, Source.RAFT_CONFIG}:
+                return Effect.UNKNOWN
+            joined = [m for m in diff.members if m.name == name or m.address == address]
+            if not joined:
+                return Effect.ABSENT
+            if any(m.role not in (None, Role.PENDING) for m in joined):
+                return Effect.APPLIED
+            # A PENDING row: microcluster is still joining it, or its join died half-way. The sources will tell.
+            return Effect.UNKNOWN
         case EnsureRaftEntry(node_id=node_id, address=address):
             if Source.RAFT_CONFIG in unknown:
                 return Effect.UNKNOWN

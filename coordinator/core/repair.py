@@ -22,6 +22,13 @@ coordinator itself), with the source it touches and the evidence for what it wri
 - Nothing is planned on a node an unfinished operation is about, not even a step for another member.
 - A step that would overwrite or delete a truststore file holding some other record is not planned, unless an action
   before it moves that record out of the way; otherwise a human moves the file.
+- On the microcluster backend a repair goes through microcluster where it has a flow: its leader's heartbeat rewrites
+  every truststore from the members table, so no truststore record is written or deleted (a write would race that
+  rewrite: the plan says to wait for it); an orphan row goes through microcluster's own removal, forced, as
+  `microctl cluster remove NAME --force --address ADDRESS` makes it. What it has no flow for is written through
+  dqlite, as on the dqlite backend: a live Raft member's row (through another member, whose daemon's schema
+  versions it takes) and a ghost Raft member's entry. A node that neither record knows, microcluster can neither
+  remove nor reset: a human resets it.
 
 Actions are planned in rounds, each in this order: rows restored, truststore records rewritten, removals, and
 removals from the Raft configuration; a round plans what the ones before it made possible (a file moved out of the
@@ -61,14 +68,17 @@ from coordinator.core.model import (
 )
 from coordinator.core.operation import OperationRecord
 from coordinator.core.plan import (
+    COORDINATOR,
     Action,
     CannotPlan,
     EnsureMemberRow,
     EnsureTruststoreRecord,
     FenceNode,
+    ForgetMember,
     PlannedStep,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
     plan_removal,
 )
@@ -264,6 +274,10 @@ _LEFT: dict[DiscrepancyKind, Callable[[Discrepancy], str]] = {
     _K.AGENT_UNREACHABLE: lambda d: (
         f"{d.node} is unknown, not absent: nothing is planned from its agent or on its node until it answers."
     ),
+    _K.UNWATCHED_MEMBER: lambda d: (
+        f"{d.node} joined without memberguard: a human adopts it (`memberguard adopt` on its node, and its agent"
+        " started); nothing is planned on a node whose sources nobody reads."
+    ),
     _K.AGENT_UNTRUSTED: lambda d: (
         f"A human must check which certificate {d.node}'s agent serves, and pin it only if it is {d.node}'s member "
         "certificate: nothing is planned from an agent the coordinator does not trust."
@@ -284,7 +298,27 @@ _NOT_A_RECORD = _Refusal(
 
 
 def _place(d: Discrepancy, facts: _Facts) -> _Key | _Refusal:
-    """The repair that clears d, or why there is none."""
+    """The repair that clears d, or why there is none. On microcluster a truststore's record is the heartbeat's."""
+    placed = _repair_of(d, facts)
+    if isinstance(placed, _Key) and facts.on_microcluster and d.source is Source.TRUSTSTORE:
+        return _left_to_the_heartbeat(d.node, facts)
+    return placed
+
+
+def _left_to_the_heartbeat(node: str, facts: _Facts) -> _Refusal:
+    """Said as the diff says it (diff.py's heartbeat remedy), with why memberguard does not write it instead."""
+    node_view = facts.views.get(node)
+    interval = None if node_view is None else node_view.role_adjustment_interval
+    every = "on every heartbeat" if interval is None else f"every {interval:g} s"
+    return _Refusal(
+        f"Wait for microcluster's heartbeat, which rewrites {node}'s truststore from the members table {every} when "
+        f"the leader reaches {node}; check again after it. memberguard writes no truststore on microcluster: its write "
+        f"would race that rewrite. A drift that outlasts the heartbeat means the leader does not reach {node}, or "
+        f"{node} has no row."
+    )
+
+
+def _repair_of(d: Discrepancy, facts: _Facts) -> _Key | _Refusal:
     if facts.no_leader:
         return _NO_LEADER
     left = _LEFT.get(d.kind)
@@ -348,6 +382,10 @@ class _Facts:
     diff: MembershipDiff
     views: Mapping[str, NodeView]
     certificates: Mapping[str, str]
+
+    @cached_property
+    def on_microcluster(self) -> bool:
+        return self.diff.backend == "microcluster"
 
     @cached_property
     def no_leader(self) -> bool:
@@ -474,7 +512,7 @@ class _Quorum:
             if not violations:
                 self.members = [m for m in self.members if raft_key(m) != raft_key(member)]
             return _Refusal(" ".join(v.description for v in violations)) if violations else None
-        if any(isinstance(action, RemoveMemberRow) for action in actions):
+        if any(isinstance(action, RemoveMemberRow | RemoveThroughMicrocluster) for action in actions):
             # The row is in no Raft entry: removing it changes no vote, but the table is replicated.
             violations = check_remove(self.members, Member(name=member.name), self.reachable)
             return _Refusal(" ".join(v.description for v in violations)) if violations else None
@@ -590,9 +628,19 @@ class _Planner:
         pem = self.facts.pem(fingerprint)
         if not pem:
             return _Refusal(_no_certificate(node, fingerprint))
-        via = next((n for n in self.workable if self.facts.records(n, Source.MEMBERS_TABLE) is not None), None)
+        # On microcluster through a member with a row: the row takes the schema versions of the daemon that writes it.
+        via = next(
+            (
+                n
+                for n in self.workable
+                if (table := self.facts.records(n, Source.MEMBERS_TABLE)) is not None
+                and (not self.facts.on_microcluster or any(r.name == n for r in table))
+            ),
+            None,
+        )
         if via is None or member.role is None:
-            return _Refusal(f"No agent that answered could read the members table to restore {node}'s row.")
+            through = " through a member with a row of its own" if self.facts.on_microcluster else ""
+            return _Refusal(f"No agent that answered could read the members table to restore {node}'s row{through}.")
         # What the agent says about itself: its name, the Raft entry its info.yaml holds, the certificate it serves.
         itself = MemberRecord(name=node, address=member.address, certificate_fingerprint=fingerprint)
         report = Evidence(
@@ -603,6 +651,19 @@ class _Planner:
         )
         row = EnsureMemberRow(node, member.address, pem, member.role.text)
         steps = [RepairStep(PlannedStep(f"restore {node}'s members-table row", via, row), Source.MEMBERS_TABLE, report)]
+        restored = (
+            f"{node} is node {member.node_id} at {member.address} in the leader's Raft configuration, and its own "
+            "agent, serving the certificate the coordinator checked, holds that entry in its info.yaml: its row is "
+            f"restored from that report, as a {member.role.text}"
+        )
+        if self.facts.on_microcluster:
+            # microcluster writes rows only in its join, which a Raft member cannot go through again: the row is
+            # written through dqlite, and the heartbeat then puts the member back into every truststore.
+            reason = (
+                f"{restored}, through dqlite (microcluster has no flow that restores a row); microcluster's heartbeat "
+                "then writes it into every truststore the leader reaches."
+            )
+            return member, _SAFE, reason, tuple(steps), ""
         want = replace(itself, certificate_pem=pem)
         unread = sorted(self.busy)
         for holder in self.workable:
@@ -615,11 +676,7 @@ class _Planner:
                 return trust
             steps += trust
         remainder = _unreached(self.facts, unread, f"may lack {node}")
-        reason = (
-            f"{node} is node {member.node_id} at {member.address} in the leader's Raft configuration, and its own "
-            "agent, serving the certificate the coordinator checked, holds that entry in its info.yaml: its row is "
-            f"restored from that report, as a {member.role.text}, and every truststore that lacks it learns it."
-        )
+        reason = f"{restored}, and every truststore that lacks it learns it."
         return member, _SAFE, reason, tuple(steps), remainder
 
     def _trust(self, node: str, name: str) -> _Built | _Refusal:
@@ -679,6 +736,10 @@ class _Planner:
                 f"{eligible_at:.0f}.",
                 eligible_at,
             )
+        held = f"no operation is in flight for it, and it has been so for {self.now - since:.0f}s, longer than the "
+        held += f"grace period of {self.grace:.0f}s"
+        if self.facts.on_microcluster:
+            return self._microcluster_removal(member, held, from_raft=from_raft)
         try:
             plan = plan_removal(self.facts.diff, member, reachable=self.workable)
         except CannotPlan as exc:
@@ -690,22 +751,72 @@ class _Planner:
         remainder = _unreached(self.facts, unread, f"may still hold {label}", leaving=member.name)
         if member.name and member.name not in self.workable:
             remainder = "; ".join(filter(None, (remainder, f"{label} was not fenced: reset it before it comes back")))
-        held = f"no operation is in flight for it, and it has been so for {self.now - since:.0f}s, longer than the "
-        held += f"grace period of {self.grace:.0f}s"
         if from_raft:
-            silent = sorted(set(self.facts.diff.nodes) - set(self.facts.views))
-            maybe = f" ({', '.join(silent)} did not answer, and may be it)" if silent else ""
-            entry = f" (node {member.node_id} at {member.address})" if member.name else ""
-            reason = (
-                f"Confirm that {label}{entry} is gone or wiped: it is in the Raft configuration, but no row names it "
-                f"and no agent answered for it{maybe}; {held}. Its Raft entry and records go."
-            )
-            return member, _CONFIRM, reason, steps, remainder
+            return member, _CONFIRM, f"{self._gone(member, held)} Its Raft entry and records go.", steps, remainder
         reason = (
             f"{label} is not in the leader's Raft configuration, so no record makes it a member; {held}. What is held "
             f"of it goes (its row, truststore records and tokens), and {label} is fenced if its agent answers."
         )
         return member, _SAFE, reason, steps, remainder
+
+    def _gone(self, member: Member, held: str) -> str:
+        """What a human confirms before a Raft member that no row or agent vouches for is removed, and why."""
+        silent = sorted(set(self.facts.diff.nodes) - set(self.facts.views))
+        maybe = f" ({', '.join(silent)} did not answer, and may be it)" if silent else ""
+        entry = f" (node {member.node_id} at {member.address})" if member.name else ""
+        return (
+            f"Confirm that {_label(member)}{entry} is gone or wiped: it is in the Raft configuration, but no row names "
+            f"it and no agent answered for it{maybe}; {held}."
+        )
+
+    def _microcluster_removal(self, member: Member, held: str, *, from_raft: bool) -> _Built | _Refusal:
+        """On microcluster: an orphan row goes through microcluster's own removal, forced, since its consistency check
+        refuses any removal while the orphan is in the table; a ghost's Raft entry goes through dqlite, since
+        microcluster removes only what a row or a truststore record names. The truststores follow the heartbeat."""
+        label = _label(member)
+        if from_raft:
+            via = next((n for n in self.workable if n != member.name), None)
+            if via is None:
+                return _Refusal(f"No agent that answered, other than {label}'s, can apply the removal.")
+            removal = RemoveRaftEntry(member.node_id, member.address, member.role)
+            planned = [PlannedStep(f"remove {label} from the Raft configuration", via, removal)]
+            if member.name:
+                forget = ForgetMember(member.name)
+                planned.append(PlannedStep(f"forget {member.name}'s certificate and tokens", COORDINATOR, forget))
+            steps = self._removal_steps(planned, member)
+            if isinstance(steps, _Refusal):
+                return steps
+            reason = (
+                f"{self._gone(member, held)} Its Raft entry is removed through dqlite: microcluster removes a member "
+                "by the row or truststore record that names it, running the product's removal hooks for it, and "
+                "nothing names this one. The heartbeat drops any truststore record of it."
+            )
+            return member, _CONFIRM, reason, steps, ""
+        rows = self.facts.read(Source.MEMBERS_TABLE, lambda r: r.name == member.name)
+        if rows is None:
+            return _Refusal(
+                f"{label} is in neither the members table nor the Raft configuration: microcluster knows no member to "
+                "remove, and its heartbeat does not reach it. A human resets it: stops its daemon and clears its state "
+                "directory."
+            )
+        address = rows.records[0].address
+        try:
+            plan = plan_removal(self.facts.diff, replace(member, address=address), reachable=self.workable, force=True)
+        except CannotPlan as exc:
+            return _Refusal(f"No agent that answered can apply the removal: {exc}.")
+        # Forced from the first request on, microcluster's removal leaves its forced repeat nothing to do.
+        planned = [step for i, step in enumerate(plan.steps) if i == 0 or step.action != plan.steps[i - 1].action]
+        steps = self._removal_steps(planned, member)
+        if isinstance(steps, _Refusal):
+            return steps
+        reason = (
+            f"{label} is not in the leader's Raft configuration, so no record makes it a member; {held}. microcluster "
+            f"removes it, as `microctl cluster remove {member.name} --force --address {address}` does: it deletes the "
+            f"row and its leader's truststore record, and resets {label} if its daemon answers; its heartbeat takes "
+            f"{label} out of every other truststore. Forced, because microcluster's own consistency check refuses "
+            "every removal while this row is in the table."
+        )
+        return member, _SAFE, reason, steps, plan.remainder
 
     def _orphaned_since(self, group: list[Discrepancy]) -> float | None:
         """The earliest time from which the group's facts have provably held, or None when nothing proves one."""
@@ -741,7 +852,7 @@ class _Planner:
                 if stray:
                     return _moved_by_hand(target, stray)
                 return RepairStep(step, Source.TRUSTSTORE, Evidence(Source.TRUSTSTORE, target, held))
-            case RemoveMemberRow(name=name):
+            case RemoveMemberRow(name=name) | RemoveThroughMicrocluster(name=name):
                 rows = self.facts.read(Source.MEMBERS_TABLE, lambda r: r.name == name)
                 return None if rows is None else RepairStep(step, Source.MEMBERS_TABLE, rows)
             case RemoveRaftEntry():

@@ -9,10 +9,15 @@ still miss the coordinator's per-agent deadline once warmed up is timed with a l
 deleted, then restored) from the change to the WatchMembership event reaching a subscriber. `--plot` draws the
 check's p50 and the floor's against N, both axes logarithmic (matplotlib: the `bench` extra).
 
-`python -m coordinator.lab.bench --microcluster-client [--calls 1000]` starts 3 real microd daemons and times CLUSTER
-and a primary-key SELECT over microd's upgraded connection, as a member dials it, against LEADER on the same
-connection in the same run, and a new dial. (go-dqlite's client over microcluster's own dial is not built as a
-baseline yet.)
+`python -m coordinator.lab.bench --microcluster [--calls 1000] [--changes 20]` brings up a 3-member microcluster lab
+(real microd daemons, `lab up --backend microcluster`) and, on it: CheckMembership against the trivial call, as
+above; LEADER, CLUSTER and a primary-key SELECT of core_cluster_members on one kept connection to the leader over
+microd's upgraded connection, and a new dial, with go-dqlite v3's own client over a dial made as a member makes it
+(the Go program memberguard-microcluster-bench, `make go`) and with memberguard's native client, in alternating
+turns of the same run; then `--changes` rounds of a divergence made through microcluster (a member's row deleted
+with `microctl sql`), each timed from the deletion to memberguard reporting it (a CheckMembership returning it, or a
+WatchMembership event, every other round, the coordinator checking every 0.2 s) and to microcluster's own `microctl
+tokens add` refusing on the same state, then undone.
 
 `python -m coordinator.lab.bench --operations [--backend local|dqlite] [--calls 20]` times guarded operations in a
 3-node lab against a fresh CheckMembership in the same lab and run, over `--calls` rounds: issuing a token (gather,
@@ -30,18 +35,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import queue
 import random
 import ssl
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from memberguard import Client
 from memberguard.v1 import coordinator_pb2, operation_pb2
@@ -122,32 +131,38 @@ def measure(nodes: int, calls: int, directory: Path, backend: str = "local") -> 
     """The check's cost in a consistent lab of `nodes` nodes."""
     lab = labs.up(directory, nodes, agents_per_process=agents_per_process(nodes), backend=backend)
     try:
-        with Client(lab.endpoint) as client:
-            rounds = max(5, calls // 10)
-            for _ in range(rounds):  # warm the channels, caches and allocator
-                client.ping()
-                warmed = client.check_membership(timeout=30)
-            missed = _unreachable(warmed)
-            # Checks cut short at the deadline would time the deadline, not the check: a lab too large for it on
-            # this machine is timed with the agents given the time they take, and says so.
-            agent_timeout = LARGE_LAB_AGENT_TIMEOUT if missed else None
-            check_membership = partial(client.check_membership, agent_timeout=agent_timeout, timeout=30)
-            if missed:
-                for _ in range(rounds):  # again, now that every agent has the time it takes
-                    check_membership()
-            floor, check, late = [], [], 0
-            for _ in range(calls):
-                floor.append(_timed(client.ping))
-                elapsed, answer = _timed_result(check_membership)
-                check.append(elapsed)
-                late += bool(_unreachable(answer))
-                # An agent that misses its deadline loses its node's view, which may show as more; else only a
-                # source's own lag (INFO, as an engine's cache) may show in a lab that is consistent.
-                loud = [d for d in answer.diff.discrepancies if d.severity != pb.SEVERITY_INFO]
-                if loud and not _unreachable(answer):
-                    raise RuntimeError(f"the lab of {nodes} is not consistent: {loud}")
+        return check_cost(lab, calls)
     finally:
         labs.down(lab.dir)
+
+
+def check_cost(lab: labs.Lab, calls: int) -> CheckCost:
+    """The check's cost in `lab`, which is consistent and stays so."""
+    nodes = len(lab.document["nodes"])
+    with Client(lab.endpoint) as client:
+        rounds = max(5, calls // 10)
+        for _ in range(rounds):  # warm the channels, caches and allocator
+            client.ping()
+            warmed = client.check_membership(timeout=30)
+        missed = _unreachable(warmed)
+        # Checks cut short at the deadline would time the deadline, not the check: a lab too large for it on
+        # this machine is timed with the agents given the time they take, and says so.
+        agent_timeout = LARGE_LAB_AGENT_TIMEOUT if missed else None
+        check_membership = partial(client.check_membership, agent_timeout=agent_timeout, timeout=30)
+        if missed:
+            for _ in range(rounds):  # again, now that every agent has the time it takes
+                check_membership()
+        floor, check, late = [], [], 0
+        for _ in range(calls):
+            floor.append(_timed(client.ping))
+            elapsed, answer = _timed_result(check_membership)
+            check.append(elapsed)
+            late += bool(_unreachable(answer))
+            # An agent that misses its deadline loses its node's view, which may show as more; else only a
+            # source's own lag (INFO, as an engine's cache) may show in a lab that is consistent.
+            loud = [d for d in answer.diff.discrepancies if d.severity != pb.SEVERITY_INFO]
+            if loud and not _unreachable(answer):
+                raise RuntimeError(f"the lab of {nodes} is not consistent: {loud}")
     return CheckCost(nodes, Figures.of(floor), Figures.of(check), missed, late)
 
 
@@ -276,51 +291,273 @@ def dqlite_client(calls: int) -> None:
         print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
 
 
-def microcluster_client(calls: int) -> None:
-    """The native client over microd's upgraded connection (as a member dials it), on a 3-member microcluster
-    cluster: CLUSTER and a primary-key SELECT of core_cluster_members, each against the same run's LEADER on the
-    same connection (the floor: one round trip that reads nothing), interleaved; then the cost of a new dial."""
-    with (
-        tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch,
-        microcluster.running(Path(scratch), 3) as cluster,
-    ):
-        dial = MemberDial(cluster.members[0].state_dir)
-        floor, clustered, selected, dials = asyncio.run(
-            _upgraded(dial, [member.address for member in cluster.members], calls)
-        )
-    print(f"microd's upgraded dqlite connection, one kept connection to the leader, {calls} calls each (ms)")
-    print(f"{'request':<22} {'p50':>8} {'p99':>8} {'LEADER p50':>11} {'ratio':>6}")
-    for label, figures in (("CLUSTER", clustered), ("SELECT by primary key", selected)):
+def microcluster_figures(calls: int, changes: int) -> None:
+    """On one 3-member microcluster lab: the check's cost, go-dqlite's client against the native one over microd's
+    upgraded connection, and the time memberguard and microcluster each take to tell of a divergence."""
+    # Two cores shared with whatever else runs: the load says how far to trust the ratios.
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
+        lab = labs.up(Path(scratch) / "lab", 3, backend="microcluster")
+        try:
+            with Client(lab.endpoint) as client:
+                _settle(client)
+            cost = check_cost(lab, calls)
+            go, native = _microcluster_clients(lab, calls)
+            detection = detection_times(lab, changes) if changes else None
+        finally:
+            labs.down(lab.dir)
+    print(
+        f"CheckMembership vs a trivial unary call (health check), same mTLS channel, {calls} calls each,"
+        " a 3-member microcluster lab"
+    )
+    print(_COST_HEADER)
+    print(_cost_row(cost))
+    print()
+    print(
+        f"microd's upgraded dqlite connection, one kept connection to the leader, {calls} calls each"
+        f" in {_CLIENT_BLOCKS} alternating turns (ms)"
+    )
+    print(f"{'request':<22} {'go p50':>8} {'go p99':>8} {'native p50':>11} {'native p99':>11} {'ratio':>6}")
+    for label, key in _UPGRADED_REQUESTS:
+        theirs, ours = go[key], native[key]
         print(
-            f"{label:<22} {figures.p50:>8.3f} {figures.p99:>8.3f} {floor.p50:>11.3f} {figures.p50 / floor.p50:>5.1f}x"
+            f"{label:<22} {theirs.p50:>8.3f} {theirs.p99:>8.3f} {ours.p50:>11.3f} {ours.p99:>11.3f}"
+            f" {ours.p50 / theirs.p50:>5.1f}x"
         )
-    print(f"a new dial (TLS as the member, the upgrade, the dqlite handshake): p50 {dials.p50:.2f} ms")
+    if detection:
+        print()
+        print(
+            f"a member's row deleted with microctl sql, {changes} rounds (ms; memberguard's from the deletion,"
+            " microcluster's from its command's start)"
+        )
+        print(f"{'told by':<56} {'p50':>8} {'p99':>8}")
+        for label, figures in (
+            ("memberguard: a CheckMembership returning it", detection.check),
+            (f"memberguard: its WatchMembership event ({WATCH_INTERVAL * 1000:.0f} ms checks)", detection.watch),
+            ("microcluster: `microctl tokens add` refusing", detection.refusal),
+        ):
+            print(f"{label:<56} {figures.p50:>8.1f} {figures.p99:>8.1f}")
+        refusal = detection.refusal.p50
+        print(
+            f"p50 ratios: microcluster's refusal takes {refusal / detection.check.p50:.0f}x memberguard's check,"
+            f" {refusal / detection.watch.p50:.0f}x its watch event"
+        )
+        for words, count in detection.refused.most_common():
+            print(f"microcluster said, {count} of {changes} rounds: {words}")
+    print(f"\nload average (1 min): {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
 
 
-async def _upgraded(dial: MemberDial, addresses: list[str], calls: int) -> tuple[Figures, Figures, Figures, Figures]:
-    select = "SELECT id, name, address, certificate, role FROM core_cluster_members WHERE id = ?"
-    samples: dict[str, list[float]] = {"leader": [], "cluster": [], "select": [], "dial": []}
+# What the Go program's JSON and _upgraded's samples call each request, and how the tables name it.
+_UPGRADED_REQUESTS = (
+    ("LEADER (the floor)", "leader_ms"),
+    ("CLUSTER", "cluster_ms"),
+    ("SELECT by primary key", "select_ms"),
+    ("a new dial", "dial_ms"),
+)
+MICROCLUSTER_BENCH = microcluster.MICROD.with_name("memberguard-microcluster-bench")
+# The primary-key SELECT both clients time.
+_MEMBER_BY_ID = "SELECT id, name, address, certificate, role FROM core_cluster_members WHERE id = ?"
+_DIALS = 20
+# Turns each client takes; see _microcluster_clients.
+_CLIENT_BLOCKS = 4
 
-    async def timed(label: str, call: Callable[[], Awaitable[object]]) -> None:
+
+def _microcluster_clients(lab: labs.Lab, calls: int) -> tuple[dict[str, Figures], dict[str, Figures]]:
+    """go-dqlite's client (the Go program) and the native one, each dialling as the lab's first member, in
+    _CLIENT_BLOCKS turns each, alternating, so that neither has the quieter half of the run; each side's samples are
+    pooled, and both go through Figures.of."""
+    nodes = lab.document["nodes"]
+    state_dir = Path(nodes[0]["state_dir"])
+    addresses = [node["address"] for node in nodes]
+    per_block, dials = max(1, calls // _CLIENT_BLOCKS), max(1, _DIALS // _CLIENT_BLOCKS)
+    command = [
+        str(MICROCLUSTER_BENCH),
+        *("--state-dir", str(state_dir), "--cluster", ",".join(addresses), "--db", MICROCLUSTER_DATABASE),
+        *("--n", str(per_block), "--dials", str(dials), "--samples"),
+    ]
+    go: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
+    native: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
+    for _ in range(_CLIENT_BLOCKS):
+        ran = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+        for key, values in json.loads(ran.stdout)["samples_ms"].items():
+            go[key].extend(values)
+        for key, values in asyncio.run(_upgraded(MemberDial(state_dir), addresses, per_block, dials)).items():
+            native[key].extend(values)
+    return _figures(go), _figures(native)
+
+
+def _figures(samples: dict[str, list[float]]) -> dict[str, Figures]:
+    return {key: Figures.of(values) for key, values in samples.items()}
+
+
+async def _upgraded(dial: MemberDial, addresses: list[str], calls: int, dials: int) -> dict[str, list[float]]:
+    """LEADER, CLUSTER and the SELECT interleaved on one kept connection to the leader, then new dials, as the Go
+    program times them: every timing, in milliseconds, by the Go program's names."""
+    samples: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
+
+    async def timed(key: str, call: Callable[[], Awaitable[object]]) -> None:
         started = time.perf_counter()
         await call()
-        samples[label].append((time.perf_counter() - started) * 1000)
+        samples[key].append((time.perf_counter() - started) * 1000)
 
-    for _ in range(20):
-        await timed("dial", partial(_dial_and_close, dial, addresses[0]))
     async with await connect_leader(addresses, timeout=10, dial=dial.dial) as connection:
         await connection.open(MICROCLUSTER_DATABASE)
+        requests = (
+            ("leader_ms", connection.leader),
+            ("cluster_ms", connection.cluster),
+            ("select_ms", partial(connection.query, _MEMBER_BY_ID, [1])),
+        )
+        for _ in range(20):  # the Go program's warm-up
+            for _, request in requests:
+                await request()
         for _ in range(calls):
-            await timed("leader", connection.leader)
-            await timed("cluster", connection.cluster)
-            await timed("select", partial(connection.query, select, [1]))
-    leader, cluster, selected, dialled = (Figures.of(samples[k]) for k in ("leader", "cluster", "select", "dial"))
-    return leader, cluster, selected, dialled
+            for key, request in requests:
+                await timed(key, request)
+        leader = connection.address
+    for _ in range(dials):
+        await timed("dial_ms", partial(_dial_and_close, dial, leader))
+    return samples
 
 
 async def _dial_and_close(dial: MemberDial, address: str) -> None:
     connection = await dial.dial(address, 5)
     await connection.close()
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Rounds of one divergence, each timed from its making: to a CheckMembership that returns it (even rounds), to
+    the WatchMembership event that announces it (odd rounds), and, every round, microcluster's `tokens add` from its
+    start to its refusal. refused counts the rounds by microcluster's words (the last line of what it printed)."""
+
+    check: Figures
+    watch: Figures
+    refusal: Figures
+    refused: Counter[str]
+
+
+# A copy of the members table, in the cluster's own database, from which each round's undo inserts the row back whole.
+_HELD = "memberguard_bench_held"
+# How long a divergence or its undo may take to show before the run fails rather than hang.
+_SHOW_TIMEOUT = 30.0
+
+
+def detection_times(lab: labs.Lab, rounds: int) -> Detection:
+    """`rounds` times: a member's row deleted from core_cluster_members through the first member's `microctl sql`,
+    memberguard's report and microcluster's refusal timed, the row inserted back, and the lab left to settle.
+
+    The member is never the dqlite leader: microcluster's heartbeat, which the leader sends every 2 s, rewrites every
+    truststore from the members table, so a deleted member soon trusts no one and no one trusts it. A follower comes
+    back when its row does; a leader that its followers refuse would leave the cluster without one for a while."""
+    _check_every(lab, WATCH_INTERVAL)
+    nodes = lab.document["nodes"]
+    first = nodes[0]
+    _microctl(first, "sql", f"CREATE TABLE {_HELD} AS SELECT * FROM core_cluster_members")
+    samples: dict[str, list[float]] = {"check": [], "watch": [], "refusal": []}
+    refused: Counter[str] = Counter()
+    arrivals: queue.Queue[tuple[float, coordinator_pb2.WatchMembershipResponse]] = queue.Queue()
+    with Client(lab.endpoint) as client, client.watch_membership() as watch:
+        reader = threading.Thread(target=_arrive, args=(watch, arrivals), daemon=True)
+        reader.start()
+        for i in range(rounds):
+            _settle(client)
+            leader = asyncio.run(_leader(MemberDial(Path(first["state_dir"])), [node["address"] for node in nodes]))
+            name = [node["name"] for node in nodes[1:] if node["address"] != leader][-1]
+            # The deletion lands anywhere in the coordinator's cycle, as in watch_latency.
+            time.sleep(random.uniform(0, WATCH_INTERVAL))
+            _microctl(first, "sql", f"DELETE FROM core_cluster_members WHERE name = '{name}'")
+            made = time.perf_counter()
+            if i % 2 == 0:
+                while not _missing_row(client.check_membership(timeout=10).diff.discrepancies, name):
+                    _before_timeout(made, f"no check reported {name}'s row missing")
+                samples["check"].append((time.perf_counter() - made) * 1000)
+            else:
+                samples["watch"].append((_announced(arrivals, made, name) - made) * 1000)
+            started = time.perf_counter()
+            answer = _microctl(first, "tokens", "add", f"bench-{i}", check=False)
+            samples["refusal"].append((time.perf_counter() - started) * 1000)
+            # Its consistency check either finds the discrepancy or, on a loaded machine, fails to read the table
+            # within its own deadline: a refusal either way, told apart by its words.
+            if answer.returncode == 0 or "consistency check" not in answer.stderr:
+                raise RuntimeError(f"microcluster did not refuse a token with {name}'s row deleted: {answer}")
+            refused[answer.stderr.strip().splitlines()[-1]] += 1
+            _microctl(first, "sql", f"INSERT INTO core_cluster_members SELECT * FROM {_HELD} WHERE name = '{name}'")
+        _settle(client)
+    reader.join(timeout=10)
+    return Detection(
+        Figures.of(samples["check"]), Figures.of(samples["watch"]), Figures.of(samples["refusal"]), refused
+    )
+
+
+async def _leader(dial: MemberDial, addresses: list[str]) -> str:
+    async with await connect_leader(addresses, timeout=10, dial=dial.dial) as connection:
+        return connection.address
+
+
+def _arrive(
+    watch: Iterable[coordinator_pb2.WatchMembershipResponse],
+    arrivals: queue.Queue[tuple[float, coordinator_pb2.WatchMembershipResponse]],
+) -> None:
+    """Every event of the watch, with when it arrived, until the watch is closed."""
+    for event in watch:
+        arrivals.put((time.perf_counter(), event))
+
+
+def _announced(
+    arrivals: queue.Queue[tuple[float, coordinator_pb2.WatchMembershipResponse]], made: float, name: str
+) -> float:
+    """When the first event after `made` that has `name`'s row go missing arrived."""
+    while True:
+        remaining = made + _SHOW_TIMEOUT - time.perf_counter()
+        try:
+            arrived, event = arrivals.get(timeout=max(remaining, 0.001))
+        except queue.Empty:
+            raise RuntimeError(f"no event reported {name}'s row missing within {_SHOW_TIMEOUT:g} s") from None
+        appeared = [
+            change.discrepancy
+            for change in event.change.discrepancies
+            if change.transition == coordinator_pb2.DISCREPANCY_TRANSITION_APPEARED
+        ]
+        if arrived > made and _missing_row(appeared, name):
+            return arrived
+
+
+def _missing_row(discrepancies: Iterable[pb.Discrepancy], name: str) -> bool:
+    return any(
+        d.kind == pb.DISCREPANCY_KIND_MISSING
+        and d.source == pb.SOURCE_MEMBERS_TABLE
+        and d.severity == pb.SEVERITY_BLOCKING
+        and d.member.name == name
+        for d in discrepancies
+    )
+
+
+def _settle(client: Client) -> None:
+    """Waits for a check that finds nothing at all: the roles dqlite assigned have reached every node's cluster.yaml,
+    and what a round changed is undone everywhere."""
+    started = time.perf_counter()
+    while found := client.check_membership(timeout=10).diff.discrepancies:
+        _before_timeout(started, f"the microcluster lab did not settle: {[d.summary for d in found]}")
+        time.sleep(0.1)
+
+
+def _before_timeout(started: float, what: str) -> None:
+    if time.perf_counter() - started > _SHOW_TIMEOUT:
+        raise RuntimeError(f"{what} within {_SHOW_TIMEOUT:g} s")
+
+
+def _microctl(node: dict[str, Any], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """microctl on the node's state directory; with check, a failure ends the run with microctl's words."""
+    answer = subprocess.run(
+        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and answer.returncode != 0:
+        raise RuntimeError(f"microctl {' '.join(args)} on {node['name']}: {answer.stderr.strip()}")
+    return answer
 
 
 def operations(rounds: int, backend: str) -> None:
@@ -387,20 +624,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--calls", type=int, default=200, help="measured calls of each kind per size (rounds)")
     parser.add_argument(
-        "--changes", type=int, default=20, help="source changes the watch's latency is timed over (0: none)"
+        "--changes",
+        type=int,
+        default=20,
+        help="source changes the watch's latency is timed over; with --microcluster, divergence rounds (0: none)",
     )
     parser.add_argument("--plot", type=Path, help="write a PNG of the check's p50 and the floor's against N")
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
     parser.add_argument(
-        "--microcluster-client", action="store_true", help="time the native client over microd's upgraded connection"
+        "--microcluster",
+        action="store_true",
+        help="on a 3-member microcluster lab: the check, the dqlite clients, a divergence's detection",
     )
     args = parser.parse_args(argv)
     if args.dqlite_client:
         dqlite_client(args.calls)
         return 0
-    if args.microcluster_client:
-        microcluster_client(args.calls)
+    if args.microcluster:
+        if args.changes == 1:
+            parser.error("--changes: a divergence's detection takes 0 rounds (none) or at least 2 (check and watch)")
+        microcluster_figures(args.calls, args.changes)
         return 0
     if args.operations:
         operations(args.calls, args.backend)
@@ -410,16 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         f"CheckMembership vs a trivial unary call (health check), same mTLS channel, {args.calls} calls each,"
         f" {args.backend} backend"
     )
-    print(f"{'N':>4} {'floor p50':>10} {'floor p99':>10} {'check p50':>10} {'check p99':>10} {'p50 ratio':>10}")
+    print(_COST_HEADER)
     costs = []
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         for nodes in sizes:
             cost = measure(nodes, args.calls, Path(scratch) / f"lab-{nodes}", args.backend)
             costs.append(cost)
-            print(
-                f"{nodes:>4} {cost.floor.p50:>9.2f}ms {cost.floor.p99:>9.2f}ms {cost.check.p50:>9.2f}ms"
-                f" {cost.check.p99:>9.2f}ms {cost.check.p50 / cost.floor.p50:>9.1f}x{_notes(cost)}"
-            )
+            print(_cost_row(cost))
         if args.changes:
             latency = watch_latency(args.changes, Path(scratch) / "lab-watch", args.backend)
             print(
@@ -431,6 +672,16 @@ def main(argv: list[str] | None = None) -> int:
         plot(costs, args.backend, args.plot)
         print(f"plot: {args.plot}")
     return 0
+
+
+_COST_HEADER = f"{'N':>4} {'floor p50':>10} {'floor p99':>10} {'check p50':>10} {'check p99':>10} {'p50 ratio':>10}"
+
+
+def _cost_row(cost: CheckCost) -> str:
+    return (
+        f"{cost.nodes:>4} {cost.floor.p50:>9.2f}ms {cost.floor.p99:>9.2f}ms {cost.check.p50:>9.2f}ms"
+        f" {cost.check.p99:>9.2f}ms {cost.check.p50 / cost.floor.p50:>9.1f}x{_notes(cost)}"
+    )
 
 
 def _notes(cost: CheckCost) -> str:

@@ -617,7 +617,12 @@ def restart_coordinator(
             Path(port_file).unlink(missing_ok=True)
     log = log or lab.dir / "logs" / "coordinator.log"
     process = _spawn(["-m", "coordinator.service", str(config or lab_config)], log, environment)
-    _wait_for_port(Path(document["port_file"]), process, log)
+    try:
+        _wait_for_port(Path(document["port_file"]), process, log)
+    except BaseException:
+        # Not yet in lab.json: left running, it would outlive `lab down` and hold the journal.
+        _stop_if_running(process.pid)
+        raise
 
     def pid(document: dict[str, Any]) -> dict[str, Any]:
         return {**document, "coordinator": {**document["coordinator"], "pid": process.pid}}
@@ -749,6 +754,7 @@ class JoiningNode:
     pid: int  # its agent's when it started; `lab restart` may have replaced it since (agent_pid)
     agent_address: str
     pins: Path
+    daemon_pid: int = 0  # on the microcluster backend, its microd's
 
     @property
     def agent_pid(self) -> int:
@@ -783,6 +789,7 @@ class JoiningNode:
             "pid": self.agent_pid,
             "state_dir": str(self.state_dir),
             "log": str(self.state_dir.parent.parent / "logs" / f"agent-{self.name}.log"),
+            **({"microcluster": {"pid": self.daemon_pid, "address": self.address}} if self.daemon_pid else {}),
         }
 
     def stop(self) -> None:
@@ -793,6 +800,8 @@ class JoiningNode:
                 _stop([engine])
         for pid in dict.fromkeys((self.agent_pid, self.pid)):
             _stop_if_running(pid)
+        if self.daemon_pid:
+            _stop_if_running(self.daemon_pid)
 
 
 @contextlib.contextmanager
@@ -812,10 +821,7 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
     several of these may run at once. Its agent's log is DIR/logs/agent-NAME.log; on the dqlite backend its engine's
     is DIR/nodes/NAME/node.log, once the join starts it.
     """
-    if lab.document["backend"] == "microcluster":
-        # A member joins a microcluster cluster through its own daemon (microcluster's tokens and join), which
-        # guarded operations do not invoke yet.
-        raise LabError("add-node does not run on the microcluster backend yet: join with microctl (tokens add, init)")
+    microcluster_backend = lab.document["backend"] == "microcluster"
     with _locked(lab.dir):
         document = Lab.load(lab.dir).document  # as it is now: another add-node may have added to it
         nodes_dir = lab.dir / "nodes"
@@ -833,12 +839,15 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
         try:
             address = _free_member_address(document, nodes_dir)
             identity = make_identity(name)
+            # On microcluster, microd keeps a server.crt that names the member; it would replace one that does not
+            # when it joins, and the agent would no longer hold the certificate its join submitted.
             write_identity(state_dir, identity)
-            (state_dir / "truststore").mkdir(mode=0o700)
-            write_node_info(
-                state_dir / "database" / "info.yaml", random.SystemRandom().getrandbits(63), address, Role.VOTER
-            )
-            write_raft_config(state_dir / "database" / "cluster.yaml", [])
+            if not microcluster_backend:
+                (state_dir / "truststore").mkdir(mode=0o700)
+                write_node_info(
+                    state_dir / "database" / "info.yaml", random.SystemRandom().getrandbits(63), address, Role.VOTER
+                )
+                write_raft_config(state_dir / "database" / "cluster.yaml", [])
             config = _set_up_agent(
                 state_dir,
                 name,
@@ -849,6 +858,7 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
+    daemon = _start_joining_daemon(lab, name, state_dir) if microcluster_backend else None
     log = lab.dir / "logs" / f"agent-{name}.log"
     process = _spawn(["-m", "coordinator.agent", str(config)], log)
     try:
@@ -856,17 +866,47 @@ def start_joining_node(lab: Lab, name: str | None = None) -> JoiningNode:
         _pin_listen(config, "listen", f"127.0.0.1:{port}")
         _write_agent_pid(state_dir, process.pid)
     except BaseException:
-        process.kill()
-        process.wait()
-        _children.pop(process.pid, None)
+        for started in (process, daemon):
+            if started is not None:
+                started.kill()
+                started.wait()
+                _children.pop(started.pid, None)
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
-    return JoiningNode(name, address, identity, state_dir, process.pid, f"127.0.0.1:{port}", state_dir / PINS_FILE)
+    return JoiningNode(
+        name,
+        address,
+        identity,
+        state_dir,
+        process.pid,
+        f"127.0.0.1:{port}",
+        state_dir / PINS_FILE,
+        daemon_pid=daemon.pid if daemon else 0,
+    )
+
+
+def _start_joining_daemon(lab: Lab, name: str, state_dir: Path) -> subprocess.Popen[bytes]:
+    """A microd on the joiner's state directory, ready and never initialised: memberguard's join has it join."""
+    daemon = microcluster.spawn(
+        state_dir, lab.dir / "logs" / f"{name}.log", heartbeat=lab.document["role_adjustment_interval"]
+    )
+    _children[daemon.pid] = daemon
+    try:
+        microcluster.wait_ready(state_dir)
+    except BaseException:
+        daemon.kill()
+        daemon.wait()
+        _children.pop(daemon.pid, None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    return daemon
 
 
 def _backend_settings(document: dict[str, Any], state_dir: Path, address: str) -> dict[str, Any]:
     """The backend's part of a joining node's agent.json. On dqlite, its engine is not started here: the join's
     engine step starts it, joining (the agent knows how from `engine`)."""
+    if document["backend"] == "microcluster":
+        return {"backend": "microcluster"}
     if document["backend"] == "local":
         sources = document["sources"]
         return {"backend": "local", "members_table": sources["members_table"], "raft_config": sources["raft_config"]}

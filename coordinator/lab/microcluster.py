@@ -131,14 +131,7 @@ class Cluster:
 
     def _spawn(self, member: Member, heartbeat: float) -> None:
         member.state_dir.mkdir(parents=True)
-        with member.log.open("ab") as log:
-            self._processes[member.name] = subprocess.Popen(
-                [str(MICROD), "--state-dir", str(member.state_dir), "--heartbeat", f"{heartbeat}s"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # a Ctrl-C meant for pytest must not reach the daemons before stop() does
-            )
+        self._processes[member.name] = spawn(member.state_dir, member.log, heartbeat=heartbeat)
 
     def _wait_settled(self, deadline: float) -> None:
         while True:
@@ -150,6 +143,34 @@ class Cluster:
                 logs = "\n".join(f"--- {member.name}\n{member.log_tail()}" for member in self.members)
                 raise MicroclusterError(f"members still PENDING or missing: {listed}\n{logs}")
             time.sleep(0.5)
+
+
+def spawn(state_dir: Path, log: Path, *, heartbeat: float = HEARTBEAT) -> subprocess.Popen[bytes]:
+    """A microd on state_dir (which exists), its output appended to log; not waited for (see wait_ready)."""
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [str(MICROD), "--state-dir", str(state_dir), "--heartbeat", f"{heartbeat}s"],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,  # a Ctrl-C meant for pytest must not reach the daemons before stop() does
+        )
+
+
+def wait_ready(state_dir: Path, timeout: float = 30.0) -> None:
+    """Returns once the microd on state_dir answers (`microctl waitready`); MicroclusterError if it does not."""
+    try:
+        result = subprocess.run(
+            [str(MICROCTL), "--state-dir", str(state_dir), "waitready", "--timeout", str(int(timeout))],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
+        )
+    except subprocess.TimeoutExpired:
+        raise MicroclusterError(f"the microd on {state_dir} was not ready within {timeout:g} s") from None
+    if result.returncode != 0:
+        raise MicroclusterError(f"the microd on {state_dir} was not ready: {result.stderr.strip()}")
 
 
 def start(
@@ -209,17 +230,9 @@ def uninitialised(state_dir: Path, log: Path) -> Iterator[Path]:
     """A microd started on state_dir and never initialised, once it is ready: it has made its server.crt and its
     truststore, but has no daemon.yaml and no database. Stopped on leaving the block."""
     state_dir.mkdir(parents=True)
-    with log.open("wb") as output:
-        daemon = subprocess.Popen(
-            [str(MICROD), "--state-dir", str(state_dir)], stdin=subprocess.DEVNULL, stdout=output, stderr=output
-        )
+    daemon = spawn(state_dir, log)
     try:
-        subprocess.run(
-            [str(MICROCTL), "--state-dir", str(state_dir), "waitready", "--timeout", "30"],
-            capture_output=True,
-            check=True,
-            timeout=35,
-        )
+        wait_ready(state_dir)
         yield state_dir
     finally:
         daemon.terminate()

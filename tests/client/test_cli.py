@@ -19,6 +19,9 @@ from grpc_status import rpc_status
 from memberguard.v1 import coordinator_pb2, membership_pb2
 
 from coordinator.cli import main
+from coordinator.core.diff import compute_diff
+from coordinator.messages import diff_to_proto
+from tests.core.test_diff import truststore_file_deleted
 
 from . import (
     COORDINATOR_ID,
@@ -100,6 +103,26 @@ def test_a_discrepancy_explained_by_an_operation_in_flight_says_which(
     assert lines[1].split()[:2] == ["info", "missing"]
     assert lines[2] == "    explained by operation op-7, in flight"
     assert lines[3].startswith("    remedy (safe): ")
+
+
+def test_a_remedys_typed_steps_are_shown_briefly_and_in_full_in_json(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    diff = diff_to_proto(compute_diff(truststore_file_deleted()))
+    lab.fake.behaviour = respond(diff)
+    assert main(check(lab)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:6] == [
+        "    remedy (safe): Restore n2's record in n3's truststore from the members table.",
+        "      - write n2 to n3's truststore, from the members-table",
+        "    remedy (unsafe): Do not treat n2 as removed and shrink the Raft configuration: the members table and Raft "
+        "both hold it, and only n3's truststore lacks it.",
+        "      - delete node 2 at 127.0.0.1:7002 from the raft-config",
+    ]
+    assert main(check(lab, "-o", "json")) == 1
+    (shown,) = json.loads(capsys.readouterr().out)["diff"]["discrepancies"]
+    assert shown["remedies"] == json_format.MessageToDict(diff.discrepancies[0])["remedies"]
+    assert shown["remedies"][0]["steps"][0]["kind"] == "REPAIR_STEP_KIND_WRITE_RECORD"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,10 @@ from coordinator.core.model import (
     InvalidEntry,
     Member,
     MemberRecord,
+    Remedy,
     RemedySafety,
+    RemedyStep,
+    RepairStepKind,
     Role,
     Severity,
     Source,
@@ -51,6 +54,7 @@ from .views import (
 )
 
 K = DiscrepancyKind
+WRITE, DELETE = RepairStepKind.WRITE_RECORD, RepairStepKind.DELETE_RECORD
 BLOCKING, WARNING, INFO = Severity.BLOCKING, Severity.WARNING, Severity.INFO
 TABLE, TRUSTSTORE, RAFT, NODE_RAFT, CACHE, INFO_YAML, AGENT = (
     Source.MEMBERS_TABLE,
@@ -419,6 +423,116 @@ def test_the_fingerprint_ignores_volatile_facts() -> None:
     assert fingerprint(edit_node_view(V3, "n2", certificate_fingerprint=fingerprint_of("x"))) != fingerprint(V3)
 
 
+# --- remedies in typed form ---------------------------------------------------------------------------------------
+
+
+def test_a_missing_truststore_record_is_written_from_its_row() -> None:
+    restore, unsafe = only(truststore_file_deleted(), K.MISSING).remedies
+    assert restore.steps == (RemedyStep(WRITE, TRUSTSTORE, "n3", trust(2), Evidence(TABLE, "", (row(2),))),)
+    # What not to do is as typed as what to do: taking the member out of Raft.
+    assert unsafe.steps == (
+        RemedyStep(DELETE, RAFT, record=MemberRecord(address=address(2), node_id=2), evidence=raft_evidence(2)),
+    )
+
+
+def raft_evidence(i: int) -> Evidence:
+    return Evidence(RAFT, "", (raft_entry(i),))
+
+
+def test_a_record_that_differs_is_rewritten_from_its_row() -> None:
+    (mismatch,) = compute_diff(truststore_record(address="127.0.0.1:7999")).discrepancies
+    (rewrite,) = mismatch.remedies
+    assert rewrite.safety is RemedySafety.SAFE
+    assert rewrite.steps == (RemedyStep(WRITE, TRUSTSTORE, "n2", trust(3), Evidence(TABLE, "", (row(3),))),)
+
+
+def test_a_certificate_under_another_name_is_deleted_by_that_name_then_rewritten() -> None:
+    misnamed = replace(trust(3), name="n9", entry="n9.yaml")
+    (fix,) = only(truststore_record(name="n9", entry="n9.yaml"), K.NAME_MISMATCH).remedies
+    assert [(step.kind, step.node, step.record) for step in fix.steps] == [
+        (DELETE, "n2", MemberRecord(name="n9")),
+        (WRITE, "n2", trust(3)),
+    ]
+    assert fix.steps[0].evidence == Evidence(TRUSTSTORE, "n2", (misnamed,))
+
+
+def test_a_row_is_restored_from_the_members_own_agent_never_from_a_truststore() -> None:
+    restore, remove, unsafe = only(row_deleted_while_in_raft(), K.MISSING).remedies
+    ((write,), (delete,), (copy,)) = restore.steps, remove.steps, unsafe.steps
+    assert (write.kind, write.source, write.node) == (WRITE, TABLE, "")
+    assert write.record == replace(row(3), entry="")
+    assert write.evidence is not None and (write.evidence.source, write.evidence.node) == (AGENT, "n3")
+    assert write.evidence.records == (MemberRecord("n3", address(3), fingerprint_of("n3"), node_id=3),)
+    assert delete == RemedyStep(
+        DELETE, RAFT, record=MemberRecord(address=address(3), node_id=3), evidence=raft_evidence(3)
+    )
+    assert (copy.kind, copy.source, unsafe.safety) == (WRITE, TABLE, RemedySafety.UNSAFE)
+    assert copy.evidence == Evidence(TRUSTSTORE, "n1", (trust(3),))
+
+
+def test_an_orphan_is_deleted_from_the_truststore_that_holds_it_and_its_node_reset() -> None:
+    remove, reset, unsafe = only(removal_crashed_after_raft(), K.ORPHAN).remedies
+    held = Evidence(TRUSTSTORE, "n1", (trust(4),))
+    assert remove.steps == (RemedyStep(DELETE, TRUSTSTORE, "n1", MemberRecord(name="n4"), held),)
+    assert reset.steps == (RemedyStep(RepairStepKind.RESET_NODE, INFO_YAML, "n4"),)
+    assert unsafe.steps == (
+        RemedyStep(WRITE, TABLE, record=MemberRecord("n4", address(4), fingerprint_of("n4")), evidence=held),
+    )
+
+
+def test_a_stalled_join_is_cleared_everywhere_it_is_held() -> None:
+    clear, unsafe = only(pending_row_trusted_by_leader(), K.MISSING).remedies
+    assert [(step.kind, step.source, step.node) for step in clear.steps] == [
+        (DELETE, TABLE, ""),
+        (DELETE, TRUSTSTORE, "n1"),
+        (RepairStepKind.FORGET_MEMBER, None, ""),
+        (RepairStepKind.RESET_NODE, INFO_YAML, "n4"),
+    ]
+    assert clear.steps[0].record == MemberRecord(name="n4") == clear.steps[1].record
+    assert unsafe.steps == (clear.steps[0],)
+
+
+def test_a_duplicate_address_is_confirmed_by_a_human_and_never_deleted_by_address() -> None:
+    keep, unsafe = only(duplicate_address(), K.DUPLICATE_ADDRESS).remedies
+    (confirm,) = keep.steps
+    assert confirm.kind is RepairStepKind.CONFIRM and confirm.evidence is not None
+    assert {record.name for record in confirm.evidence.records} == {"n3", "n3b"}
+    (by_address,) = unsafe.steps
+    assert (by_address.kind, by_address.source, by_address.record) == (DELETE, TABLE, MemberRecord(address=address(3)))
+
+
+def test_what_no_agent_step_does_is_left_by_hand_naming_the_entry() -> None:
+    invalid = [d for d in compute_diff(invalid_truststore_entries()).discrepancies if d.kind is K.INVALID_ENTRY]
+    entries = {step.record.entry for d in invalid for step in d.remedies[0].steps if step.record is not None}
+    assert entries == {"n3.yaml", "notes.txt", "broken.yaml"}
+    assert {step.kind for d in invalid for step in d.remedies[0].steps} == {RepairStepKind.BY_HAND}
+    lagging = only(stale_cache(60.0), K.VIEW_DIFFERS)
+    assert [(s.kind, s.source, s.node) for s in lagging.remedies[0].steps] == [
+        (RepairStepKind.RESTART_ENGINE, CACHE, "n2")
+    ]
+
+
+UNSAFE_SENTENCES = [
+    ("no leader", set_report(V3, RAFT, error="no leader")),
+    ("duplicate address", duplicate_address()),
+    ("stalled join", pending_row_only()),
+    ("ghost row", ghost_row()),
+    ("Raft member without a row", row_deleted_while_in_raft()),
+    ("missing truststore record", truststore_file_deleted()),
+    ("orphan", removal_crashed_after_raft()),
+    ("removed node returns", removed_node_returns()),
+]
+
+
+@pytest.mark.parametrize("view", [pytest.param(v, id=i) for i, v in UNSAFE_SENTENCES])
+def test_an_unsafe_remedy_says_what_not_to_do_and_why(view: ClusterView) -> None:
+    unsafe = [r for d in compute_diff(view).discrepancies for r in d.remedies if r.safety is RemedySafety.UNSAFE]
+    assert unsafe
+    for remedy in unsafe:
+        what, _, why = remedy.action.partition(": ")
+        assert what.startswith("Do not ") and len(why.split()) >= 5, remedy.action
+
+
 # --- properties ----------------------------------------------------------------------------------------------------
 
 ROLES = st.sampled_from([Role.VOTER, Role.STAND_BY, Role.SPARE])
@@ -518,6 +632,65 @@ def test_compute_diff_is_deterministic(view: ClusterView) -> None:
     assert compute_diff(view) == compute_diff(view)
 
 
+def remedies(view: ClusterView) -> list[Remedy]:
+    return [remedy for d in compute_diff(view).discrepancies for remedy in d.remedies]
+
+
+def holds(record: MemberRecord, held: MemberRecord) -> bool:
+    """Whether held is the record a deletion names: it agrees on every field the deletion sets."""
+    return all(
+        getattr(record, part) in ("", 0, getattr(held, part))
+        for part in ("name", "address", "certificate_fingerprint", "node_id")
+    )
+
+
+@st.composite
+def drifted_truststores(draw: st.DrawFn) -> ClusterView:
+    """A broken view whose truststores also drifted from the table: records lost, or moved to another address or
+    certificate, on random nodes. These are what the SAFE writes repair."""
+    view = draw(broken_views())
+    size = len(view.nodes)
+    for _ in range(draw(st.integers(1, 4))):
+        node, member = name(draw(st.integers(1, size))), draw(st.integers(1, size))
+        drift = draw(st.sampled_from(["lost", "address", "certificate"]))
+        if drift == "lost":
+            view = drop_records(view, TRUSTSTORE, address(member), [node])
+        else:
+            changed = {"address": "10.9.9.9:1"} if drift == "address" else {"certificate_fingerprint": "f" * 64}
+            view = replace_records(view, TRUSTSTORE, trust(member), replace(trust(member), **changed), [node])
+    return view
+
+
+@given(drifted_truststores())
+def test_every_safe_write_is_a_copy_of_a_row_the_table_holds(view: ClusterView) -> None:
+    readings = {
+        record for o in view.nodes if o.view for r in o.view.sources if r.source is TABLE for record in r.records
+    }
+    for remedy in remedies(view):
+        for step in remedy.steps:
+            if remedy.safety is not RemedySafety.SAFE or step.kind is not WRITE:
+                continue
+            assert step.evidence is not None and (step.evidence.source, step.evidence.node) == (TABLE, "")
+            (copied,) = step.evidence.records
+            assert copied in readings
+            assert step.record == replace(copied, role=None, role_text="", entry=f"{copied.name}.yaml")
+
+
+@given(broken_views())
+def test_no_remedy_but_an_unsafe_one_adds_to_raft_and_each_deletes_only_what_is_held(view: ClusterView) -> None:
+    for remedy in remedies(view):
+        assert remedy.steps, remedy.action
+        for step in remedy.steps:
+            # Who a step is about on a cluster-wide source is the cluster, on a node's own source that node.
+            assert (step.node == "") is (step.source is None or step.source.cluster_wide), step
+            if remedy.safety is RemedySafety.UNSAFE:
+                continue
+            assert (step.kind, step.source) != (WRITE, RAFT)
+            if step.kind is DELETE:
+                assert step.record is not None and step.evidence is not None
+                assert any(holds(step.record, held) for held in step.evidence.records), step
+
+
 @pytest.mark.parametrize("orphans", [20, 200])
 def test_evidence_grows_with_the_orphans_not_their_square(orphans: int) -> None:
     # Many truststore records sharing one certificate (a copied directory, a tool gone wrong): each orphan's evidence
@@ -551,3 +724,16 @@ def test_on_microcluster_a_truststore_drift_names_the_heartbeat_that_rewrites_it
     assert missing.remedies[0].safety is RemedySafety.SAFE and "heartbeat" in missing.remedies[0].action
     assert "every 2 s" in missing.summary and missing.remedies[1:] == plain.discrepancies[0].remedies
     assert diff.fingerprint == plain.fingerprint and missing.id == plain.discrepancies[0].id
+
+
+def test_a_member_no_agent_speaks_for_is_unwatched_and_an_agent_that_is_silent_is_not() -> None:
+    unwatched = compute_diff(drop_node(consistent_view(3), "n3"))
+    assert [(d.kind, d.severity, d.node, d.member and d.member.name) for d in unwatched.discrepancies] == [
+        (K.UNWATCHED_MEMBER, Severity.WARNING, "n3", "n3")
+    ]
+    [remedy] = unwatched.discrepancies[0].remedies
+    assert "memberguard adopt" in remedy.action and remedy.safety is RemedySafety.NEEDS_CONFIRMATION
+    silent = compute_diff(fail_agent(consistent_view(3), "n3"))
+    assert K.UNWATCHED_MEMBER not in {d.kind for d in silent.discrepancies}, "asked, and silent: unreachable"
+    ghost_row = compute_diff(drop_node(remove_raft_member(consistent_view(3), 3), "n3"))
+    assert K.UNWATCHED_MEMBER not in {d.kind for d in ghost_row.discrepancies}, "a row Raft does not hold is no member"

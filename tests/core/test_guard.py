@@ -114,6 +114,7 @@ SOURCES = {
     K.AGENT_CERTIFICATE_MISMATCH: Source.AGENT,
     K.NO_LEADER: Source.RAFT_CONFIG,
     K.NODE_INFO_MISMATCH: Source.NODE_INFO,
+    K.UNWATCHED_MEMBER: Source.AGENT,
 }
 ABOUT_A_NODE = {K.VIEW_DIFFERS, K.INVALID_ENTRY, K.SOURCE_UNREADABLE}
 
@@ -170,6 +171,8 @@ EFFECTS: dict[tuple[DiscrepancyKind, Severity], dict[OperationKind, str]] = {
     (K.AGENT_CERTIFICATE_MISMATCH, BLOCKING): REPAIR_FIRST,
     (K.NO_LEADER, BLOCKING): {operation: "RRR" for operation in OperationKind},
     (K.NODE_INFO_MISMATCH, BLOCKING): REPAIR_FIRST,
+    # Unwatched: the quorum rule's business too; removing it acts on a node nobody reads, so it is acknowledged.
+    (K.UNWATCHED_MEMBER, WARNING): {TOKEN: "PPP", JOIN: "PPP", REMOVE: "RPP", FORCE: "RPP", REPAIR: "PPP"},
 }
 
 ROWS = [

@@ -8,6 +8,7 @@ from coordinator.core.diff import compute_diff
 from coordinator.core.model import Member, Role, Source
 from coordinator.core.plan import (
     COORDINATOR,
+    MICROCLUSTER_JOIN_TOKEN_TTL,
     AgentPin,
     CannotPlan,
     EnsureMemberRow,
@@ -17,6 +18,8 @@ from coordinator.core.plan import (
     ForgetMember,
     IssueMicroclusterToken,
     Joiner,
+    JoinThroughMicrocluster,
+    NotOnMicrocluster,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
@@ -24,8 +27,8 @@ from coordinator.core.plan import (
     RemoveTruststoreRecord,
     RevokeMicroclusterToken,
     plan_join,
+    plan_microcluster_token,
     plan_removal,
-    plan_token,
     undo,
 )
 
@@ -189,22 +192,40 @@ def test_on_microcluster_a_forced_removal_of_a_silent_member_forces_and_says_to_
     assert "reset it before it comes back" in plan.remainder
 
 
-def test_on_microcluster_a_member_without_a_name_cannot_be_removed_through_it() -> None:
+def test_on_microcluster_a_ghost_without_a_name_leaves_raft_through_dqlite() -> None:
     ghost = raft_entry(4)
     diff = compute_diff(on_microcluster(add_raft_member(consistent_view(3), 4)))
     member = next(m for m in diff.members if m.address == ghost.address)
-    with pytest.raises(CannotPlan, match="by name"):
-        plan_removal(diff, member, reachable={"n1", "n2", "n3"})
+    plan = plan_removal(diff, member, reachable={"n1", "n2", "n3"}, force=True)
+    assert [(step.target, step.action, step.commit_point) for step in plan.steps] == [
+        ("n1", RemoveRaftEntry(ghost.node_id, ghost.address, Role.VOTER), True)
+    ]
 
 
-def test_a_token_is_the_coordinators_own_except_on_microcluster_where_a_daemon_issues_it() -> None:
-    assert plan_token(compute_diff(consistent_view(3)), "n4", ttl=60.0, reachable={"n1", "n2", "n3"}).steps == ()
+def test_microclusters_own_token_is_issued_by_a_daemon_that_answers_and_only_on_microcluster() -> None:
+    with pytest.raises(NotOnMicrocluster, match="needs the microcluster backend"):
+        plan_microcluster_token(compute_diff(consistent_view(3)), "n4", ttl=60.0, reachable={"n1", "n2", "n3"})
     diff = compute_diff(fail_agent(on_microcluster(consistent_view(3)), "n1"))
-    plan = plan_token(diff, "n4", ttl=60.0, reachable={"n2", "n3"})
+    plan = plan_microcluster_token(diff, "n4", ttl=60.0, reachable={"n2", "n3"})
     assert [(step.target, step.action, step.commit_point) for step in plan.steps] == [
         ("n2", IssueMicroclusterToken("n4", 60.0), True)
     ]
     assert undo(plan.steps[0].action) == RevokeMicroclusterToken("n4"), "a token nobody received is revoked"
     assert "microctl init n4" in plan.remainder
     with pytest.raises(CannotPlan):
-        plan_token(diff, "n4", ttl=60.0, reachable=set())
+        plan_microcluster_token(diff, "n4", ttl=60.0, reachable=set())
+
+
+def test_on_microcluster_a_join_is_microclusters_token_then_the_joiners_own_join_then_its_registration() -> None:
+    diff = compute_diff(fail_agent(on_microcluster(consistent_view(3)), "n1"))
+    plan = plan_join(diff, _joiner(node_id=0), reachable={"n2", "n3"}, certificates=_certificates(3))
+    assert [(step.target, step.action, step.commit_point) for step in plan.steps] == [
+        ("n2", IssueMicroclusterToken("n4", MICROCLUSTER_JOIN_TOKEN_TTL), False),
+        ("n4", JoinThroughMicrocluster("n4", "127.0.0.1:7004"), True),
+        (COORDINATOR, RegisterMember("n4", "127.0.0.1:8004", "PEM-n4"), False),
+    ]
+    # Nothing of the join is memberguard's to write: microcluster writes the row, the truststores and the Raft entry.
+    assert not any(
+        isinstance(step.action, EnsureMemberRow | EnsureTruststoreRecord | EnsureRaftEntry) for step in plan.steps
+    )
+    assert undo(plan.steps[0].action) == RevokeMicroclusterToken("n4"), "a join rolled back revokes its token"

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.core.diff import compute_diff
-from coordinator.core.model import ClusterView, Member, Source
+from coordinator.core.model import ClusterView, Member, Role, Source
 from coordinator.core.operation import (
     Abandon,
     Audit,
@@ -49,8 +49,8 @@ from coordinator.core.plan import (
     RemoveTruststoreRecord,
     RevokeMicroclusterToken,
     plan_join,
+    plan_microcluster_token,
     plan_removal,
-    plan_token,
 )
 from coordinator.core.recovery import (
     Back,
@@ -335,7 +335,7 @@ def test_a_removal_through_microcluster_took_effect_once_the_row_or_the_raft_ent
 
 def test_a_microcluster_token_sent_and_never_confirmed_is_revoked() -> None:
     diff = compute_diff(views.on_microcluster(views.consistent_view(3)))
-    plan = plan_token(diff, "n4", ttl=60.0, reachable=MEMBERS)
+    plan = plan_microcluster_token(diff, "n4", ttl=60.0, reachable=MEMBERS)
     steps = tuple(Step(s.name, s.commit_point, target=s.target, action=s.action) for s in plan.steps)
     record = apply(
         apply(record_of(OperationKind.ISSUE_TOKEN, Member(name="n4"), steps), Start(), 1.0), StepSent(0), 1.0
@@ -490,3 +490,40 @@ def test_commit_effect_knows_the_repair_steps_from_the_diff() -> None:
     )
     assert commit_effect(restore_row, compute_diff(no_row)) is Effect.ABSENT
     assert commit_effect(restore_row, compute_diff(views.consistent_view(3))) is Effect.APPLIED
+
+
+def test_a_join_through_microcluster_took_effect_once_the_joiner_is_in_raft_and_not_while_only_pending() -> None:
+    joined = views.on_microcluster(views.consistent_view(4))
+    before = views.drop_node(
+        views.drop_records(
+            views.drop_records(
+                views.drop_records(views.remove_raft_member(joined, 4), Source.MEMBERS_TABLE, views.address(4)),
+                Source.TRUSTSTORE,
+                views.address(4),
+            ),
+            Source.RAFT_CACHE,
+            views.address(4),
+        ),
+        "n4",
+    )
+    diff = compute_diff(before)
+    plan = plan_join(diff, replace(JOINER, node_id=0), reachable=MEMBERS, certificates={})
+    steps = tuple(Step(s.name, s.commit_point, target=s.target, action=s.action) for s in plan.steps)
+    record = apply(
+        apply(
+            apply(record_of(OperationKind.JOIN, Member("n4", address=JOINER.address), steps), Start(), 1.0),
+            StepDone(0),
+            1.0,
+        ),
+        StepSent(1),
+        1.0,
+    )
+    assert commit_effect(record, diff) is Effect.ABSENT
+    assert commit_effect(record, compute_diff(views.drop_node(joined, "n4"))) is Effect.APPLIED
+    pending = views.add_records(before, Source.MEMBERS_TABLE, [views.row(4, Role.PENDING, "PENDING")])
+    assert commit_effect(record, compute_diff(pending)) is Effect.UNKNOWN, "microcluster may still be joining it"
+    unread = views.set_report(before, Source.MEMBERS_TABLE, error="no leader")
+    assert commit_effect(record, compute_diff(unread)) is Effect.UNKNOWN
+    back = decide(record, commit=Effect.ABSENT, silent=set(), nodes=MEMBERS)
+    assert isinstance(back, Back) and back.fence
+    assert [(u.target, u.action) for u in back.undo if u.action] == [("n1", RevokeMicroclusterToken("n4"))]

@@ -37,6 +37,7 @@ from coordinator.core.plan import (
     ForgetMember,
     RemoveMemberRow,
     RemoveRaftEntry,
+    RemoveThroughMicrocluster,
     RemoveTruststoreRecord,
 )
 from coordinator.core.quorum import QuorumInput, raft_key, raft_members
@@ -72,12 +73,14 @@ from .views import (
     add_records,
     address,
     consistent_view,
+    drop_node,
     drop_records,
     edit_node_view,
     edit_reports,
     fail_agent,
     fingerprint_of,
     name,
+    on_microcluster,
     raft_entry,
     replace_records,
     row,
@@ -352,6 +355,12 @@ SCENARIOS: list[tuple[str, ClusterView, Expected, list[DiscrepancyKind]]] = [
         settled(removed_node_returns()),
         [(SAFE, [("n4", RemoveTruststoreRecord("n4")), ("n4", FenceNode()), (COORDINATOR, ForgetMember("n4"))])],
         [K.VIEW_DIFFERS, K.VIEW_DIFFERS],
+    ),
+    (
+        "UNWATCHED_MEMBER: n3 joined without memberguard, and no agent runs on its node",
+        drop_node(V3, "n3"),
+        [],
+        [K.UNWATCHED_MEMBER],
     ),
     (
         "NODE_INFO_MISMATCH of a Raft member",
@@ -641,6 +650,100 @@ def test_action_ids_name_the_repair_whatever_the_gather_order() -> None:
     again = plan(shuffled(view, random.Random(7)))
     assert [a.id for a in again.actions] == [a.id for a in first.actions]
     assert len({a.id for a in first.actions}) == 2
+
+
+# --- on the microcluster backend ------------------------------------------------------------------------------------
+
+
+def test_on_microcluster_no_truststore_is_written_the_heartbeat_rewrites_it() -> None:
+    """A missing record (S9), a different one and a misnamed file: microcluster's leader rewrites every truststore from
+    the members table each heartbeat, so memberguard waits for it, in the words of the diff's own first remedy."""
+    drifts = [
+        truststore_file_deleted(),
+        truststore_record(address="127.0.0.1:7999"),
+        misfiled(V3, 1, "n2", "old-n1.yaml"),
+        removal_crashed_after_raft(),  # n1 still trusts n4, which no row or Raft entry names
+    ]
+    for drift in drifts:
+        view = on_microcluster(settled(drift))
+        assert plan(on_microcluster(drift)).actions == () and plan(settled(drift)).actions != ()
+        repair = plan(view)
+        assert repair.actions == ()
+        diff = compute_diff(view)
+        for d in diff.discrepancies:
+            (left,) = [u for u in repair.unplanned if u.discrepancy == d.id]
+            if d.source is TRUSTSTORE and d.kind is not K.INVALID_ENTRY:
+                wait = d.remedies[0].action.removesuffix(" check again after it.")
+                assert left.reason.startswith(wait), (left.reason, wait)
+                assert "every 5 s" in left.reason and "would race that rewrite" in left.reason
+
+
+def test_on_microcluster_the_heartbeats_interval_is_said_only_when_the_view_carries_it() -> None:
+    view = on_microcluster(settled(truststore_file_deleted()))
+    for node in ("n1", "n2", "n3"):
+        view = edit_node_view(view, node, role_adjustment_interval=None)
+    (left,) = plan(view).unplanned
+    assert "rewrites n3's truststore from the members table on every heartbeat" in left.reason
+
+
+def test_on_microcluster_a_missing_row_is_restored_through_another_member_and_nothing_else_is_written() -> None:
+    """The leader n1's row was deleted: on dqlite n1's own agent writes it back, with the truststores that lack it. On
+    microcluster another member writes it (the row takes that daemon's schema versions), and the heartbeat restores
+    the truststores."""
+    view = settled(drop_records(row_deleted_and_heartbeat_ran(), TABLE, address(1)))
+    view = drop_records(view, TRUSTSTORE, address(1), nodes=["n2"])
+    on_dqlite = {action.member.name: steps(action) for action in plan(view).actions}
+    assert on_dqlite["n1"][0] == ("n1", EnsureMemberRow("n1", address(1), pem("n1"), "voter"))
+    assert any(isinstance(a, EnsureTruststoreRecord) for _, a in on_dqlite["n1"])
+    view = on_microcluster(view)
+    repair = plan(view)
+    assert {action.member.name: steps(action) for action in repair.actions} == {
+        "n1": [("n2", EnsureMemberRow("n1", address(1), pem("n1"), "voter"))],
+        "n3": [("n2", EnsureMemberRow("n3", address(3), pem("n3"), "voter"))],
+    }
+    assert all(a.safety is SAFE and "microcluster's heartbeat then writes it" in a.reason for a in repair.actions)
+    assert [(a.steps[0].evidence or Evidence(TABLE)).source for a in repair.actions] == [Source.AGENT] * 2
+    assert all(u.reason.startswith("Wait for microcluster's heartbeat") for u in repair.unplanned)
+
+
+def test_on_microcluster_an_orphan_row_goes_through_microclusters_own_removal_forced() -> None:
+    """S3: a PENDING row Raft does not hold, its record in the leader's truststore. microcluster's consistency check
+    refuses every removal while the row is there, so the request is forced, with the row's address."""
+    view = on_microcluster(settled(pending_row_trusted_by_leader()))
+    (action,) = plan(view).actions
+    assert steps(action) == [
+        ("n1", RemoveThroughMicrocluster("n4", address(4), 0, force=True)),
+        (COORDINATOR, ForgetMember("n4")),
+    ]
+    assert action.steps[0].evidence == Evidence(TABLE, "n1", (row(4, Role.PENDING),))
+    assert action.safety is SAFE and "microctl cluster remove n4 --force --address 127.0.0.1:7004" in action.reason
+    assert action.remainder.startswith("n4's agent did not answer: microcluster resets a removed member only")
+    assert action.clears == tuple(ids(view, K.MISSING))
+    # Young, it waits for the grace period as on every backend.
+    young = on_microcluster(settled(pending_row_trusted_by_leader(), age=10.0))
+    (left,) = plan(young).unplanned
+    assert left.eligible_at == NOW - 10.0 + GRACE
+
+
+def test_on_microcluster_a_ghost_raft_member_is_removed_through_dqlite_when_confirmed() -> None:
+    """S1: no row names the ghost n4 for microcluster's removal to find; its entry goes through dqlite on a human's
+    word, and the leader's record of it is left to the heartbeat."""
+    view = on_microcluster(settled(ghost_raft_member()))
+    (action,) = plan(view).actions
+    assert action.safety is CONFIRM and action.reason.startswith("Confirm that n4 (node 4 at 127.0.0.1:7004)")
+    assert "removed through dqlite" in action.reason
+    assert steps(action) == [("n1", RemoveRaftEntry(4, address(4), Role.SPARE)), (COORDINATOR, ForgetMember("n4"))]
+    # The quorum rule holds as on every backend: a ghost voter with two of four voters silent stays.
+    assert plan(on_microcluster(ghost_voter(["n2", "n3"]))).actions == ()
+
+
+def test_on_microcluster_a_node_no_record_knows_is_left_to_a_human_to_reset() -> None:
+    """S8: n4 was removed, but kept its files. microcluster neither removes nor heartbeats a node its table and Raft
+    do not hold, and the agent applies no fence on this backend."""
+    view = on_microcluster(settled(removed_node_returns()))
+    repair = plan(view)
+    assert repair.actions == ()
+    assert any("A human resets it" in u.reason for u in repair.unplanned)
 
 
 # --- properties -----------------------------------------------------------------------------------------------------

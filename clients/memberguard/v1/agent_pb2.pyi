@@ -179,6 +179,40 @@ class MicroclusterToken(_message.Message):
 Global___MicroclusterToken: _TypeAlias = MicroclusterToken  # noqa: Y015
 
 @_typing.final
+class MicroclusterJoin(_message.Message):
+    """Asks this node's microcluster daemon to join the cluster, as `microctl init NAME ADDRESS --token TOKEN` does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the member name the daemon joins as; its server certificate must name it (microcluster replaces a
+    certificate that does not, which would change the identity the coordinator pinned).
+    """
+    address: _builtins.str
+    """address is the member address the daemon serves its API and dqlite on, "host:port"."""
+    token: _builtins.str
+    """token is microcluster's join token, issued for name by a member's daemon earlier in the same operation. It is
+    sent, never journaled: a coordinator that restarted has none, and the join's recovery decides from the sources.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MicroclusterJoin: _TypeAlias = MicroclusterJoin  # noqa: Y015
+
+@_typing.final
 class ApplyStepRequest(_message.Message):
     """One step of an operation, for one node's agent."""
 
@@ -197,6 +231,7 @@ class ApplyStepRequest(_message.Message):
     REMOVE_THROUGH_MICROCLUSTER_FIELD_NUMBER: _builtins.int
     ISSUE_MICROCLUSTER_TOKEN_FIELD_NUMBER: _builtins.int
     REVOKE_MICROCLUSTER_TOKEN_FIELD_NUMBER: _builtins.int
+    JOIN_THROUGH_MICROCLUSTER_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """operation_id is the journaled operation the step belongs to."""
     step_index: _builtins.int
@@ -248,6 +283,10 @@ class ApplyStepRequest(_message.Message):
         revoking any it holds for that name, so that a repeated step leaves one token (microcluster backend only).
         """
 
+    @_builtins.property
+    def join_through_microcluster(self) -> Global___MicroclusterJoin:
+        """join_through_microcluster has this node's microcluster daemon join the cluster with microcluster's token."""
+
     def __init__(
         self,
         *,
@@ -264,12 +303,13 @@ class ApplyStepRequest(_message.Message):
         remove_through_microcluster: Global___MicroclusterRemoval | None = ...,
         issue_microcluster_token: Global___MicroclusterToken | None = ...,
         revoke_microcluster_token: _builtins.str = ...,
+        join_through_microcluster: Global___MicroclusterJoin | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "join_through_microcluster", b"join_through_microcluster", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ensure_member_row", b"ensure_member_row", "ensure_raft_entry", b"ensure_raft_entry", "ensure_truststore_record", b"ensure_truststore_record", "epoch", b"epoch", "fence_node", b"fence_node", "issue_microcluster_token", b"issue_microcluster_token", "join_through_microcluster", b"join_through_microcluster", "operation_id", b"operation_id", "remove_member_row", b"remove_member_row", "remove_raft_entry", b"remove_raft_entry", "remove_through_microcluster", b"remove_through_microcluster", "remove_truststore_record", b"remove_truststore_record", "revoke_microcluster_token", b"revoke_microcluster_token", "step", b"step", "step_index", b"step_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node", "remove_through_microcluster", "issue_microcluster_token", "revoke_microcluster_token"]  # noqa: Y015
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["ensure_truststore_record", "remove_truststore_record", "ensure_member_row", "remove_member_row", "ensure_raft_entry", "remove_raft_entry", "fence_node", "remove_through_microcluster", "issue_microcluster_token", "revoke_microcluster_token", "join_through_microcluster"]  # noqa: Y015
     _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
 

@@ -167,6 +167,10 @@ class _DiscrepancyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Discr
     """No node could name a Raft leader, so the authoritative configuration is unknown."""
     DISCREPANCY_KIND_NODE_INFO_MISMATCH: _DiscrepancyKind.ValueType  # 15
     """A node's own identity (info.yaml) does not match the member the other sources record at its address."""
+    DISCREPANCY_KIND_UNWATCHED_MEMBER: _DiscrepancyKind.ValueType  # 16
+    """A member of the members table and the Raft configuration whose node has no agent the coordinator asks (one that
+    joined without memberguard, e.g. through `microctl init`, and was never adopted): what its node holds is unknown.
+    """
 
 class DiscrepancyKind(_DiscrepancyKind, metaclass=_DiscrepancyKindEnumTypeWrapper):
     """What a discrepancy is about. Values may be added; treat unknown ones as blocking."""
@@ -205,6 +209,10 @@ DISCREPANCY_KIND_NO_LEADER: DiscrepancyKind.ValueType  # 14
 """No node could name a Raft leader, so the authoritative configuration is unknown."""
 DISCREPANCY_KIND_NODE_INFO_MISMATCH: DiscrepancyKind.ValueType  # 15
 """A node's own identity (info.yaml) does not match the member the other sources record at its address."""
+DISCREPANCY_KIND_UNWATCHED_MEMBER: DiscrepancyKind.ValueType  # 16
+"""A member of the members table and the Raft configuration whose node has no agent the coordinator asks (one that
+joined without memberguard, e.g. through `microctl init`, and was never adopted): what its node holds is unknown.
+"""
 Global___DiscrepancyKind: _TypeAlias = DiscrepancyKind  # noqa: Y015
 
 class _RemedySafety:
@@ -234,6 +242,64 @@ REMEDY_SAFETY_NEEDS_CONFIRMATION: RemedySafety.ValueType  # 2
 REMEDY_SAFETY_UNSAFE: RemedySafety.ValueType  # 3
 """Listed as a warning: what a hurried operator might do and must not."""
 Global___RemedySafety: _TypeAlias = RemedySafety  # noqa: Y015
+
+class _RepairStepKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RepairStepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RepairStepKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPAIR_STEP_KIND_UNSPECIFIED: _RepairStepKind.ValueType  # 0
+    """Default value. This value is unused: every step of a remedy or of a repair plan has a kind."""
+    REPAIR_STEP_KIND_WRITE_RECORD: _RepairStepKind.ValueType  # 1
+    """Write record into source (on node, for a node's own source), as a copy of the record in evidence."""
+    REPAIR_STEP_KIND_DELETE_RECORD: _RepairStepKind.ValueType  # 2
+    """Delete record from source (on node, for a node's own source); evidence is where it is held."""
+    REPAIR_STEP_KIND_RESET_NODE: _RepairStepKind.ValueType  # 3
+    """Reset node: wipe its engine's state, so that it can neither come back as the member it was nor rejoin by accident."""
+    REPAIR_STEP_KIND_FORGET_MEMBER: _RepairStepKind.ValueType  # 4
+    """The coordinator forgets record's member: the agent certificate it pinned for it, and its join tokens."""
+    REPAIR_STEP_KIND_RESTART_ENGINE: _RepairStepKind.ValueType  # 5
+    """Restart node's dqlite engine, so that its own view of the Raft configuration (source) reloads from the leader."""
+    REPAIR_STEP_KIND_WAIT: _RepairStepKind.ValueType  # 6
+    """Change nothing: source on node is rewritten on its own (microcluster's heartbeat); check again after it."""
+    REPAIR_STEP_KIND_CONFIRM: _RepairStepKind.ValueType  # 7
+    """A human confirms the fact evidence leaves open (which certificate is a node's, which claim on an address is
+    right) before anything is changed.
+    """
+    REPAIR_STEP_KIND_BY_HAND: _RepairStepKind.ValueType  # 8
+    """A human changes source (on node) by hand, as the remedy's action says: no agent step does it (an invalid entry,
+    the certificate an agent serves, a Raft configuration without a leader).
+    """
+
+class RepairStepKind(_RepairStepKind, metaclass=_RepairStepKindEnumTypeWrapper):
+    """What one step of a remedy or of a repair action does. Values may be added: a program that meets one it does not
+    know leaves the step, and its remedy, to a human.
+    """
+
+REPAIR_STEP_KIND_UNSPECIFIED: RepairStepKind.ValueType  # 0
+"""Default value. This value is unused: every step of a remedy or of a repair plan has a kind."""
+REPAIR_STEP_KIND_WRITE_RECORD: RepairStepKind.ValueType  # 1
+"""Write record into source (on node, for a node's own source), as a copy of the record in evidence."""
+REPAIR_STEP_KIND_DELETE_RECORD: RepairStepKind.ValueType  # 2
+"""Delete record from source (on node, for a node's own source); evidence is where it is held."""
+REPAIR_STEP_KIND_RESET_NODE: RepairStepKind.ValueType  # 3
+"""Reset node: wipe its engine's state, so that it can neither come back as the member it was nor rejoin by accident."""
+REPAIR_STEP_KIND_FORGET_MEMBER: RepairStepKind.ValueType  # 4
+"""The coordinator forgets record's member: the agent certificate it pinned for it, and its join tokens."""
+REPAIR_STEP_KIND_RESTART_ENGINE: RepairStepKind.ValueType  # 5
+"""Restart node's dqlite engine, so that its own view of the Raft configuration (source) reloads from the leader."""
+REPAIR_STEP_KIND_WAIT: RepairStepKind.ValueType  # 6
+"""Change nothing: source on node is rewritten on its own (microcluster's heartbeat); check again after it."""
+REPAIR_STEP_KIND_CONFIRM: RepairStepKind.ValueType  # 7
+"""A human confirms the fact evidence leaves open (which certificate is a node's, which claim on an address is
+right) before anything is changed.
+"""
+REPAIR_STEP_KIND_BY_HAND: RepairStepKind.ValueType  # 8
+"""A human changes source (on node) by hand, as the remedy's action says: no agent step does it (an invalid entry,
+the certificate an agent serves, a Raft configuration without a leader).
+"""
+Global___RepairStepKind: _TypeAlias = RepairStepKind  # noqa: Y015
 
 @_typing.final
 class Member(_message.Message):
@@ -442,26 +508,96 @@ class NodeView(_message.Message):
 Global___NodeView: _TypeAlias = NodeView  # noqa: Y015
 
 @_typing.final
+class RepairStep(_message.Message):
+    """One step of a remedy or of a repair action: what it does to which source, on which node, from which evidence.
+    A remedy's steps are its action in typed form; a repair plan's are what the coordinator would send.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name says what it does, e.g. "restore n3 in n2's truststore"; empty in a remedy's step, whose remedy's action says
+    it for all its steps.
+    """
+    node: _builtins.str
+    """node is, in a repair plan, the node whose agent applies the step (for the members table or the Raft
+    configuration, the member chosen to write it), empty for the coordinator's own step; in a remedy, the node whose
+    own source it is about, empty for the members table, the Raft configuration and the coordinator.
+    """
+    source: Global___Source.ValueType
+    """source is the record of membership it writes, deletes, waits for or is about; SOURCE_UNSPECIFIED for the
+    coordinator's own step, and for a step about no single source.
+    """
+    kind: Global___RepairStepKind.ValueType
+    """kind says what the step does."""
+    @_builtins.property
+    def evidence(self) -> Global___Evidence:
+        """evidence is, for a write, the record it copies and where that was read; for a deletion, what is deleted and
+        where it is held; for any other step, what the source holds that the step is about. Unset for the coordinator's
+        own step, and where no source's records say more (a wait, the reset of a node not read, no leader).
+        """
+
+    @_builtins.property
+    def record(self) -> Global___MemberRecord:
+        """record is, for WRITE_RECORD, the record written; for DELETE_RECORD, the record deleted, by the fields it sets (a
+        name, a Raft entry's node ID and address, or only an address); for FORGET_MEMBER, the member forgotten; for
+        BY_HAND, the entry to repair (only its entry set) or what to make true (the certificate an agent must serve).
+        Unset otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        node: _builtins.str = ...,
+        source: Global___Source.ValueType = ...,
+        evidence: Global___Evidence | None = ...,
+        kind: Global___RepairStepKind.ValueType = ...,
+        record: Global___MemberRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "kind", b"kind", "name", b"name", "node", b"node", "record", b"record", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairStep: _TypeAlias = RepairStep  # noqa: Y015
+
+@_typing.final
 class Remedy(_message.Message):
-    """A way to clear a discrepancy."""
+    """A way to clear a discrepancy, or, when UNSAFE, what not to do about it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTION_FIELD_NUMBER: _builtins.int
     SAFETY_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """action says what to do, in one imperative sentence naming the member, source and node."""
+    """action says what to do, in one imperative sentence naming the member, source and node; an UNSAFE remedy's says
+    what not to do, and why.
+    """
     safety: Global___RemedySafety.ValueType
     """safety says whether the action may be applied as is."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepairStep]:
+        """steps are the action in typed form, in order: what a program would do, or, for an UNSAFE remedy, must not do."""
+
     def __init__(
         self,
         *,
         action: _builtins.str = ...,
         safety: Global___RemedySafety.ValueType = ...,
+        steps: _abc.Iterable[Global___RepairStep] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "safety", b"safety"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "safety", b"safety", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

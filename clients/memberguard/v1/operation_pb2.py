@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from memberguard.v1 import membership_pb2 as memberguard_dot_v1_dot_membership__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ememberguard/v1/operation.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\"\x97\x01\n\x04Step\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.memberguard.v1.StepState\x12\x14\n\x0c\x63ommit_point\x18\x03 \x01(\x08\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x05 \x01(\x08\"\x9e\x01\n\x05\x41udit\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07verdict\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12$\n\x1c\x61\x63knowledged_discrepancy_ids\x18\x06 \x03(\t\"\x84\x03\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.memberguard.v1.OperationKind\x12&\n\x06member\x18\x03 \x01(\x0b\x32\x16.memberguard.v1.Member\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.memberguard.v1.OperationState\x12#\n\x05steps\x18\x05 \x03(\x0b\x32\x14.memberguard.v1.Step\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05token\x18\x07 \x01(\t\x12\x0c\n\x04plan\x18\x08 \x01(\t\x12$\n\x05\x61udit\x18\t \x01(\x0b\x32\x15.memberguard.v1.Audit\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\"K\n\x13IssueTokenOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"m\n\rJoinOperation\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\t\x12\x15\n\ragent_address\x18\x05 \x01(\t\"E\n\x15RemoveMemberOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x83\x01\n\tTokenInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x1d\x62ound_certificate_fingerprint\x18\x03 \x01(\t\x12\x11\n\tissued_by\x18\x04 \x01(\t*\xbf\x01\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aOPERATION_KIND_ISSUE_TOKEN\x10\x01\x12\x17\n\x13OPERATION_KIND_JOIN\x10\x02\x12\x19\n\x15OPERATION_KIND_REMOVE\x10\x03\x12\x1f\n\x1bOPERATION_KIND_FORCE_REMOVE\x10\x04\x12\x19\n\x15OPERATION_KIND_REPAIR\x10\x05*\xe5\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1f\n\x1bOPERATION_STATE_ROLLED_BACK\x10\x04\x12\x1a\n\x16OPERATION_STATE_PARKED\x10\x05\x12\x1d\n\x19OPERATION_STATE_ABANDONED\x10\x06*\x98\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x13\n\x0fSTEP_STATE_DONE\x10\x02\x12\x15\n\x11STEP_STATE_UNDONE\x10\x03\x12\x13\n\x0fSTEP_STATE_SENT\x10\x04\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x05\x42HZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ememberguard/v1/operation.proto\x12\x0ememberguard.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\"\x97\x01\n\x04Step\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.memberguard.v1.StepState\x12\x14\n\x0c\x63ommit_point\x18\x03 \x01(\x08\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x05 \x01(\x08\"\x9e\x01\n\x05\x41udit\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x1f\n\x17\x63\x65rtificate_fingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0f\n\x07verdict\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12$\n\x1c\x61\x63knowledged_discrepancy_ids\x18\x06 \x03(\t\"\x84\x03\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.memberguard.v1.OperationKind\x12&\n\x06member\x18\x03 \x01(\x0b\x32\x16.memberguard.v1.Member\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.memberguard.v1.OperationState\x12#\n\x05steps\x18\x05 \x03(\x0b\x32\x14.memberguard.v1.Step\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\r\n\x05token\x18\x07 \x01(\t\x12\x0c\n\x04plan\x18\x08 \x01(\t\x12$\n\x05\x61udit\x18\t \x01(\x0b\x32\x15.memberguard.v1.Audit\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\"a\n\x13IssueTokenOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cmicrocluster\x18\x03 \x01(\x08\"m\n\rJoinOperation\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\t\x12\x15\n\ragent_address\x18\x05 \x01(\t\"E\n\x15RemoveMemberOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x83\x01\n\tTokenInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x1d\x62ound_certificate_fingerprint\x18\x03 \x01(\t\x12\x11\n\tissued_by\x18\x04 \x01(\t*\xbf\x01\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aOPERATION_KIND_ISSUE_TOKEN\x10\x01\x12\x17\n\x13OPERATION_KIND_JOIN\x10\x02\x12\x19\n\x15OPERATION_KIND_REMOVE\x10\x03\x12\x1f\n\x1bOPERATION_KIND_FORCE_REMOVE\x10\x04\x12\x19\n\x15OPERATION_KIND_REPAIR\x10\x05*\xe5\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1f\n\x1bOPERATION_STATE_ROLLED_BACK\x10\x04\x12\x1a\n\x16OPERATION_STATE_PARKED\x10\x05\x12\x1d\n\x19OPERATION_STATE_ABANDONED\x10\x06*\x98\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x13\n\x0fSTEP_STATE_DONE\x10\x02\x12\x15\n\x11STEP_STATE_UNDONE\x10\x03\x12\x13\n\x0fSTEP_STATE_SENT\x10\x04\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x05\x42HZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memberguard.v1.operation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1'
-  _globals['_OPERATIONKIND']._serialized_start=1248
-  _globals['_OPERATIONKIND']._serialized_end=1439
-  _globals['_OPERATIONSTATE']._serialized_start=1442
-  _globals['_OPERATIONSTATE']._serialized_end=1671
-  _globals['_STEPSTATE']._serialized_start=1674
-  _globals['_STEPSTATE']._serialized_end=1826
+  _globals['_OPERATIONKIND']._serialized_start=1270
+  _globals['_OPERATIONKIND']._serialized_end=1461
+  _globals['_OPERATIONSTATE']._serialized_start=1464
+  _globals['_OPERATIONSTATE']._serialized_end=1693
+  _globals['_STEPSTATE']._serialized_start=1696
+  _globals['_STEPSTATE']._serialized_end=1848
   _globals['_STEP']._serialized_start=149
   _globals['_STEP']._serialized_end=300
   _globals['_AUDIT']._serialized_start=303
@@ -48,11 +48,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPERATION']._serialized_start=464
   _globals['_OPERATION']._serialized_end=852
   _globals['_ISSUETOKENOPERATION']._serialized_start=854
-  _globals['_ISSUETOKENOPERATION']._serialized_end=929
-  _globals['_JOINOPERATION']._serialized_start=931
-  _globals['_JOINOPERATION']._serialized_end=1040
-  _globals['_REMOVEMEMBEROPERATION']._serialized_start=1042
-  _globals['_REMOVEMEMBEROPERATION']._serialized_end=1111
-  _globals['_TOKENINFO']._serialized_start=1114
-  _globals['_TOKENINFO']._serialized_end=1245
+  _globals['_ISSUETOKENOPERATION']._serialized_end=951
+  _globals['_JOINOPERATION']._serialized_start=953
+  _globals['_JOINOPERATION']._serialized_end=1062
+  _globals['_REMOVEMEMBEROPERATION']._serialized_start=1064
+  _globals['_REMOVEMEMBEROPERATION']._serialized_end=1133
+  _globals['_TOKENINFO']._serialized_start=1136
+  _globals['_TOKENINFO']._serialized_end=1267
 # @@protoc_insertion_point(module_scope)

@@ -325,8 +325,14 @@ class IssueTokenOperation(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    MICROCLUSTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name is the new member's name: a DNS name, which must be among its certificate's DNS names when it joins."""
+    microcluster: _builtins.bool
+    """microcluster asks, on the microcluster backend, for microcluster's own join token instead of memberguard's, for a
+    joiner that joins with `microctl init` (memberguard then guards only the issue). Without it a joiner joins
+    through memberguard (its agent presents the token), which has microcluster join it. Refused on other backends.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """ttl is how long the token may be used; unset means the coordinator's default (1 h). At most 7 days."""
@@ -336,10 +342,11 @@ class IssueTokenOperation(_message.Message):
         *,
         name: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        microcluster: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["microcluster", b"microcluster", "name", b"name", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from memberguard.v1 import membership_pb2 as memberguard_dot_v1_dot_membership__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmemberguard/v1/repair.proto\x12\x0ememberguard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\"\x89\x01\n\nRepairPlan\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\x07\x61\x63tions\x18\x02 \x03(\x0b\x32\x1c.memberguard.v1.RepairAction\x12\x37\n\tunplanned\x18\x03 \x03(\x0b\x32$.memberguard.v1.UnplannedDiscrepancy\"\xce\x01\n\x0cRepairAction\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lears\x18\x02 \x03(\t\x12&\n\x06member\x18\x03 \x01(\x0b\x32\x16.memberguard.v1.Member\x12,\n\x06safety\x18\x04 \x01(\x0e\x32\x1c.memberguard.v1.RemedySafety\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12)\n\x05steps\x18\x06 \x03(\x0b\x32\x1a.memberguard.v1.RepairStep\x12\x11\n\tremainder\x18\x07 \x01(\t\"|\n\nRepairStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12&\n\x06source\x18\x03 \x01(\x0e\x32\x16.memberguard.v1.Source\x12*\n\x08\x65vidence\x18\x04 \x01(\x0b\x32\x18.memberguard.v1.Evidence\"o\n\x14UnplannedDiscrepancy\x12\x16\n\x0e\x64iscrepancy_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0b\x65ligible_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampBHZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmemberguard/v1/repair.proto\x12\x0ememberguard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fmemberguard/v1/membership.proto\"\x89\x01\n\nRepairPlan\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\x07\x61\x63tions\x18\x02 \x03(\x0b\x32\x1c.memberguard.v1.RepairAction\x12\x37\n\tunplanned\x18\x03 \x03(\x0b\x32$.memberguard.v1.UnplannedDiscrepancy\"\xce\x01\n\x0cRepairAction\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63lears\x18\x02 \x03(\t\x12&\n\x06member\x18\x03 \x01(\x0b\x32\x16.memberguard.v1.Member\x12,\n\x06safety\x18\x04 \x01(\x0e\x32\x1c.memberguard.v1.RemedySafety\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12)\n\x05steps\x18\x06 \x03(\x0b\x32\x1a.memberguard.v1.RepairStep\x12\x11\n\tremainder\x18\x07 \x01(\t\"o\n\x14UnplannedDiscrepancy\x12\x16\n\x0e\x64iscrepancy_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0b\x65ligible_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampBHZFgithub.com/memberguard/memberguard/gen/go/memberguard/v1;memberguardv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPAIRPLAN']._serialized_end=251
   _globals['_REPAIRACTION']._serialized_start=254
   _globals['_REPAIRACTION']._serialized_end=460
-  _globals['_REPAIRSTEP']._serialized_start=462
-  _globals['_REPAIRSTEP']._serialized_end=586
-  _globals['_UNPLANNEDDISCREPANCY']._serialized_start=588
-  _globals['_UNPLANNEDDISCREPANCY']._serialized_end=699
+  _globals['_UNPLANNEDDISCREPANCY']._serialized_start=462
+  _globals['_UNPLANNEDDISCREPANCY']._serialized_end=573
 # @@protoc_insertion_point(module_scope)

@@ -88,7 +88,7 @@ class RepairAction(_message.Message):
         """member is whom it repairs."""
 
     @_builtins.property
-    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepairStep]:
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_membership_pb2.RepairStep]:
         """steps are what it does, in order."""
 
     def __init__(
@@ -99,7 +99,7 @@ class RepairAction(_message.Message):
         member: _membership_pb2.Member | None = ...,
         safety: _membership_pb2.RemedySafety.ValueType = ...,
         reason: _builtins.str = ...,
-        steps: _abc.Iterable[Global___RepairStep] | None = ...,
+        steps: _abc.Iterable[_membership_pb2.RepairStep] | None = ...,
         remainder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
@@ -109,44 +109,6 @@ class RepairAction(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepairAction: _TypeAlias = RepairAction  # noqa: Y015
-
-@_typing.final
-class RepairStep(_message.Message):
-    """One step of a repair action."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    NODE_FIELD_NUMBER: _builtins.int
-    SOURCE_FIELD_NUMBER: _builtins.int
-    EVIDENCE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """name says what it does, e.g. "restore n3's record in n2's truststore"."""
-    node: _builtins.str
-    """node is the node whose agent applies it; empty for the coordinator's own step (its registry and tokens)."""
-    source: _membership_pb2.Source.ValueType
-    """source is the record of membership it writes or deletes in; SOURCE_UNSPECIFIED for the coordinator's own step."""
-    @_builtins.property
-    def evidence(self) -> _membership_pb2.Evidence:
-        """evidence is, for a write, the record it copies and where that was read; for a deletion, what is deleted and
-        where it is held. Unset for the coordinator's own step.
-        """
-
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        node: _builtins.str = ...,
-        source: _membership_pb2.Source.ValueType = ...,
-        evidence: _membership_pb2.Evidence | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence", b"evidence", "name", b"name", "node", b"node", "source", b"source"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RepairStep: _TypeAlias = RepairStep  # noqa: Y015
 
 @_typing.final
 class UnplannedDiscrepancy(_message.Message):

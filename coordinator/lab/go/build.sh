@@ -6,8 +6,10 @@
 #     build/bin/memberguard-dqlite-node   <- testnode
 #     build/bin/memberguard-dqlite-bench  <- gobench
 #   module memberguard.test/lab/microcluster (canonical/microcluster v3's own
-#   example daemon and CLI, as go.mod's tool directives name them):
+#   example daemon and CLI, as go.mod's tool directives name them; go-dqlite
+#   v3, as microcluster pins it):
 #     build/bin/microd, build/bin/microctl
+#     build/bin/memberguard-microcluster-bench  <- mcbench
 #
 # usage: build.sh [--force] [dqlite] [microcluster]   (no name: both groups)
 #
@@ -118,11 +120,14 @@ build_microcluster() (
     go_at_least "$goversion" "$need" ||
         die "$GO is $goversion; microcluster's module needs Go >= $need (its go.mod's go line)"
     inputs="$mc/go.mod $mc/go.sum $mc/dqlite_compat.c $mc/include/dqlite.h $me"
+    bench=memberguard-microcluster-bench
     # shellcheck disable=SC2086  # inputs is a list of paths without spaces
-    if ! stale "$bin/microd" $inputs && ! stale "$bin/microctl" $inputs; then
-        echo "build.sh: microd and microctl are up to date"
-        return 0
-    fi
+    if stale "$bin/microd" $inputs || stale "$bin/microctl" $inputs; then daemons=1; else daemons=0; fi
+    # shellcheck disable=SC2086
+    if stale "$bin/$bench" "$mc/mcbench" $inputs; then benchmark=1; else benchmark=0; fi
+    [ "$daemons" -eq 1 ] || echo "build.sh: microd and microctl are up to date"
+    [ "$benchmark" -eq 1 ] || echo "build.sh: $bench is up to date"
+    [ "$daemons" -eq 1 ] || [ "$benchmark" -eq 1 ] || return 0
     compat="$root/build/go-compat"
     mkdir -p "$compat"
     "${CC:-gcc}" -O2 -g -Wall -Wextra -Werror -I"$mc/include" -c "$mc/dqlite_compat.c" -o "$compat/dqlite_compat.o" ||
@@ -134,13 +139,16 @@ build_microcluster() (
     # named. It precedes go-dqlite's -ldqlite, so its definitions win.
     export CGO_CFLAGS="-O2 -g -I$mc/include"
     export CGO_LDFLAGS="-O2 -g $compat/libmemberguard-dqlite-compat.a"
-    # microd refuses to start without a version; report the pinned module's.
-    version=$(cd "$mc" && "$GO" list -m -f '{{.Version}}' github.com/canonical/microcluster/v3) ||
-        die "cannot read microcluster's version from $mc/go.mod"
-    for cmd in microd microctl; do
-        build "$mc" "github.com/canonical/microcluster/v3/example/cmd/$cmd" "$cmd" \
-            -ldflags "-X github.com/canonical/microcluster/v3/example/version.version=$version"
-    done
+    if [ "$daemons" -eq 1 ]; then
+        # microd refuses to start without a version; report the pinned module's.
+        version=$(cd "$mc" && "$GO" list -m -f '{{.Version}}' github.com/canonical/microcluster/v3) ||
+            die "cannot read microcluster's version from $mc/go.mod"
+        for cmd in microd microctl; do
+            build "$mc" "github.com/canonical/microcluster/v3/example/cmd/$cmd" "$cmd" \
+                -ldflags "-X github.com/canonical/microcluster/v3/example/version.version=$version"
+        done
+    fi
+    [ "$benchmark" -eq 0 ] || build "$mc" ./mcbench "$bench"
 )
 
 for group in $groups; do

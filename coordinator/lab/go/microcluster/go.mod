@@ -2,16 +2,18 @@
 // as test dependencies; nothing of microcluster's is copied here. v3.1.0
 // (2026-06-25) is the newest v3 release found, and carries
 // CheckMembershipConsistency (microcluster PR #515). Its own module needs
-// go >= 1.26.4, hence the go line.
+// go >= 1.26.4, hence the go line. mcbench, the benchmark's Go baseline, uses
+// the go-dqlite v3 that microcluster pins.
 module memberguard.test/lab/microcluster
 
 go 1.26.4
 
 toolchain go1.26.8
 
+require github.com/canonical/go-dqlite/v3 v3.0.4
+
 require (
 	github.com/Rican7/retry v0.3.1 // indirect
-	github.com/canonical/go-dqlite/v3 v3.0.4 // indirect
 	github.com/canonical/lxd v0.0.0-20260624200001-54bab781c50c // indirect
 	github.com/canonical/microcluster/v3 v3.1.0 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
