@@ -12,14 +12,19 @@ checks that DIR is the state directory of an initialised member (`read_member`),
     coordinators.pem             the coordinators the agents answer: that certificate             (the first)
     operator.crt, .key           the operator's identity, registered as an OPERATOR               (the first)
     profile.json                 the operator's client profile (Endpoint.from_profile)            (the first)
+    cluster.crt                  the cluster's certificate: every later adopt's member must hold it
+                                 (a member of another cluster is refused)                         (the first)
 and names `journal.db` there as the journal, which the coordinator creates when it first starts.
 
 Everything is checked before anything is written, and a refusal (`Refused`) names the path or the member and what is
 wrong. The first adopt, into an absent or empty OUT, lays the whole configuration out in a directory beside OUT and
 renames it into place, so that OUT is either all of it or untouched. A later one writes the agent's configuration and
 then the registry, each replaced atomically; until both are there the member is not adopted, and adopting it again
-with the same settings finishes the job. Adopted already with the same settings, a member is left as it is; with other
-ones (another agent address, state directory, heartbeat or server.crt) it is refused unless `replace` is given.
+with the same settings finishes the job. Adopts into one OUT run one at a time (a lock on OUT's parent directory), so
+that two of them cannot both set it up or both rewrite its registry. Adopted already with the same settings, a member
+is left as it is; with other ones (another agent address, state directory, heartbeat or server.crt) it is refused
+unless `replace` is given. A member whose cluster.crt is not the one the first adopt kept is another cluster's:
+refused.
 
 Keys are written mode 0600. No file holds a key the agents' nodes need: an agent presents its member's own server.crt
 and server.key, read from DIR; the coordinator's and the operator's keys stay where the coordinator and the operator
@@ -28,12 +33,15 @@ run (docs/deployment.md says which host needs which file).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +74,7 @@ REGISTRY = "registry.json"
 PINS = "coordinators.pem"
 PROFILE = "profile.json"
 JOURNAL = "journal.db"
+CLUSTER_CERTIFICATE = "cluster.crt"
 _PRIVATE = 0o600
 
 
@@ -82,6 +91,7 @@ class Member:
     address: str
     state_dir: Path
     certificate_pem: str
+    cluster_certificate_pem: bytes  # cluster.crt: which cluster it is a member of
 
 
 @dataclass(frozen=True)
@@ -121,14 +131,14 @@ def read_member(state_dir: Path) -> Member:
         raise Refused(str(error)) from None
     if problem := file_name_problem(daemon.name):
         raise Refused(f"{state_dir / 'daemon.yaml'}: the member's name {problem}")
-    _certificate(state_dir / "cluster.crt")
+    cluster_certificate_pem, _ = _certificate(state_dir / "cluster.crt")
     certificate_pem, certificate = _certificate(state_dir / "server.crt")
     _check_key(state_dir / "server.key", certificate.public_key(), state_dir / "server.crt")
     _read(
         state_dir / "database" / "info.yaml", missing="missing: dqlite never started here (not an initialised member)"
     )
     _check_own_record(state_dir / "truststore" / f"{daemon.name}.yaml", daemon.name, certificate_pem)
-    return Member(daemon.name, daemon.address, state_dir, certificate_pem.decode())
+    return Member(daemon.name, daemon.address, state_dir, certificate_pem.decode(), cluster_certificate_pem)
 
 
 def _read(path: Path, *, missing: str = "missing") -> bytes:
@@ -211,17 +221,32 @@ def adopt(
         role_adjustment_interval=heartbeat,
     )
     pin = RegisteredMember(member.name, agent_listen, member.certificate_pem)
-    if (out / COORDINATOR_CONFIG).exists():
-        return _adopt_into(out, member, agent, pin, coordinator_listen, replace=replace)
-    if out.exists() and not out.is_dir():
-        raise Refused(f"{out}: not a directory")
-    if out.exists() and any(out.iterdir()):
-        raise Refused(
-            f"{out} is neither empty nor memberguard's configuration (it has no {COORDINATOR_CONFIG}): give an "
-            "empty or a new directory"
-        )
-    _set_up(out, agent, pin, coordinator_listen or DEFAULT_COORDINATOR_LISTEN)
-    return Adopted(member, out, tuple(sorted(path for path in out.rglob("*") if path.is_file())))
+    with _one_adopt_at_a_time(out):
+        if (out / COORDINATOR_CONFIG).exists():
+            return _adopt_into(out, member, agent, pin, coordinator_listen, replace=replace)
+        if out.exists() and not out.is_dir():
+            raise Refused(f"{out}: not a directory")
+        if out.exists() and any(out.iterdir()):
+            raise Refused(
+                f"{out} is neither empty nor memberguard's configuration (it has no {COORDINATOR_CONFIG}): give an "
+                "empty or a new directory"
+            )
+        _set_up(out, agent, pin, coordinator_listen or DEFAULT_COORDINATOR_LISTEN, member.cluster_certificate_pem)
+        return Adopted(member, out, tuple(sorted(path for path in out.rglob("*") if path.is_file())))
+
+
+@contextlib.contextmanager
+def _one_adopt_at_a_time(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on OUT's parent directory (OUT itself may not exist yet, and is renamed into place)."""
+    try:
+        fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise Refused(f"{out.parent}: cannot be opened: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def _adopt_into(
@@ -234,6 +259,12 @@ def _adopt_into(
     replace: bool,
 ) -> Adopted:
     """Adopts the member into the configuration a first adopt set up in out."""
+    pinned = out / CLUSTER_CERTIFICATE
+    if _read(pinned) != member.cluster_certificate_pem:
+        raise Refused(
+            f"{member.state_dir / 'cluster.crt'} is not the cluster certificate {pinned} holds: {member.name} is a "
+            f"member of another cluster than the one adopted into {out}"
+        )
     coordinator_config = out / COORDINATOR_CONFIG
     listen = _json_object(coordinator_config).get("listen")
     if coordinator_listen is not None and coordinator_listen != listen:
@@ -301,7 +332,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     return document
 
 
-def _set_up(out: Path, agent: dict[str, Any], pin: RegisteredMember, listen: str) -> None:
+def _set_up(out: Path, agent: dict[str, Any], pin: RegisteredMember, listen: str, cluster_certificate: bytes) -> None:
     """The first adopt: the coordinator's whole configuration and the member's, laid out beside out, then renamed
     to out (absent, or an empty directory, which the rename replaces)."""
     host, _, port = listen.rpartition(":")
@@ -331,6 +362,7 @@ def _set_up(out: Path, agent: dict[str, Any], pin: RegisteredMember, listen: str
         write_atomically(staging / "coordinator.crt", coordinator.certificate_pem)
         write_atomically(staging / "coordinator.key", coordinator.key_pem, mode=_PRIVATE)
         write_atomically(staging / PINS, coordinator.certificate_pem)
+        write_atomically(staging / CLUSTER_CERTIFICATE, cluster_certificate)
         write_atomically(staging / "operator.crt", operator.certificate_pem)
         write_atomically(staging / "operator.key", operator.key_pem, mode=_PRIVATE)
         write_json(staging / COORDINATOR_CONFIG, config)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,28 @@ def test_a_directory_that_is_not_memberguards_configuration_is_refused(
     (out / "hosts").write_text("127.0.0.1 localhost\n")
     state_dir = copy_member(cluster.members[0], tmp_path)
     assert_refused(state_dir, [out], out, "is neither empty nor memberguard's configuration")
+
+
+def test_a_member_of_another_cluster_is_refused(cluster: microcluster.Cluster, tmp_path: Path) -> None:
+    """The first adopt keeps the cluster's certificate; a member that holds another cluster.crt is another cluster's,
+    and adopting it would have one coordinator guard two clusters as one."""
+    first, stranger = (copy_member(member, tmp_path) for member in cluster.members[:2])
+    out = tmp_path / "out"
+    adopted(first, out, "127.0.0.1:7600")
+    assert (out / "cluster.crt").read_bytes() == (first / "cluster.crt").read_bytes()
+    (stranger / "cluster.crt").write_bytes(pki.make_identity("another-cluster").certificate_pem)
+    assert_refused(stranger, [out], stranger / "cluster.crt", "a member of another cluster")
+
+
+def test_adopts_into_one_directory_at_once_each_get_their_member_in(
+    cluster: microcluster.Cluster, tmp_path: Path
+) -> None:
+    """Three adopts started together into a directory none has set up: one sets it up, and the registry ends with
+    every member, none lost to another's read-modify-write (they take turns)."""
+    members = [copy_member(member, tmp_path) for member in cluster.members]
+    out = tmp_path / "out"
+    with ThreadPoolExecutor(len(members)) as pool:
+        results = list(pool.map(lambda i: adopt(members[i], out, f"127.0.0.1:{7600 + i}"), range(len(members))))
+    assert [r.returncode for r in results] == [0] * len(members), [r.stderr for r in results]
+    registry = json.loads((out / "registry.json").read_text())
+    assert sorted(m["name"] for m in registry["members"]) == sorted(member.name for member in cluster.members)

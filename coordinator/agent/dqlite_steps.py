@@ -50,6 +50,18 @@ _POLL = 0.05
 _SQLITE_CONSTRAINT = 19  # the primary code; a UNIQUE violation's extended code is 2067
 
 
+async def within(budget: float, step: Awaitable[tuple[bool, str]]) -> Applied:
+    """What step applied, within budget seconds; a step dqlite fails or that runs out of time is EngineUnavailable:
+    no answer from the engine, which the coordinator decides on from the sources."""
+    try:
+        async with asyncio.timeout(budget):
+            return Applied(*await step)
+    except TimeoutError:
+        raise EngineUnavailable(f"the step did not finish within {budget:g} s") from None
+    except DqliteError as error:
+        raise EngineUnavailable(f"{type(error).__name__}: {error}") from None
+
+
 class DqliteSteps(NodeSteps):
     """The steps of one node of the `dqlite` backend (the arguments are those of dqlite_backend, plus its engine)."""
 
@@ -74,13 +86,7 @@ class DqliteSteps(NodeSteps):
         self._info = NodeInfoReader(engine.data_dir / "info.yaml")
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
-        try:
-            async with asyncio.timeout(self._budget):
-                return Applied(*await self._step(request))
-        except TimeoutError:
-            raise EngineUnavailable(f"the step did not finish within {self._budget:g} s") from None
-        except DqliteError as error:
-            raise EngineUnavailable(f"{type(error).__name__}: {error}") from None
+        return await within(self._budget, self._step(request))
 
     @contextlib.asynccontextmanager
     async def _leader(self) -> AsyncIterator[Connection]:

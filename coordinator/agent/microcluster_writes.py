@@ -13,20 +13,19 @@ own API (microcluster_control.py), and every truststore through the leader's hea
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from memberguard.v1 import agent_pb2
 
 from coordinator.agent.dqlite_sources import LeaderSearch
-from coordinator.agent.dqlite_steps import STEP_BUDGET, remove_raft_entry
+from coordinator.agent.dqlite_steps import STEP_BUDGET, remove_raft_entry, within
 from coordinator.agent.microcluster_dial import MemberDial
 from coordinator.agent.raft_files import RaftConfigFileReader
 from coordinator.agent.steps import Applied
 from coordinator.agent.truststore import TruststoreReader
-from coordinator.dqlite import Connection, DqliteError, FailureError
-from coordinator.errors import AlreadyExists, EngineUnavailable, SourceNotRewritable
+from coordinator.dqlite import Connection, FailureError
+from coordinator.errors import AlreadyExists, SourceNotRewritable
 
 # The columns memberguard does not know are copied from the row of the member the step is applied through: its
 # daemon's schema versions and API extensions, which every member of a healthy cluster shares (a row behind them
@@ -63,15 +62,9 @@ class DirectWrites:
 
     async def apply(self, request: agent_pb2.ApplyStepRequest) -> Applied:
         """Applies an ensure_member_row or remove_raft_entry step (checked already)."""
-        try:
-            async with asyncio.timeout(self._budget):
-                if request.WhichOneof("step") == "ensure_member_row":
-                    return Applied(*await self._restore_row(request.ensure_member_row))
-                return Applied(*await remove_raft_entry(self._leader, request.remove_raft_entry))
-        except TimeoutError:
-            raise EngineUnavailable(f"the step did not finish within {self._budget:g} s") from None
-        except DqliteError as error:
-            raise EngineUnavailable(f"{type(error).__name__}: {error}") from None
+        if request.WhichOneof("step") == "ensure_member_row":
+            return await within(self._budget, self._restore_row(request.ensure_member_row))
+        return await within(self._budget, remove_raft_entry(self._leader, request.remove_raft_entry))
 
     @contextlib.asynccontextmanager
     async def _leader(self) -> AsyncIterator[Connection]:
