@@ -23,6 +23,7 @@ settings.load_profile("shared-machine")
 UNIT = (
     "tests/core/",
     "tests/agent/test_local_sources.py",
+    "tests/agent/test_dirwatch.py",
     "tests/dqlite/test_wire.py",
     "tests/dqlite/test_truststore.py",
     "tests/test_registry.py",

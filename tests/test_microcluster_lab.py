@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from memberguard import Client, DirtyMembership
+from memberguard import Client
 from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.lab import lab as labs
@@ -136,55 +136,3 @@ def _found(lab: labs.Lab, name: str) -> list[tuple[str, str, str]]:
         for d in diff.discrepancies
         if d.severity >= pb.SEVERITY_WARNING and d.member.name == name
     )
-
-
-def test_microcluster_membership_consistency(tmp_path: Path) -> None:
-    """main.sh's test_membership_consistency: a member's row deleted through SQL. microcluster refuses to remove it
-    or to issue a token until `cluster remove --force`; memberguard's diff blocks on the same state and names it."""
-    lab = labs.up(tmp_path / "lab", 3, backend="microcluster")
-    try:
-        first, second, _ = lab.document["nodes"]
-        assert _found(lab, second["name"]) == []
-        microctl(first, "sql", f"DELETE FROM core_cluster_members WHERE name = '{second['name']}'")
-        assert ("DISCREPANCY_KIND_MISSING", "SOURCE_MEMBERS_TABLE", "") in _found(lab, second["name"])
-        removal = microctl(first, "cluster", "remove", second["name"])
-        token = microctl(first, "tokens", "add", "n5")
-        assert removal.returncode != 0 and token.returncode != 0, "microcluster proceeded on an inconsistent state"
-        refused = memberguard("token", "issue", "n5", "--lab", str(lab.dir))
-        assert refused.returncode == 4, refused.stdout + refused.stderr
-        forced = microctl(first, "cluster", "remove", second["name"], "--force", "--address", second["address"])
-        assert forced.returncode == 0, forced.stderr
-        assert microctl(first, "tokens", "add", "n5").returncode == 0
-        # microcluster removed the member behind memberguard's back: memberguard still pins it, so its agent is still
-        # asked, and what a node that left reports is shown until memberguard's own removal forgets it.
-        print(f"\nafter microctl's forced removal of {second['name']}, memberguard: {_found(lab, second['name'])}")
-    finally:
-        labs.down(lab.dir)
-
-
-def test_microcluster_truststore_force_removal(tmp_path: Path) -> None:
-    """main.sh's test_truststore_force_removal: a member's record deleted from every truststore. microcluster refuses
-    to force-remove an unknown member, and (read at once, before a heartbeat) so does memberguard, NOT_FOUND;
-    memberguard sees the record missing on every node; microcluster then force-removes it."""
-    lab = labs.up(tmp_path / "lab", 3, backend="microcluster")
-    try:
-        first, _, third = lab.document["nodes"]
-        unknown = microctl(first, "cluster", "remove", "nonexist", "--force", "--address", "127.0.0.1:9")
-        assert unknown.returncode != 0
-        assert memberguard("remove", "nonexist", "--force", "--lab", str(lab.dir)).returncode == 3  # NOT_FOUND
-        for node in lab.document["nodes"]:
-            (Path(node["state_dir"]) / "truststore" / f"{third['name']}.yaml").unlink()
-        found = _found(lab, third["name"])
-        with Client(lab.endpoint) as client, pytest.raises(DirtyMembership):
-            client.remove_member(third["name"], timeout=10)
-        # microcluster v3.1.0 removes it without --force, where its own main.sh expects a refusal: measured, printed.
-        normal = microctl(first, "cluster", "remove", third["name"], "--address", third["address"])
-        missing_on = sorted(node for kind, source, node in found if source == "SOURCE_TRUSTSTORE")
-        assert missing_on == sorted(n["name"] for n in lab.document["nodes"]), found
-        print(f"\nrecords of {third['name']} deleted everywhere: microctl cluster remove exited {normal.returncode}")
-        if normal.returncode != 0:
-            forced = microctl(first, "cluster", "remove", third["name"], "--force", "--address", third["address"])
-            assert forced.returncode == 0, forced.stderr
-        assert microctl(first, "tokens", "add", "n4").returncode == 0
-    finally:
-        labs.down(lab.dir)

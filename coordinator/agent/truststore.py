@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coordinator import pki
+from coordinator.agent.dirwatch import Watch, reliable
 from coordinator.agent.filecache import (
     FileCache,
     MalformedFile,
@@ -75,7 +76,8 @@ def _parse_entry(path: str, data: bytes) -> _Entry:
 
 
 class TruststoreReader:
-    """Reads one truststore directory; a hit on an unchanged file costs one stat."""
+    """Reads one truststore directory; a hit on an unchanged file costs one stat, and an unchanged directory none
+    while its watch can vouch for it (dirwatch.py)."""
 
     source = Source.TRUSTSTORE
 
@@ -83,8 +85,15 @@ class TruststoreReader:
         self._directory = str(directory)
         self._cache = FileCache(_parse_entry)
         self._last: tuple[tuple[object, ...], SourceReport] | None = None
+        self._watch = Watch(self._directory)
+        # The last full read's report, by include_certificates, for as long as the watch sees no change.
+        self._quiet: dict[bool, SourceReport] = {}
 
     async def read(self, *, include_certificates: bool) -> SourceReport:
+        if not self._watch.unchanged():
+            self._quiet.clear()
+        elif (quiet := self._quiet.get(include_certificates)) is not None:
+            return quiet
         try:
             # The directory's mtime moves on every add, replace (rename) and removal: the truststore's age.
             mtime = os.stat(self._directory).st_mtime
@@ -97,9 +106,11 @@ class TruststoreReader:
         # What this read saw, entry by entry; the cache returns the same objects for unchanged files, so an
         # unchanged truststore yields an equal key and the same report object (see MembersTableReader.read).
         seen: list[object] = [mtime, include_certificates]
+        in_flight = False  # a temporary file skipped now is an invalid entry later, with no event to tell
         for entry in entries:
             if _TEMPORARY.fullmatch(entry.name):
                 if _younger(entry, IN_FLIGHT):
+                    in_flight = True
                     continue
                 seen.append(entry.name)
                 invalid.append(InvalidEntry(entry.name, "the temporary file of an interrupted write"))
@@ -128,6 +139,8 @@ class TruststoreReader:
         if self._last is None or self._last[0] != key:
             report = SourceReport(self.source, records=tuple(records), invalid_entries=tuple(invalid), changed_at=mtime)
             self._last = (key, report)
+        if self._watch.watching is not None and not in_flight and reliable(entries):
+            self._quiet[include_certificates] = self._last[1]
         return self._last[1]
 
 
