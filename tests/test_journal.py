@@ -35,6 +35,7 @@ from coordinator.core.plan import (
     FenceNode,
     ForgetMember,
     IssueMicroclusterToken,
+    JoinThroughMicrocluster,
     RegisterMember,
     RemoveMemberRow,
     RemoveRaftEntry,
@@ -267,6 +268,7 @@ def test_steps_keep_what_they_do(tmp_path: Path) -> None:
         RemoveThroughMicrocluster("n4", "10.0.0.4:9000", 7, force=True),
         IssueMicroclusterToken("n4", 3600.0),
         RevokeMicroclusterToken("n4"),
+        JoinThroughMicrocluster("n4", "127.0.0.1:7004"),
     ]
     assert {type(action) for action in actions} == set(get_args(Action)), "journal every kind of action here"
     steps = tuple(

@@ -126,7 +126,12 @@ def listed(cluster: microcluster.Cluster, member: microcluster.Member) -> set[tu
 
 
 def truststore_files(member: microcluster.Member) -> set[tuple[str, str, str]]:
-    files = [yaml.safe_load(path.read_text()) for path in (member.state_dir / "truststore").glob("*.yaml")]
+    files = []
+    for path in (member.state_dir / "truststore").glob("*.yaml"):
+        try:
+            files.append(yaml.safe_load(path.read_text()))
+        except FileNotFoundError:
+            continue  # the heartbeat deleted it between the listing and the read: it is not there
     return {(record["name"], record["address"], pki.fingerprint(record["certificate"])) for record in files}
 
 
