@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from coordinator.agent.filecache import MalformedFile, load_yaml
+from coordinator.agent.microcluster_dial import MemberDial, UnusableStateDir
 from coordinator.errors import EngineRefused, EngineUnavailable
 
 # A removal waits on microcluster's leader, its hooks and its reset of the removed member: seconds on a healthy
@@ -118,15 +118,11 @@ async def join_cluster(state_dir: Path, name: str, address: str, token: str) -> 
     if code == 0:
         return True
     # A daemon still joining is refused too, with another status: that is no answer yet (EngineRefused below).
-    if _JOINED in error and _daemon_name(state_dir) == name:
-        return False
+    if _JOINED in error:
+        try:
+            joined_as = MemberDial(state_dir).daemon_config().name
+        except UnusableStateDir:
+            joined_as = ""
+        if joined_as == name:
+            return False
     raise EngineRefused(f"microcluster refused to join {name}: {error}")
-
-
-def _daemon_name(state_dir: Path) -> str:
-    """The name daemon.yaml gives this member; "" when there is none (an uninitialised daemon has no daemon.yaml)."""
-    try:
-        document = load_yaml((state_dir / "daemon.yaml").read_bytes())
-    except (OSError, MalformedFile):
-        return ""
-    return str(document.get("name") or "") if isinstance(document, dict) else ""
