@@ -202,6 +202,28 @@ def test_a_killed_leader_gives_no_leader_or_the_new_leaders_view_within_the_dead
         _settles_on(client, dead_engine, maybe=_dead_engines_cache(node["name"]))
 
 
+def test_a_frozen_leader_leaves_every_agent_answering_within_a_short_deadline(dqlite_lab: labs.Lab) -> None:
+    """The leader's engine is SIGSTOPped: its kernel still accepts connections, nothing answers on them, and every
+    agent's reads of the table and the configuration hang until their own timeout (1 s). Asked with a deadline
+    shorter than that, each agent still answers in time, with those sources unreadable: a silent agent would hold
+    back every operation that needs it, for as long as one source of its node is slow."""
+    leader = _leader_address(dqlite_lab)
+    node = next(n for n in dqlite_lab.document["nodes"] if n["dqlite"]["address"] == leader)
+    os.kill(node["dqlite"]["pid"], signal.SIGSTOP)
+    try:
+        with Client(dqlite_lab.endpoint) as client:
+            started = time.monotonic()
+            diff = client.check_membership(agent_timeout=0.5, timeout=5).diff
+            took = time.monotonic() - started
+    finally:
+        os.kill(node["dqlite"]["pid"], signal.SIGCONT)
+    silent = [x.node for x in diff.discrepancies if x.kind == pb.DISCREPANCY_KIND_AGENT_UNREACHABLE]
+    assert silent == [], _serious(diff)
+    # No agent read the table: the diff says so once, for the cluster.
+    assert ("SOURCE_UNREADABLE", "BLOCKING", "MEMBERS_TABLE", "") in _serious(diff)
+    assert took < 2.0, f"the check took {took:.2f} s"
+
+
 def test_a_spares_stale_view_is_expected_lag_not_a_warning(tmp_path: Path) -> None:
     """Spares get no log: after n3 leaves Raft, spare n4's own configuration still holds n3, and that is INFO.
     A long role-adjustment interval keeps go-dqlite's adjuster from promoting n4 while the test looks."""
