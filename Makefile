@@ -44,12 +44,13 @@ test-fast: venv
 test: venv go
 	$(BIN)/pytest -q -p no:cacheprovider
 
-# The crash matrices in full: every step boundary of a join, a removal (on the real engine each of five targets
-# killed there, on the local backend each of two agents; `make test` runs each boundary once, its target rotating)
-# and a repair; -s prints each case's outcome.
+# The crash matrices in full (tests/matrix.py): every step boundary of a join and a removal with every target killed
+# there (the coordinator at each moment of a step on the local backend, each of two agents, and on the real engine each
+# of five processes), and of a repair; `make test` takes one case per step or boundary, the variants taking turns.
+# -s prints each case's outcome.
 crash-matrix: venv go
-	MEMBERGUARD_CRASH_MATRIX=full $(BIN)/pytest -q -s -p no:cacheprovider tests/test_crash_matrix_dqlite.py \
-		tests/test_crash_matrix_agents.py tests/test_crash_matrix_repair.py
+	MEMBERGUARD_CRASH_MATRIX=full $(BIN)/pytest -q -s -p no:cacheprovider tests/test_join.py tests/test_operations.py \
+		tests/test_crash_matrix_agents.py tests/test_crash_matrix_dqlite.py tests/test_crash_matrix_repair.py
 
 # Random-kill crash tests (tests/test_crash_anywhere.py) at length: 17 trials per backend and kill target, 51 per
 # backend (`make test` runs 3, their delays rotating with the date); -s prints each trial's delay and outcome.

@@ -9,9 +9,9 @@ agent is finished by the reconciler once the agent answers again), and an operat
 asked again. The step lists come from the planner, so the matrix follows the plans as they change.
 
 Each case brings up its own 3-node local lab (under a second). `make test` kills one of the two agents at each
-boundary, alternating (42 cases, two to three minutes); MEMBERGUARD_CRASH_MATRIX=full (`make crash-matrix`) kills
-each at every boundary (84). Run with -s, each case prints how it went, e.g. "after-step:4: parked then rolled back
-then retried: succeeded".
+boundary, the two taking turns (tests/matrix.py; 42 cases, two to three minutes); MEMBERGUARD_CRASH_MATRIX=full
+(`make crash-matrix`) kills each at every boundary (84). Run with -s, each case prints how it went, e.g.
+"after-step:4: parked then rolled back then retried: succeeded".
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from coordinator.core.model import Role
 from coordinator.core.plan import Joiner, PlannedStep, plan_join, plan_removal
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
+from tests import matrix
 from tests.core.views import consistent_view
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
 from tests.settling import settled
@@ -142,14 +143,11 @@ TARGETS = ("changed", "via")
 
 
 def _cases(steps: tuple[PlannedStep, ...]) -> list[Any]:
-    """Every boundary with every target under MEMBERGUARD_CRASH_MATRIX=full (`make crash-matrix`); otherwise each
-    boundary once, the targets taking turns step by step (before step k, after step k), so that each is killed both
-    before and after a step."""
-    full = os.environ.get("MEMBERGUARD_CRASH_MATRIX") == "full"
+    boundaries = _boundaries(steps)
     return [
         pytest.param(target, boundary, id=f"{target}-{boundary}")
-        for i, boundary in enumerate(_boundaries(steps))
-        for target in (TARGETS if full else (TARGETS[(i + i // 2) % len(TARGETS)],))
+        for boundary, targets in zip(boundaries, matrix.chosen(TARGETS, len(boundaries)), strict=True)
+        for target in targets
     ]
 
 

@@ -14,8 +14,8 @@ in CheckMembership, no operation left unfinished (a parked one says why, and the
 target is back), the member wholly in or wholly out (the leader's CLUSTER, its members table and the diff agree),
 and an operation that rolled back succeeds when asked again.
 
-Selection: by default each boundary once, its target rotating over the five (boundary i, join's and removal's
-together, kills target i % 5); MEMBERGUARD_CRASH_MATRIX=full runs every boundary with every target (`make
+Selection (tests/matrix.py): by default each boundary once, the five targets taking turns over the boundaries, join's
+and removal's together; MEMBERGUARD_CRASH_MATRIX=full runs every boundary with every target (`make
 crash-matrix`). Each case brings up its own 3-node dqlite lab. Run with -s to see each case's outcome.
 """
 
@@ -46,6 +46,7 @@ from coordinator.core.model import Role
 from coordinator.core.plan import Joiner, PlannedStep, plan_join, plan_removal
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
+from tests import matrix
 from tests.core.views import consistent_view
 from tests.engines import LeaderView, engine_pid, kill_engine, leader_view, reap, restart_engine
 from tests.restarts import kill_agent, restart_agent, start_coordinator, wait_until_stopped
@@ -53,7 +54,6 @@ from tests.settling import settled
 
 pytestmark = pytest.mark.dqlite
 
-MATRIX_ENV = "MEMBERGUARD_CRASH_MATRIX"
 ROLES_INTERVAL = 0.5
 RESTART_AFTER = 0.5  # seconds between the kill and the target's restart
 RECOVERY = 15.0  # seconds for the reconciler to finish what the kill left, once the target is back
@@ -86,11 +86,10 @@ def _boundaries(steps: tuple[PlannedStep, ...]) -> list[str]:
 def _selection() -> list[tuple[str, str, str]]:
     """(operation, boundary, target) of every case to run."""
     boundaries = [("remove", b) for b in _boundaries(REMOVAL_STEPS)] + [("join", b) for b in _boundaries(JOIN_STEPS)]
-    full = os.environ.get(MATRIX_ENV) == "full"
     return [
         (kind, boundary, target)
-        for i, (kind, boundary) in enumerate(boundaries)
-        for target in (TARGETS if full else (TARGETS[i % len(TARGETS)],))
+        for (kind, boundary), targets in zip(boundaries, matrix.chosen(TARGETS, len(boundaries)), strict=True)
+        for target in targets
     ]
 
 

@@ -60,6 +60,7 @@ from memberguard.v1 import operation_pb2 as o
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
 from tests import divergence as d
+from tests import matrix
 from tests.restarts import start_coordinator, wait_until_stopped
 from tests.settling import settled
 from tests.test_crash_anywhere import _at, _kill_coordinator, _seed, _trials
@@ -72,7 +73,6 @@ BOUNDARIES = [f"{when}-step:{index}" for index in range(STEPS) for when in ("bef
 # On dqlite `make test` takes a spread, one boundary of each kind and each step; MEMBERGUARD_CRASH_MATRIX=full
 # (`make crash-matrix`) every one, as on local, where a case costs a third of the time.
 DQLITE_SPREAD = ("before-step:0", "applied-step:0", "after-step:1", "applied-step:2")
-MATRIX_ENV = "MEMBERGUARD_CRASH_MATRIX"
 ROLES_INTERVAL = 0.5
 SETTLE = 20.0  # seconds for the lab to settle once the restarted coordinator's reconciler has decided
 JOIN_COMMIT = next(index for index, step in enumerate(JOIN_STEPS) if step.commit_point)
@@ -150,6 +150,27 @@ def _loud(diff: pb.MembershipDiff) -> set[str]:
     return {x.id for x in diff.discrepancies if x.severity != pb.SEVERITY_INFO}
 
 
+def _read_whole(
+    client: Client, before: pb.MembershipDiff, within: float = 10.0
+) -> tuple[list[tuple[int, int, str, str]], str]:
+    """The facts of the diff once every agent answers (a coordinator just started may not reach them all in its first
+    check, and what it did not see is no change to the sources), less what the divergence itself makes come and go:
+    the untrusted member's agent reads the table and the configuration over a connection to the leader opened before
+    the leader stopped trusting it. A call the kill cuts short closes it, the leader refuses a new one, and those two
+    sources are unreadable on that node until a repair restores its record; the name of that node when they are. Fails
+    after within seconds."""
+    [untrusted] = {x.member.name for x in before.discrepancies if x.source == pb.SOURCE_TRUSTSTORE}
+    deadline = time.monotonic() + within
+    while True:
+        diff = client.check_membership(timeout=10).diff
+        if not any(x.kind == pb.DISCREPANCY_KIND_AGENT_UNREACHABLE for x in diff.discrepancies):
+            cut_off = (pb.DISCREPANCY_KIND_SOURCE_UNREADABLE, untrusted)
+            facts = [fact for fact in _facts(diff) if (fact[0], fact[2]) != cut_off]
+            return facts, untrusted if len(facts) < len(_facts(diff)) else ""
+        assert time.monotonic() < deadline, f"an agent did not answer within {within:g} s: {_facts(diff)}"
+        time.sleep(0.1)
+
+
 def _facts(diff: pb.MembershipDiff) -> list[tuple[int, int, str, str]]:
     return sorted(
         (x.kind, x.source, x.node, x.member.name) for x in diff.discrepancies if x.severity != pb.SEVERITY_INFO
@@ -219,8 +240,11 @@ def _ends_clean(client: Client, before: pb.MembershipDiff, operation: o.Operatio
         if operation is not None:
             assert operation.error, "a rollback says why"
             assert not [s.name for s in operation.steps if s.state == o.STEP_STATE_DONE], "rolled back: no step done"
+        facts, cut_off = _read_whole(client, before)
+        assert facts == _facts(before), "the diff is as before"
+        if cut_off:
+            outcome.append(f"{cut_off} cut off from the leader")
         now = client.check_membership(timeout=10).diff
-        assert _loud(now) == _loud(before), "the diff is as before"
         again = client.apply_repair(expected_fingerprint=now.fingerprint).operation
         assert again.state == o.OPERATION_STATE_SUCCEEDED, again
         outcome.append("repaired again: succeeded")
@@ -243,18 +267,10 @@ def _sources_at(boundary: str) -> list[bool]:
     return [i < done for i in range(STEPS)]
 
 
-def _full_matrix_only_on_dqlite(lab: RepairLab) -> None:
-    """On dqlite, the random kills and the races run with MEMBERGUARD_CRASH_MATRIX=full (`make crash-matrix`) only:
-    in the last fresh-clone CI a random kill 8.1 ms into a dqlite repair left a diff other than the one before (the
-    races after it then met that diff), which is not understood yet; on local they run in `make test`."""
-    if lab.backend == "dqlite" and os.environ.get(MATRIX_ENV) != "full":
-        pytest.skip(f"on dqlite with {MATRIX_ENV}=full only (`make crash-matrix`): see _full_matrix_only_on_dqlite")
-
-
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_a_repair_killed_at_a_step_boundary_ends_clean(repair_lab: RepairLab, boundary: str) -> None:
-    if repair_lab.backend == "dqlite" and boundary not in DQLITE_SPREAD and os.environ.get(MATRIX_ENV) != "full":
-        pytest.skip(f"on dqlite `make test` kills at {', '.join(DQLITE_SPREAD)}; {MATRIX_ENV}=full at every boundary")
+    if repair_lab.backend == "dqlite" and boundary not in DQLITE_SPREAD and not matrix.full():
+        pytest.skip(f"on dqlite `make test` kills at {', '.join(DQLITE_SPREAD)}; {matrix.ENVIRONMENT}=full at all")
     lab, request_id = repair_lab, f"repair-{boundary}"
     with Client(lab.lab.endpoint) as client:
         before, plan = _diverged(lab, client)
@@ -309,7 +325,6 @@ def _killed_at(lab: RepairLab, delay: float, request_id: str) -> str:
 
 
 def test_a_repair_killed_at_random_moments_ends_clean(repair_lab: RepairLab) -> None:
-    _full_matrix_only_on_dqlite(repair_lab)
     lab, seed, count = repair_lab, _seed(), _trials()
     rng = random.Random(f"{seed}/{lab.backend}/repair")
     duration = _measure(lab)
@@ -351,7 +366,6 @@ def _joined_then_removed(client: Client, joiner: labs.JoiningNode) -> None:
 
 
 def test_a_repair_planned_while_a_join_is_in_flight_leaves_the_joiner_alone(repair_lab: RepairLab) -> None:
-    _full_matrix_only_on_dqlite(repair_lab)
     lab = repair_lab
     lab.restart({FAULT_ENV: f"stop-before-step:{JOIN_COMMIT}"}, {"repair_grace": RACE_GRACE})
     coordinator = lab.coordinator
@@ -430,7 +444,6 @@ def _repair_and_join(
 
 @pytest.mark.parametrize("start", ["together", "join first"])
 def test_a_repair_and_a_join_started_together_both_end_correct(repair_lab: RepairLab, start: str) -> None:
-    _full_matrix_only_on_dqlite(repair_lab)
     lab = repair_lab
     if start == "join first":
         lab.restart({FAULT_ENV: "stop-before-step:0"})

@@ -22,6 +22,7 @@ from coordinator.core import tokens
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
 from coordinator.pki import make_identity
+from tests import matrix
 from tests.restarts import start_coordinator
 
 
@@ -125,7 +126,12 @@ def test_a_join_that_fails_before_its_commit_point_fences_the_joiner_and_leaves_
 JOIN_STEPS = 14  # 3-node lab: reserve, 3 trusts, the joiner trusts 4, commit, 3 trusts, role, register
 # "applied": the agent applied the step and the coordinator died before journaling it (write-ahead intent undoes or
 # confirms it).
-JOIN_BOUNDARIES = [f"{when}-step:{index}" for index in range(JOIN_STEPS) for when in ("before", "applied", "after")]
+# Each step once in `make test`, the moment taking turns; all three at every step with MEMBERGUARD_CRASH_MATRIX=full.
+JOIN_BOUNDARIES = [
+    f"{when}-step:{index}"
+    for index, moments in enumerate(matrix.chosen(("before", "applied", "after"), JOIN_STEPS))
+    for when in moments
+]
 COMMIT = 8
 
 

@@ -30,6 +30,7 @@ from memberguard.v1 import operation_pb2 as o
 from coordinator.faults import ENVIRONMENT as FAULT_ENV
 from coordinator.lab import lab as labs
 from tests import divergence as d
+from tests import matrix
 from tests.restarts import start_coordinator
 
 SUCCEEDED, ROLLED_BACK = o.OPERATION_STATE_SUCCEEDED, o.OPERATION_STATE_ROLLED_BACK
@@ -246,7 +247,10 @@ def test_a_deferred_step_is_skipped_once_its_node_has_left(tmp_path: Path) -> No
 # --- the crash matrix -----------------------------------------------------------------------------------------------
 
 
-BOUNDARIES = [f"{when}-step:{index}" for index in range(7) for when in ("before", "after")]
+# Each step once in `make test`, before or after it in turn; both with MEMBERGUARD_CRASH_MATRIX=full.
+BOUNDARIES = [
+    f"{when}-step:{index}" for index, moments in enumerate(matrix.chosen(("before", "after"), 7)) for when in moments
+]
 
 
 @pytest.mark.parametrize("fault", BOUNDARIES)

@@ -230,25 +230,26 @@ class _NetworkReader:
         self._link = link
         self._timeout = timeout
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
+    async def read(self, *, include_certificates: bool, within: float | None = None) -> SourceReport:
+        timeout = self._timeout if within is None else max(0.0, min(self._timeout, within))
         # The client's timeouts aim a little short of the read's, so that they, with their clearer messages,
         # normally fire before the backstop.
-        deadline = _now() + self._timeout - min(0.05, self._timeout / 10)
+        deadline = _now() + timeout - min(0.05, timeout / 10)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout):
                 return await self._read(deadline, include_certificates)
         except (DqliteError, TimeoutError) as exc:
-            return SourceReport(self.source, error=self._reason(exc))
+            return SourceReport(self.source, error=self._reason(exc, timeout))
 
     async def _read(self, deadline: float, include_certificates: bool) -> SourceReport:
         raise NotImplementedError
 
-    def _reason(self, exc: DqliteError | TimeoutError) -> str:
+    def _reason(self, exc: DqliteError | TimeoutError, timeout: float) -> str:
         if isinstance(exc, NoLeader):
             tried = "; ".join(f"{address}: {why}" for address, why in exc.attempts.items())
-            return f"no leader within {self._timeout}s: {tried or exc}"
+            return f"no leader within {timeout:.2f} s: {tried or exc}"
         if isinstance(exc, TimeoutError | Timeout):
-            return f"timeout after {self._timeout}s: {str(exc) or 'no answer'}"
+            return f"timeout after {timeout:.2f} s: {str(exc) or 'no answer'}"
         return f"{type(exc).__name__}: {exc}"
 
     async def aclose(self) -> None:

@@ -102,7 +102,7 @@ class MembersTableReader:
         self._rows = MemberRows()
         self._last: tuple[tuple[int, int, bool], SourceReport] | None = None
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
+    async def read(self, *, include_certificates: bool, within: float | None = None) -> SourceReport:
         try:
             version = self._version()
             if self._last is not None and self._last[0] == (*version, include_certificates):

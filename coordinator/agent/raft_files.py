@@ -83,7 +83,7 @@ class _NodeFileReader:
         self._cache = FileCache(parse)
         self._last: tuple[object, SourceReport] | None = None
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
+    async def read(self, *, include_certificates: bool, within: float | None = None) -> SourceReport:
         try:
             cached = self._cache.load(self._path)
         except OSError as exc:

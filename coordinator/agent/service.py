@@ -183,11 +183,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> agent_pb2.GetNodeViewResponse:
         asked = request.include_certificates
         readers = self._config.readers
-        deadline = _reads_deadline(context.time_remaining())
+        within = _reads_within(context.time_remaining())
         if self._config.concurrent_reads:
-            reports = tuple(await asyncio.gather(*(_read(r, asked, deadline) for r in readers)))
+            reports = tuple(await asyncio.gather(*(r.read(include_certificates=asked, within=within) for r in readers)))
         else:
-            reports = tuple([await _read(r, asked, deadline) for r in readers])
+            # Local files, read inline: the deadline bounds no read of theirs.
+            reports = tuple([await r.read(include_certificates=asked) for r in readers])
         built = self._built.get(asked)
         if built is None or built[0] != reports:
             view = view_to_proto(
@@ -230,22 +231,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.ApplyStepResponse(changed=applied.changed, detail=applied.detail, token=applied.token)
 
 
-def _reads_deadline(remaining: float | None) -> float | None:
-    """When the sources must be read by (the loop's clock), so that the view still reaches the caller in time: a
-    source slower than the caller's deadline (a dqlite node that looks for a leader nobody lets it reach) is then one
-    unreadable source in an answer, not a whole agent gone silent, which would hold back every operation that needs
-    it. A fifth of what is left, at most 0.2 s, is kept for building and sending the view."""
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining - min(0.2, remaining / 5)
-
-
-async def _read(reader: SourceReader, include_certificates: bool, deadline: float | None) -> SourceReport:
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await reader.read(include_certificates=include_certificates)
-    except TimeoutError:
-        return SourceReport(reader.source, error="not read within the caller's deadline")
+def _reads_within(remaining: float | None) -> float | None:
+    """How long the sources may take to read, so that the view still reaches the caller in time: a source slower
+    than the caller's deadline (a dqlite node looking for a leader that refuses it) is then one unreadable source in
+    an answer, with the reader's own reason, not a whole agent gone silent, which would hold back every operation
+    that needs it. A fifth of what is left, at most 0.2 s, is kept for building and sending the view."""
+    return None if remaining is None else remaining - min(0.2, remaining / 5)
 
 
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:

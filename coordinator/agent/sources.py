@@ -19,9 +19,10 @@ from coordinator.core.model import Source, SourceReport
 class SourceReader(Protocol):
     source: Source
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
+    async def read(self, *, include_certificates: bool, within: float | None = None) -> SourceReport:
         """The source as it is now. Async because the dqlite backend reads over the network; readers of
-        local files do their (fast, cached) work inline. PEMs are filled only when include_certificates."""
+        local files do their (fast, cached) work inline. PEMs are filled only when include_certificates. A
+        network read ends within `within` seconds when it is given and shorter than the reader's own timeout."""
         ...
 
 

@@ -89,7 +89,7 @@ class TruststoreReader:
         # The last full read's report, by include_certificates, for as long as the watch sees no change.
         self._quiet: dict[bool, SourceReport] = {}
 
-    async def read(self, *, include_certificates: bool) -> SourceReport:
+    async def read(self, *, include_certificates: bool, within: float | None = None) -> SourceReport:
         if not self._watch.unchanged():
             self._quiet.clear()
         elif (quiet := self._quiet.get(include_certificates)) is not None:
