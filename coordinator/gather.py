@@ -115,7 +115,10 @@ class Agents:
             self._heard(observation.node, observation.view is not None)
         views = tuple(o.view for o in observations)
         if views == self._learned_from:
-            # Every agent answered with the view it gave last time (the same objects): nothing new to trust.
+            # Every agent answered with the view it gave last time: nothing new to trust. Equal views that are other
+            # objects (sent anew, as after the PEMs were fetched) are kept, so that the next comparison is by
+            # identity, not field by field through every record.
+            self._learned_from = views
             return ClusterView(nodes=tuple(observations), now=time.time())
         if self._trust.learn(observations) or any(self._trust.roots(m) != roots[m.name] for m in members):
             # Truststores hold a certificate not seen before: fetch its PEM once, from the nodes that hold it,

@@ -177,6 +177,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """
         key = tuple((o.node, o.view, o.failure) for o in view.nodes)
         if self._consistent is not None and self._consistent[0] == key:
+            # Equal views that are other objects (an agent's view sent anew, as after the gather fetched PEMs) cost a
+            # field-by-field comparison, O(N²) at N nodes; keeping these objects makes the next one by identity.
+            self._consistent = (key, self._consistent[1])
             return replace(self._consistent[1], observed_at=view.now)
         diff = compute_diff(view)
         self._consistent = (key, diff) if not diff.discrepancies else None

@@ -200,8 +200,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     role_adjustment_interval=self._config.role_adjustment_interval,
                 )
             )
-            built = self._built[asked] = (reports, view, hashlib.sha256(view.SerializeToString()).hexdigest())
+            built = (reports, view, hashlib.sha256(view.SerializeToString()).hexdigest())
         _, view, digest = built
+        # Kept with these reports even when equal ones built it: a reader may hand back an equal report as a new
+        # object (the members table's, after a read with certificates), and the next comparison is then by
+        # identity, not record by record.
+        self._built[asked] = (reports, view, digest)
         epoch = self._seen_epoch()
         if request.known_digest == digest:
             return agent_pb2.GetNodeViewResponse(view_digest=digest, unchanged=True, epoch=epoch)
