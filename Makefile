@@ -46,7 +46,7 @@ test: venv go
 
 # The crash matrices in full (tests/matrix.py): every step boundary of a join and a removal with every target killed
 # there (the coordinator at each moment of a step on the local backend, each of two agents, and on the real engine each
-# of five processes), and of a repair; `make test` takes one case per step or boundary, the variants taking turns.
+# of five processes), and of a repair; `make test` takes one case per step, the variants taking turns.
 # -s prints each case's outcome.
 crash-matrix: venv go
 	MEMBERGUARD_CRASH_MATRIX=full $(BIN)/pytest -q -s -p no:cacheprovider tests/test_join.py tests/test_operations.py \

@@ -14,9 +14,9 @@ in CheckMembership, no operation left unfinished (a parked one says why, and the
 target is back), the member wholly in or wholly out (the leader's CLUSTER, its members table and the diff agree),
 and an operation that rolled back succeeds when asked again.
 
-Selection (tests/matrix.py): by default each boundary once, the five targets taking turns over the boundaries, join's
-and removal's together; MEMBERGUARD_CRASH_MATRIX=full runs every boundary with every target (`make
-crash-matrix`). Each case brings up its own 3-node dqlite lab. Run with -s to see each case's outcome.
+Selection (tests/matrix.py): by default each step once, before or after it, the ten moments and targets taking turns
+over the steps, the removal's and the join's together; MEMBERGUARD_CRASH_MATRIX=full runs every boundary with every
+target (`make crash-matrix`). Each case brings up its own 3-node dqlite lab. Run with -s to see each case's outcome.
 """
 
 from __future__ import annotations
@@ -79,17 +79,14 @@ VIA = REMOVAL_STEPS[0].target
 assert VIA == JOIN_STEPS[0].target and VIA not in (REMOVED, JOINER, STAYS)
 
 
-def _boundaries(steps: tuple[PlannedStep, ...]) -> list[str]:
-    return [f"{when}-step:{index}" for index in range(len(steps)) for when in ("before", "after")]
-
-
 def _selection() -> list[tuple[str, str, str]]:
     """(operation, boundary, target) of every case to run."""
-    boundaries = [("remove", b) for b in _boundaries(REMOVAL_STEPS)] + [("join", b) for b in _boundaries(JOIN_STEPS)]
+    steps = [("remove", i) for i in range(len(REMOVAL_STEPS))] + [("join", i) for i in range(len(JOIN_STEPS))]
+    variants = [(when, target) for target in TARGETS for when in ("before", "after")]
     return [
-        (kind, boundary, target)
-        for (kind, boundary), targets in zip(boundaries, matrix.chosen(TARGETS, len(boundaries)), strict=True)
-        for target in targets
+        (kind, f"{when}-step:{index}", target)
+        for (kind, index), picked in zip(steps, matrix.chosen(variants, len(steps)), strict=True)
+        for when, target in picked
     ]
 
 
