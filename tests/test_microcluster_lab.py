@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from memberguard import Client
-from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.lab import lab as labs
 from coordinator.lab import microcluster
@@ -131,18 +130,3 @@ def test_lab_down_stops_the_daemons_too(tmp_path: Path) -> None:
     while any(pid in labs.Lab.load(running.dir).running() for pid in daemons):
         assert time.monotonic() < deadline, "a daemon outlived lab down"
         time.sleep(0.2)
-
-
-# --- microcluster's own PR #515 tests, driven with microctl, with memberguard checking the same cluster ----------
-
-
-def _found(lab: labs.Lab, name: str) -> list[tuple[str, str, str]]:
-    """(kind, source, node) of every discrepancy WARNING or worse about member name, by a fresh check through the
-    client: fast enough to read the state a microctl command is about to act on, before a heartbeat changes it."""
-    with Client(lab.endpoint) as client:
-        diff = client.check_membership(timeout=10).diff
-    return sorted(
-        (pb.DiscrepancyKind.Name(d.kind), pb.Source.Name(d.source), d.node)
-        for d in diff.discrepancies
-        if d.severity >= pb.SEVERITY_WARNING and d.member.name == name
-    )

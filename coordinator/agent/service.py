@@ -182,13 +182,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.GetNodeViewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.GetNodeViewResponse:
         asked = request.include_certificates
-        readers = self._config.readers
         within = _reads_within(context.time_remaining())
+        reads = [r.read(include_certificates=asked, within=within) for r in self._config.readers]
         if self._config.concurrent_reads:
-            reports = tuple(await asyncio.gather(*(r.read(include_certificates=asked, within=within) for r in readers)))
+            reports = tuple(await asyncio.gather(*reads))
         else:
-            # Local files, read inline: the deadline bounds no read of theirs.
-            reports = tuple([await r.read(include_certificates=asked) for r in readers])
+            reports = tuple([await read for read in reads])
         built = self._built.get(asked)
         if built is None or built[0] != reports:
             view = view_to_proto(
