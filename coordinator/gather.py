@@ -47,14 +47,17 @@ class _Link:
     digest: str = ""
 
     async def get_node_view(self, timeout: float, include_certificates: bool) -> NodeView:
-        request = agent_pb2.GetNodeViewRequest(
-            include_certificates=include_certificates, known_digest="" if include_certificates else self.digest
-        )
+        # "Unchanged" means unchanged from the digest this request sent. Checks run concurrently over the one link,
+        # and their answers may come back in another order than they were asked: by the time this one arrives, another
+        # may have moved self.view to a reading this agent has since gone back from.
+        known, digest = self.view, "" if include_certificates else self.digest
+        request = agent_pb2.GetNodeViewRequest(include_certificates=include_certificates, known_digest=digest)
         response = await self.stub.GetNodeView(request, timeout=timeout)
-        if self.view is None or not response.unchanged:
-            self.view = view_from_proto(response.view)
-            self.digest = "" if include_certificates else response.view_digest
-        return self.view
+        if known is not None and response.unchanged:
+            return known
+        view = view_from_proto(response.view)
+        self.view, self.digest = view, "" if include_certificates else response.view_digest
+        return view
 
 
 class Agents:

@@ -28,10 +28,11 @@ from coordinator.core.model import InvalidEntry, MemberRecord, Source, SourceRep
 from coordinator.files import write_atomically
 
 _SUFFIX = ".yaml"
-# microcluster writes each record with renameio.WriteFile: into ".<name>.yaml<digits>" beside it, then renamed over it.
-# Such a file is a write in flight for moments, and left behind for good by a crash during the write.
-_TEMPORARY = re.compile(r"\..+\.yaml[0-9]+")
-IN_FLIGHT = 5.0  # seconds a temporary file may be a write in flight: microcluster's writes of a record take far less
+# microcluster writes each record with renameio.WriteFile: into ".<name>.yaml<digits>" beside it, then renamed over it;
+# memberguard's own writers (files.write_atomically) into ".<name>.yaml.<random>.tmp". Such a file is a write in flight
+# for moments, and left behind for good by a crash during the write.
+_TEMPORARY = re.compile(r"\..+\.yaml(?:[0-9]+|\.[a-z0-9_]+\.tmp)")
+IN_FLIGHT = 5.0  # seconds a temporary file may be a write in flight: either writer's writes of a record take far less
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from coordinator.agent.truststore import (
     write_truststore_entry,
 )
 from coordinator.core.model import InvalidEntry, MemberRecord, Role, Source, SourceReport
+from coordinator.files import write_atomically
 
 NAMES = ("n1", "n2", "n3")
 ADDRESSES = {"n1": "10.0.0.1:9000", "n2": "10.0.0.2:9000", "n3": "10.0.0.3:9000"}
@@ -220,10 +221,31 @@ async def test_subdirectory_is_an_invalid_entry(cluster: Cluster) -> None:
     assert report.invalid_entries == (InvalidEntry("n4.yaml", "not a .yaml file"),)
 
 
-async def test_a_write_in_flight_is_no_entry_and_one_left_by_a_crash_is_invalid(cluster: Cluster) -> None:
-    """microcluster's renameio temporary file: unseen while young, an invalid entry once older than a write takes
+def _written_through(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of the temporary file write_atomically wrote path through."""
+    names: list[str] = []
+    replace = os.replace
+
+    def recorded(source: str, target: str) -> None:
+        names.append(Path(source).name)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recorded)
+    write_atomically(path, path.read_bytes())
+    monkeypatch.undo()
+    return names[0]
+
+
+@pytest.mark.parametrize("writer", ["microcluster", "memberguard"])
+async def test_a_write_in_flight_is_no_entry_and_one_left_by_a_crash_is_invalid(
+    cluster: Cluster, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temporary file, microcluster's (renameio) or memberguard's own: unseen while young (a check during a repair's
+    write saw an invalid entry that was gone a moment later), an invalid entry once older than a write takes
     (microcluster's own Replace fails on it)."""
-    temporary = cluster.truststore("n1") / ".n3.yaml2066200893"
+    record = cluster.truststore("n1") / "n3.yaml"
+    name = ".n3.yaml2066200893" if writer == "microcluster" else _written_through(record, monkeypatch)
+    temporary = cluster.truststore("n1") / name
     temporary.write_text((cluster.truststore("n1") / "n3.yaml").read_text()[:20])
     reader = TruststoreReader(cluster.truststore("n1"))
     young = await read(reader)
