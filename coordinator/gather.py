@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
-from coordinator.core.model import AgentFailure, ClusterView, NodeObservation, NodeView
+from coordinator.core.model import AgentFailure, ClusterView, MemberRecord, NodeObservation, NodeView
 from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import view_from_proto
 from coordinator.pki import Identity
@@ -35,6 +37,66 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+class _Observer:
+    """One ObserveNodeView stream to an agent: a read is a message on it, not a call of its own. The agent answers in
+    the order it was asked, so answers are matched to their requests by order; a caller that gives up leaves its
+    place in the queue, so the late answer it would have got goes to no one else. When the stream ends (the agent
+    restarted, or refused the coordinator), every read waiting on it fails with the stream's error, and the next read
+    opens a new one."""
+
+    def __init__(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+        self._call = stub.ObserveNodeView()  # type: ignore[call-arg]  # no iterator: requests go by write()
+        self._waiting: deque[asyncio.Future[agent_pb2.GetNodeViewResponse]] = deque()
+        self._writing = asyncio.Lock()  # writes in the order of self._waiting
+        self.ended = False
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def read(self, request: agent_pb2.GetNodeViewRequest, timeout: float) -> agent_pb2.GetNodeViewResponse:
+        """The agent's answer to request. Raises TimeoutError when none comes within timeout, and a
+        grpc.aio.AioRpcError when the stream ended."""
+        answer: asyncio.Future[agent_pb2.GetNodeViewResponse] = asyncio.get_running_loop().create_future()
+        message = agent_pb2.ObserveNodeViewRequest(read=request)
+        message.answer_within.FromTimedelta(timedelta(seconds=timeout))
+        async with asyncio.timeout(timeout):
+            async with self._writing:
+                if self.ended:
+                    raise _error(grpc.StatusCode.UNAVAILABLE, "the stream to the agent was closed")
+                self._waiting.append(answer)
+                try:
+                    await self._call.write(message)
+                except BaseException:
+                    # Cut short (its time was up), the write may or may not have reached the agent: matching answers
+                    # by order no longer holds on this stream.
+                    self.close()
+                    raise
+            return await answer
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                answer = self._waiting.popleft()
+                if not answer.done():
+                    answer.set_result(response.answer)
+            error = _error(await self._call.code(), await self._call.details() or "the agent ended the stream")
+        except grpc.aio.AioRpcError as ended:
+            error = ended
+        except asyncio.CancelledError:
+            error = _error(grpc.StatusCode.UNAVAILABLE, "the stream to the agent was closed")
+        self.ended = True
+        for answer in self._waiting:
+            if not answer.done():
+                answer.set_exception(error)
+        self._waiting.clear()
+
+    def close(self) -> None:
+        self.ended = True
+        self._call.cancel()
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
 @dataclass
 class _Link:
     member: RegisteredMember
@@ -45,19 +107,32 @@ class _Link:
     # NodeView object coming back lets the coordinator skip the diff of an unchanged cluster (service.py).
     view: NodeView | None = None
     digest: str = ""
+    observer: _Observer | None = None
 
-    async def get_node_view(self, timeout: float, include_certificates: bool) -> NodeView:
+    async def get_node_view(
+        self, timeout: float, include_certificates: bool, seen: dict[bytes, MemberRecord]
+    ) -> NodeView:
         # "Unchanged" means unchanged from the digest this request sent. Checks run concurrently over the one link,
         # and their answers may come back in another order than they were asked: by the time this one arrives, another
         # may have moved self.view to a reading this agent has since gone back from.
         known, digest = self.view, "" if include_certificates else self.digest
         request = agent_pb2.GetNodeViewRequest(include_certificates=include_certificates, known_digest=digest)
-        response = await self.stub.GetNodeView(request, timeout=timeout)
+        if include_certificates:
+            response = await self.stub.GetNodeView(request, timeout=timeout)  # rare: only to fetch new certificates
+        else:
+            if self.observer is None or self.observer.ended:
+                self.observer = _Observer(self.stub)
+            response = await self.observer.read(request, timeout)
         if known is not None and response.unchanged:
             return known
-        view = view_from_proto(response.view)
+        view = view_from_proto(response.view, seen)
         self.view, self.digest = view, "" if include_certificates else response.view_digest
         return view
+
+    async def close(self) -> None:
+        if self.observer is not None:
+            self.observer.close()
+        await self.channel.close(None)
 
 
 class Agents:
@@ -72,6 +147,9 @@ class Agents:
         self._learned_from: tuple[NodeView | None, ...] = ()  # the views trust last learned from
         self._registered: frozenset[str] = frozenset()  # the registry's members at the last gather
         self._unanswered: set[str] = set()  # members whose agent did not answer the last gather or step sent to it
+        # The records this gather's views were converted to, by their bytes: each record is converted once, not once
+        # per node that holds it (messages.view_from_proto). Started afresh by each gather, so it never grows.
+        self._seen: dict[bytes, MemberRecord] = {}
         # Set when one of those answers again: the reconciler waits on it, since what parked an operation may be
         # an agent that was away. Whoever waits clears it.
         self.reconnected = asyncio.Event()
@@ -83,7 +161,7 @@ class Agents:
             return link
         if link is not None:
             # The member moved or its trusted certificates changed: the old channel trusts the wrong thing.
-            asyncio.get_running_loop().create_task(self._links.pop(member.name).channel.close(None))
+            asyncio.get_running_loop().create_task(self._links.pop(member.name).close())
         if not roots:
             return None
         credentials = grpc.ssl_channel_credentials(
@@ -109,8 +187,9 @@ class Agents:
         for gone in self._registered - names:
             link = self._links.pop(gone, None)
             if link is not None:
-                await link.channel.close(None)
+                await link.close()
         self._registered = names
+        self._seen = {}
         started = time.monotonic()
         roots = {m.name: self._trust.roots(m) for m in members}
         observations = list(await asyncio.gather(*(self._observe(m, timeout) for m in members)))
@@ -156,10 +235,13 @@ class Agents:
             detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
             return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
         try:
-            view = await link.get_node_view(timeout, include_certificates)
+            view = await link.get_node_view(timeout, include_certificates, self._seen)
         except grpc.aio.AioRpcError as error:
             failure, detail = _classify(error)
             return NodeObservation(member.name, member.agent_address, failure=failure, detail=detail)
+        except TimeoutError:
+            detail = f"DEADLINE_EXCEEDED: no answer within {timeout:.3g} s"
+            return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNREACHABLE, detail=detail)
         if view.node != member.name:
             return NodeObservation(
                 member.name,
@@ -191,12 +273,12 @@ class Agents:
         submitted; None when it does not answer as that certificate's holder."""
         if member.name not in self._registered and (stale := self._links.pop(member.name, None)) is not None:
             # A joiner's channel from an earlier attempt may be backing off from an agent that was away: dial anew.
-            await stale.channel.close(None)
+            await stale.close()
         return (await self._observe(member, timeout)).view
 
     async def close(self) -> None:
         for link in self._links.values():
-            await link.channel.close(None)
+            await link.close()
         self._links.clear()
 
 

@@ -100,7 +100,20 @@ def view_to_proto(view: model.NodeView) -> pb.NodeView:
     )
 
 
-def view_from_proto(message: pb.NodeView) -> model.NodeView:
+def view_from_proto(message: pb.NodeView, seen: dict[bytes, model.MemberRecord] | None = None) -> model.NodeView:
+    """The view in message. `seen` maps the records already converted, by their bytes, to what they became: the views
+    of one gather hold each member's record once per node and source (N² records in all at N nodes), and converting
+    each once costs a tenth as much; equal records are then one object, which the diff compares at once."""
+    if seen is None:
+        seen = {}
+
+    def record(message: pb.MemberRecord) -> model.MemberRecord:
+        key = message.SerializeToString()
+        found = seen.get(key)
+        if found is None:
+            found = seen[key] = record_from_proto(message)
+        return found
+
     return model.NodeView(
         node=message.node,
         backend=message.backend,
@@ -112,7 +125,7 @@ def view_from_proto(message: pb.NodeView) -> model.NodeView:
             model.SourceReport(
                 source=model.Source(report.source),
                 error=report.error,
-                records=tuple(record_from_proto(r) for r in report.records),
+                records=tuple(record(r) for r in report.records),
                 invalid_entries=tuple(
                     model.InvalidEntry(entry=e.entry, reason=e.reason) for e in report.invalid_entries
                 ),

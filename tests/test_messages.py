@@ -14,7 +14,14 @@ from coordinator import pki
 from coordinator.core import model
 from coordinator.core.diff import compute_diff
 from coordinator.core.repair import plan_repair
-from coordinator.messages import diff_to_proto, evidence_to_proto, record_from_proto, repair_plan_to_proto
+from coordinator.messages import (
+    diff_to_proto,
+    evidence_to_proto,
+    record_from_proto,
+    repair_plan_to_proto,
+    view_from_proto,
+    view_to_proto,
+)
 
 from .core.test_diff import (
     UNSAFE_SENTENCES,
@@ -23,7 +30,7 @@ from .core.test_diff import (
     stale_cache,
     truststore_file_deleted,
 )
-from .core.views import address, edit_reports, name
+from .core.views import address, consistent_view, edit_reports, name
 
 VIEWS = [
     *UNSAFE_SENTENCES,
@@ -131,3 +138,16 @@ def test_a_repair_plans_steps_are_the_same_message_with_their_kind_and_record() 
     (remedy_step,) = diff_to_proto(diff).discrepancies[0].remedies[0].steps
     assert (remedy_step.kind, remedy_step.node, remedy_step.source) == (sent.kind, sent.node, sent.source)
     assert remedy_step.record == sent.record
+
+
+def test_views_converted_together_share_each_record_and_equal_those_converted_alone() -> None:
+    views = [o.view for o in consistent_view(3).nodes]
+    assert all(v is not None for v in views)
+    messages = [view_to_proto(v) for v in views if v is not None]
+    seen: dict[bytes, model.MemberRecord] = {}
+    together = [view_from_proto(m, seen) for m in messages]
+    assert together == [view_from_proto(m) for m in messages] == views
+    first, second = (v.report(model.Source.TRUSTSTORE) for v in together[:2])
+    assert first is not None and second is not None
+    assert all(a is b for a, b in zip(first.records, second.records, strict=True))
+    assert len(seen) == len({r for v in together for report in v.sources for r in report.records})

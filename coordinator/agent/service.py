@@ -25,7 +25,7 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,7 +41,7 @@ from coordinator.agent.engine import Engine
 from coordinator.agent.microcluster_sources import HEARTBEAT_INTERVAL, MicroclusterSteps, microcluster_backend
 from coordinator.agent.sources import SourceReader, local_backend
 from coordinator.agent.steps import EpochGuard, LocalSteps, StepApplier
-from coordinator.auth import Peer, Principal
+from coordinator.auth import Peer, Principal, authorize
 from coordinator.core.model import NodeView, SourceReport
 from coordinator.errors import MemberguardError
 from coordinator.files import write_atomically
@@ -56,9 +56,11 @@ log = logging.getLogger("memberguard.agent")
 _SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 RULES = {
     f"/{_SERVICE}/GetNodeView": frozenset({Principal.COORDINATOR}),
+    f"/{_SERVICE}/ObserveNodeView": frozenset({Principal.COORDINATOR}),
     f"/{_SERVICE}/ApplyStep": frozenset({Principal.COORDINATOR}),
 }
 
+_OBSERVE = f"/{_SERVICE}/ObserveNodeView"
 _PEM_END = b"-----END CERTIFICATE-----"
 
 
@@ -172,17 +174,32 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     return the same report objects for unchanged sources), and left out when the caller already holds it. Steps run
     one at a time, each under the epoch it was admitted with."""
 
-    def __init__(self, config: AgentConfig, identity: Identity) -> None:
+    def __init__(self, config: AgentConfig, identity: Identity, coordinators: CoordinatorPins) -> None:
         self._config = config
         self._fingerprint = identity.fingerprint
+        self._coordinators = coordinators
         self._epochs = EpochGuard(config.epoch_dir)
         self._built: dict[bool, tuple[tuple[SourceReport, ...], membership_pb2.NodeView, str]] = {}
 
     async def GetNodeView(
         self, request: agent_pb2.GetNodeViewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.GetNodeViewResponse:
+        return await self._read(request, _reads_within(context.time_remaining()))
+
+    async def ObserveNodeView(
+        self,
+        requests: AsyncIterator[agent_pb2.ObserveNodeViewRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.ObserveNodeViewResponse]:
+        async for request in requests:
+            # The interceptor authorized the stream when it opened; the pins may have changed since.
+            authorize(self._coordinators, RULES, _OBSERVE, context)
+            waits = request.answer_within.ToTimedelta().total_seconds() if request.HasField("answer_within") else None
+            within = _reads_within(waits)
+            yield agent_pb2.ObserveNodeViewResponse(answer=await self._read(request.read, within))
+
+    async def _read(self, request: agent_pb2.GetNodeViewRequest, within: float | None) -> agent_pb2.GetNodeViewResponse:
         asked = request.include_certificates
-        within = _reads_within(context.time_remaining())
         reads = [r.read(include_certificates=asked, within=within) for r in self._config.readers]
         if self._config.concurrent_reads:
             reports = tuple(await asyncio.gather(*reads))
@@ -244,11 +261,12 @@ def _reads_within(remaining: float | None) -> float | None:
 
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:
     identity = read_identity(config.state_dir / "server.crt", config.state_dir / "server.key")
-    servicer = AgentServicer(config, identity)
+    coordinators = CoordinatorPins(config.trusted_coordinators)
+    servicer = AgentServicer(config, identity, coordinators)
     server, port = await start_server(
         address=config.listen,
         identity=identity,
-        trust=CoordinatorPins(config.trusted_coordinators),
+        trust=coordinators,
         rules=RULES,
         services=[(_SERVICE, lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s))],
     )

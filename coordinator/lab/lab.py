@@ -520,15 +520,16 @@ def _start(
 
 
 def _wait_until_answering(lab: Lab) -> None:
+    # The health check, not a membership check: the lab's first check is its user's (the benchmark times it).
     deadline = time.monotonic() + STARTUP_TIMEOUT
     with Client(lab.endpoint) as client:
         while True:
             try:
-                client.check_membership(timeout=5.0)
+                client.ping(timeout=5.0)
                 return
             except MemberguardError as error:
                 if time.monotonic() > deadline:
-                    raise LabError(f"the coordinator does not answer CheckMembership: {error}") from error
+                    raise LabError(f"the coordinator does not answer its health check: {error}") from error
                 time.sleep(0.05)
 
 

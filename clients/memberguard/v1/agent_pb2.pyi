@@ -379,6 +379,62 @@ class GetNodeViewRequest(_message.Message):
 Global___GetNodeViewRequest: _TypeAlias = GetNodeViewRequest  # noqa: Y015
 
 @_typing.final
+class ObserveNodeViewRequest(_message.Message):
+    """One read asked for on an ObserveNodeView stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    ANSWER_WITHIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def read(self) -> Global___GetNodeViewRequest:
+        """read says what to read, as GetNodeView's request does."""
+
+    @_builtins.property
+    def answer_within(self) -> _duration_pb2.Duration:
+        """answer_within is how long the caller waits for this answer, counted from when it sent it: the stream has no
+        deadline of its own, so this bounds the read as a call's deadline bounds GetNodeView's. Unset means no bound.
+        """
+
+    def __init__(
+        self,
+        *,
+        read: Global___GetNodeViewRequest | None = ...,
+        answer_within: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_within", b"answer_within", "read", b"read"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_within", b"answer_within", "read", b"read"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObserveNodeViewRequest: _TypeAlias = ObserveNodeViewRequest  # noqa: Y015
+
+@_typing.final
+class ObserveNodeViewResponse(_message.Message):
+    """The answer to one ObserveNodeViewRequest, sent in the order the requests came."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answer(self) -> Global___GetNodeViewResponse:
+        """answer is what GetNodeView would have answered to the request's read."""
+
+    def __init__(
+        self,
+        *,
+        answer: Global___GetNodeViewResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObserveNodeViewResponse: _TypeAlias = ObserveNodeViewResponse  # noqa: Y015
+
+@_typing.final
 class GetNodeViewResponse(_message.Message):
     """An agent's answer."""
 

@@ -40,6 +40,11 @@ class AgentServiceStub:
                 request_serializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.SerializeToString,
                 response_deserializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.FromString,
                 _registered_method=True)
+        self.ObserveNodeView = channel.stream_stream(
+                '/memberguard.v1.AgentService/ObserveNodeView',
+                request_serializer=memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewRequest.SerializeToString,
+                response_deserializer=memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewResponse.FromString,
+                _registered_method=True)
         self.ApplyStep = channel.unary_unary(
                 '/memberguard.v1.AgentService/ApplyStep',
                 request_serializer=memberguard_dot_v1_dot_agent__pb2.ApplyStepRequest.SerializeToString,
@@ -53,6 +58,17 @@ class AgentServiceServicer:
 
     def GetNodeView(self, request, context):
         """GetNodeView reads every membership source on this node and returns what each holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ObserveNodeView(self, request_iterator, context):
+        """ObserveNodeView is GetNodeView over one stream kept open: the agent answers each request with one read of every
+        source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
+        such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
+        authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
+        (UNAUTHENTICATED, and the stream ends).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +91,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetNodeView,
                     request_deserializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.FromString,
                     response_serializer=memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.SerializeToString,
+            ),
+            'ObserveNodeView': grpc.stream_stream_rpc_method_handler(
+                    servicer.ObserveNodeView,
+                    request_deserializer=memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewRequest.FromString,
+                    response_serializer=memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewResponse.SerializeToString,
             ),
             'ApplyStep': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyStep,
@@ -110,6 +131,33 @@ class AgentService:
             '/memberguard.v1.AgentService/GetNodeView',
             memberguard_dot_v1_dot_agent__pb2.GetNodeViewRequest.SerializeToString,
             memberguard_dot_v1_dot_agent__pb2.GetNodeViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ObserveNodeView(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/memberguard.v1.AgentService/ObserveNodeView',
+            memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewRequest.SerializeToString,
+            memberguard_dot_v1_dot_agent__pb2.ObserveNodeViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,13 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     GetNodeView: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetNodeViewRequest, _agent_pb2.GetNodeViewResponse]
     """GetNodeView reads every membership source on this node and returns what each holds."""
+    ObserveNodeView: _grpc.StreamStreamMultiCallable[_agent_pb2.ObserveNodeViewRequest, _agent_pb2.ObserveNodeViewResponse]
+    """ObserveNodeView is GetNodeView over one stream kept open: the agent answers each request with one read of every
+    source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
+    such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
+    authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
+    (UNAUTHENTICATED, and the stream ends).
+    """
     ApplyStep: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]
     """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
     same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
@@ -49,6 +56,13 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetNodeView: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetNodeViewRequest, _agent_pb2.GetNodeViewResponse]  # type: ignore[assignment]
     """GetNodeView reads every membership source on this node and returns what each holds."""
+    ObserveNodeView: _aio.StreamStreamMultiCallable[_agent_pb2.ObserveNodeViewRequest, _agent_pb2.ObserveNodeViewResponse]  # type: ignore[assignment]
+    """ObserveNodeView is GetNodeView over one stream kept open: the agent answers each request with one read of every
+    source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
+    such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
+    authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
+    (UNAUTHENTICATED, and the stream ends).
+    """
     ApplyStep: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]  # type: ignore[assignment]
     """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
     same as applying it once. Refused with FAILED_PRECONDITION (ErrorInfo reason STALE_EPOCH) when the step's epoch
@@ -66,6 +80,19 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetNodeViewResponse, _abc.Awaitable[_agent_pb2.GetNodeViewResponse]]:
         """GetNodeView reads every membership source on this node and returns what each holds."""
+
+    @_abc_1.abstractmethod
+    def ObserveNodeView(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ObserveNodeViewRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ObserveNodeViewResponse], _abc.AsyncIterator[_agent_pb2.ObserveNodeViewResponse]]:
+        """ObserveNodeView is GetNodeView over one stream kept open: the agent answers each request with one read of every
+        source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
+        such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
+        authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
+        (UNAUTHENTICATED, and the stream ends).
+        """
 
     @_abc_1.abstractmethod
     def ApplyStep(
