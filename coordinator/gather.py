@@ -37,12 +37,18 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+class _Closed(Exception):
+    """The stream was closed on this side while a read waited on it (another read's time ran out)."""
+
+
 class _Observer:
     """One ObserveNodeView stream to an agent: a read is a message on it, not a call of its own. The agent answers in
-    the order it was asked, so answers are matched to their requests by order; a caller that gives up leaves its
-    place in the queue, so the late answer it would have got goes to no one else. When the stream ends (the agent
-    restarted, or refused the coordinator), every read waiting on it fails with the stream's error, and the next read
-    opens a new one."""
+    the order it was asked, so answers are matched to their requests by order. A read whose time runs out closes the
+    stream, as a call's deadline cancels the call: the agent then drops the read it is making and every request
+    queued behind it, where answering them all would leave a slow agent further behind at every check; the reads
+    that were waiting on it raise _Closed, to be asked again on a new stream. When the stream ends on the agent's side
+    (it restarted, or refused the coordinator), every read waiting on it fails with the stream's error, and the next
+    read opens a new one."""
 
     def __init__(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
         self._call = stub.ObserveNodeView()  # type: ignore[call-arg]  # no iterator: requests go by write()
@@ -52,26 +58,26 @@ class _Observer:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def read(self, request: agent_pb2.GetNodeViewRequest, timeout: float) -> agent_pb2.GetNodeViewResponse:
-        """The agent's answer to request. Raises TimeoutError when none comes within timeout, and a
-        grpc.aio.AioRpcError when the stream ended."""
+        """The agent's answer to request. Raises TimeoutError when none comes within timeout, _Closed when another
+        read closed the stream first, and a grpc.aio.AioRpcError when the agent ended it."""
         answer: asyncio.Future[agent_pb2.GetNodeViewResponse] = asyncio.get_running_loop().create_future()
         message = agent_pb2.ObserveNodeViewRequest(read=request)
         message.answer_within.FromTimedelta(timedelta(seconds=timeout))
-        async with asyncio.timeout(timeout):
-            async with self._writing:
-                if self.ended:
-                    raise _error(grpc.StatusCode.UNAVAILABLE, "the stream to the agent was closed")
-                self._waiting.append(answer)
-                try:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._writing:
+                    if self.ended:
+                        raise _Closed
+                    self._waiting.append(answer)
                     await self._call.write(message)
-                except BaseException:
-                    # Cut short (its time was up), the write may or may not have reached the agent: matching answers
-                    # by order no longer holds on this stream.
-                    self.close()
-                    raise
-            return await answer
+                return await answer
+        except TimeoutError:
+            if answer in self._waiting:  # asked, and not answered: not when the time ran out before it was sent
+                self.close()
+            raise
 
     async def _read(self) -> None:
+        error: Exception
         try:
             async for response in self._call:
                 answer = self._waiting.popleft()
@@ -81,7 +87,7 @@ class _Observer:
         except grpc.aio.AioRpcError as ended:
             error = ended
         except asyncio.CancelledError:
-            error = _error(grpc.StatusCode.UNAVAILABLE, "the stream to the agent was closed")
+            error = _Closed()
         self.ended = True
         for answer in self._waiting:
             if not answer.done():
@@ -120,14 +126,25 @@ class _Link:
         if include_certificates:
             response = await self.stub.GetNodeView(request, timeout=timeout)  # rare: only to fetch new certificates
         else:
-            if self.observer is None or self.observer.ended:
-                self.observer = _Observer(self.stub)
-            response = await self.observer.read(request, timeout)
+            response = await self._observe(request, timeout)
         if known is not None and response.unchanged:
             return known
         view = view_from_proto(response.view, seen)
         self.view, self.digest = view, "" if include_certificates else response.view_digest
         return view
+
+    async def _observe(self, request: agent_pb2.GetNodeViewRequest, timeout: float) -> agent_pb2.GetNodeViewResponse:
+        """request, answered over this link's stream; asked again on a new one, in the time left, when another read
+        closed the stream under it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.observer is None or self.observer.ended:
+                self.observer = _Observer(self.stub)
+            try:
+                return await self.observer.read(request, max(0.0, deadline - time.monotonic()))
+            except _Closed:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from None
 
     async def close(self) -> None:
         if self.observer is not None:
@@ -203,14 +220,15 @@ class Agents:
             self._learned_from = views
             return ClusterView(nodes=tuple(observations), now=time.time())
         if self._trust.learn(observations) or any(self._trust.roots(m) != roots[m.name] for m in members):
-            # Truststores hold a certificate not seen before: fetch its PEM once, from the nodes that hold it,
-            # and ask again the agents whose trusted certificates just changed.
+            # Truststores hold a certificate not seen before: fetch its PEM once, from as few of the nodes that hold
+            # it as name them all, and ask again the agents whose trusted certificates just changed.
             remaining = max(0.0, timeout - (time.monotonic() - started))
+            holders = {id(o) for o in self._trust.holders(observations)}
             observations = list(
                 await asyncio.gather(
                     *(
-                        self._observe(m, remaining, include_certificates=self._trust.lacks_certificates(o))
-                        if self._trust.lacks_certificates(o) or self._trust.roots(m) != roots[m.name]
+                        self._observe(m, remaining, include_certificates=id(o) in holders)
+                        if id(o) in holders or self._trust.roots(m) != roots[m.name]
                         else _same(o)
                         for m, o in zip(members, observations, strict=True)
                     )

@@ -31,6 +31,7 @@ UNIT = (
     "tests/test_layout.py",
     "tests/test_check_order.py",
     "tests/test_messages.py",
+    "tests/test_learned_trust.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 
