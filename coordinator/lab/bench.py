@@ -3,10 +3,11 @@
 `python -m coordinator.lab.bench [--backend local|dqlite] [--sizes 3,10,30,100,300] [--calls 200] [--changes 20]
 [--plot FILE.png]` brings up a lab at each size (large labs pack several agents into one process: the same agent
 code), then interleaves a trivial unary call (the health check, over the same mutual-TLS channel) with a full
-CheckMembership, so both see the same machine noise, and prints p50/p99 of each and their ratio; a size whose agents
-still miss the coordinator's per-agent deadline once warmed up is timed with a longer one, and says so. Then, in a
-3-node lab whose coordinator checks every 0.2 s, it times `--changes` source changes (n2's truststore record of n3
-deleted, then restored) from the change to the WatchMembership event reaching a subscriber. `--plot` draws the
+CheckMembership, so both see the same machine noise, and prints p50/p99 of each and their ratio, and the lab's first
+check before them (its time, and how many agents it found unreachable); a size whose agents still miss the
+coordinator's per-agent deadline once warmed up is timed with a longer one, and says so. Then, in a 3-node lab
+whose coordinator checks every 0.2 s, it times `--changes` source changes (n2's truststore record of n3 deleted, then
+restored) from the change to the WatchMembership event reaching a subscriber. `--plot` draws the
 check's p50 and the floor's against N, both axes logarithmic (matplotlib: the `bench` extra).
 
 `python -m coordinator.lab.bench --microcluster [--calls 1000] [--changes 20]` brings up a 3-member microcluster lab
