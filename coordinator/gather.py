@@ -11,6 +11,7 @@ again, the reconciler's cue that an operation parked for want of that agent may 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -69,7 +70,10 @@ class _Observer:
                     if self.ended:
                         raise _Closed
                     self._waiting.append(answer)
-                    await self._call.write(message)
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        # The stream ended before its reader saw it: the reader fails every waiting read, this one
+                        # too, with the stream's own error.
+                        await self._call.write(message)
                 return await answer
         except TimeoutError:
             if answer in self._waiting:  # asked, and not answered: not when the time ran out before it was sent

@@ -8,7 +8,7 @@ stops being trusted at the next gather.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from coordinator.auth import Peer, Principal
 from coordinator.core.model import MemberRecord, NodeObservation, Source
@@ -39,7 +39,7 @@ class LearnedTrust:
         """Whether observation's truststore names a certificate whose PEM has not been seen yet."""
         return any(r.certificate_fingerprint not in self._pems for r in _truststore_records(observation))
 
-    def holders(self, observations: Iterable[NodeObservation]) -> list[NodeObservation]:
+    def holders(self, observations: Sequence[NodeObservation]) -> list[NodeObservation]:
         """Few observations whose truststores name, between them, every certificate whose PEM has not been seen yet:
         whom to ask for the PEMs. Truststores mostly agree, so one node usually holds them all; asking every node
         would send every PEM N times (at N = 100, 10 MB to learn 100 certificates)."""
@@ -48,9 +48,8 @@ class LearnedTrust:
         }
         chosen: list[NodeObservation] = []
         left = set().union(*unknown.values())
-        candidates = list(observations)
         while left:
-            best = max(candidates, key=lambda o: len(unknown[id(o)] & left))
+            best = max(observations, key=lambda o: len(unknown[id(o)] & left))
             chosen.append(best)
             left -= unknown[id(best)]
         return chosen

@@ -30,6 +30,7 @@ UNIT = (
     "tests/test_status.py",
     "tests/test_layout.py",
     "tests/test_check_order.py",
+    "tests/test_observe_stream.py",
     "tests/test_messages.py",
     "tests/test_learned_trust.py",
 )

@@ -126,13 +126,8 @@ class Answer:
 
 
 def microctl(state_dir: Path | str, *args: str, timeout: float = MICROCTL_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(microcluster.MICROCTL), "--state-dir", str(state_dir), *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """microctl's own answer, leaderless or not: these scenes record what microcluster says."""
+    return microcluster.microctl(state_dir, *args, timeout=timeout)
 
 
 def answer(state_dir: Path | str, *args: str) -> Answer:

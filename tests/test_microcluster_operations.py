@@ -41,13 +41,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[labs.Lab]:
 def _microctl(lab: labs.Lab, via: str, *args: str) -> list[dict[str, str]]:
     """What `microctl ARGS --format json` prints on node via."""
     node = lab.node(via)
-    listed = subprocess.run(
-        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), *args, "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    listed = microcluster.microctl(node["state_dir"], *args, "--format", "json", timeout=60, leader_within=30)
+    assert listed.returncode == 0, listed.stderr
     return list(json.loads(listed.stdout))
 
 

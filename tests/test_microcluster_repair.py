@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,12 +58,7 @@ def client(lab: labs.Lab) -> Iterator[Client]:
 
 def _microctl(lab: labs.Lab, via: str, *args: str) -> str:
     node = lab.node(via)
-    done = subprocess.run(
-        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = microcluster.microctl(node["state_dir"], *args, timeout=60, leader_within=30)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

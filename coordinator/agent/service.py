@@ -54,13 +54,12 @@ from coordinator.watched_file import Version, WatchedFile
 log = logging.getLogger("memberguard.agent")
 
 _SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+_OBSERVE = f"/{_SERVICE}/ObserveNodeView"  # authorized again at each request of the stream
 RULES = {
     f"/{_SERVICE}/GetNodeView": frozenset({Principal.COORDINATOR}),
-    f"/{_SERVICE}/ObserveNodeView": frozenset({Principal.COORDINATOR}),
+    _OBSERVE: frozenset({Principal.COORDINATOR}),
     f"/{_SERVICE}/ApplyStep": frozenset({Principal.COORDINATOR}),
 }
-
-_OBSERVE = f"/{_SERVICE}/ObserveNodeView"
 _PEM_END = b"-----END CERTIFICATE-----"
 
 

@@ -555,13 +555,7 @@ def _before_timeout(started: float, what: str) -> None:
 
 def _microctl(node: dict[str, Any], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """microctl on the node's state directory; with check, a failure ends the run with microctl's words."""
-    answer = subprocess.run(
-        [str(microcluster.MICROCTL), "--state-dir", str(node["state_dir"]), *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    answer = microcluster.microctl(node["state_dir"], *args, timeout=60, leader_within=30)
     if check and answer.returncode != 0:
         raise RuntimeError(f"microctl {' '.join(args)} on {node['name']}: {answer.stderr.strip()}")
     return answer

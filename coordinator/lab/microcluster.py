@@ -37,8 +37,32 @@ STOP_GRACE = 5.0
 _LOG_TAIL = 4000
 
 
+# What microctl prints when microcluster's own dqlite client gives up its leader search: on a loaded machine it does
+# now and then while the cluster has a leader, and asked again a heartbeat later it finds it.
+NO_LEADER = "no available dqlite leader server found"
+
+
 class MicroclusterError(RuntimeError):
     """microd or microctl did not do what bringing the cluster up needs; the message carries the logs' tails."""
+
+
+def microctl(
+    state_dir: Path | str, *args: str, timeout: float = 30.0, leader_within: float = 0.0
+) -> subprocess.CompletedProcess[str]:
+    """`microctl --state-dir STATE_DIR ARGS` as it exits; asked again, for up to LEADER_WITHIN seconds, while it
+    says NO_LEADER (a caller that studies a leaderless cluster leaves it at 0, and sees that answer)."""
+    deadline = time.monotonic() + leader_within
+    while True:
+        done = subprocess.run(
+            [str(MICROCTL), "--state-dir", str(state_dir), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if NO_LEADER not in done.stderr or time.monotonic() >= deadline:
+            return done
+        time.sleep(HEARTBEAT / 2)
 
 
 @dataclass(frozen=True)
@@ -73,13 +97,7 @@ class Cluster:
     def microctl(self, member: Member, *args: str, timeout: float = 30.0) -> str:
         """Run `microctl --state-dir <member's> ARGS`; its stdout, or MicroclusterError when it fails."""
         try:
-            result = subprocess.run(
-                [str(MICROCTL), "--state-dir", str(member.state_dir), *args],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
+            result = microctl(member.state_dir, *args, timeout=timeout, leader_within=timeout)
         except subprocess.TimeoutExpired as exc:
             raise MicroclusterError(
                 f"microctl {' '.join(args)} on {member.name} took over {timeout}s\n{member.log_tail()}"
