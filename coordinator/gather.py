@@ -252,12 +252,21 @@ class Agents:
     async def _observe(
         self, member: RegisteredMember, timeout: float, *, include_certificates: bool = False
     ) -> NodeObservation:
-        link = self._link(member)
-        if link is None:
-            detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
-            return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
+        deadline = time.monotonic() + timeout
+        while (link := self._link(member)) is not None:
+            try:
+                return await self._ask(link, timeout, deadline, include_certificates)
+            except grpc.aio.UsageError:
+                # A concurrent gather closed the link under this read (the member left the registry, moved, or its
+                # certificates changed): ask again over the link it has now, in the time left.
+                continue
+        detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
+        return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
+
+    async def _ask(self, link: _Link, timeout: float, deadline: float, include_certificates: bool) -> NodeObservation:
+        member = link.member
         try:
-            view = await link.get_node_view(timeout, include_certificates, self._seen)
+            view = await link.get_node_view(max(0.0, deadline - time.monotonic()), include_certificates, self._seen)
         except grpc.aio.AioRpcError as error:
             failure, detail = _classify(error)
             return NodeObservation(member.name, member.agent_address, failure=failure, detail=detail)
@@ -287,6 +296,11 @@ class Agents:
             # A refusal is an answer; only silence makes the agent one to wait for.
             self._heard(member.name, error.code() not in _SILENT)
             raise
+        except grpc.aio.UsageError:
+            # A gather closed the link under the step (the member moved, or its certificates changed): whether the
+            # agent applied it is as unknown as after silence.
+            self._heard(member.name, False)
+            raise _error(grpc.StatusCode.UNAVAILABLE, "the channel to its agent was replaced during the step") from None
         self._heard(member.name, True)
         return response
 

@@ -1,7 +1,8 @@
 """The coordinator's side of ObserveNodeView, against a real gRPC server on loopback that answers as the test says:
 a read whose time runs out closes the stream and the reads queued behind it are asked again on a new one; a stream
 that ended fails the reads sent on it with its own error; and "unchanged" is read against the view its own request
-named, not whatever view the link holds by the time the answer arrives."""
+named, not whatever view the link holds by the time the answer arrives. And the gather, over mutual TLS: a read whose
+link a concurrent gather closes is asked again over the member's link as it is now."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import gc
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
 
-from coordinator.gather import _Link
+from coordinator import pki
+from coordinator.gather import Agents, _Link
+from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import view_to_proto
-from coordinator.registry import RegisteredMember
+from coordinator.registry import RegisteredMember, Registry
 from tests.core.views import consistent_view
 
 VIEWS = consistent_view(3).nodes[0].view, consistent_view(4).nodes[0].view
@@ -126,3 +130,30 @@ async def test_unchanged_means_unchanged_from_the_view_the_request_named() -> No
         assert await link.get_node_view(TIMEOUT, True, {}) == VIEWS[1]  # the link now holds the newer view...
         await agent.answers[1].put(agent_pb2.GetNodeViewResponse(view_digest="digest-0", unchanged=True))
         assert await stale == VIEWS[0], "...and the earlier request's 'unchanged' still means the view it named"
+
+
+async def test_a_read_whose_link_a_concurrent_gather_closes_is_asked_again_over_a_new_one(tmp_path: Path) -> None:
+    served = pki.make_identity("n1")
+    agent = _Agent()
+    agent.unary = _answer(0)  # the gather then asks for the PEMs of the certificates its truststore names
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, server)
+    credentials = grpc.ssl_server_credentials([(served.key_pem, served.certificate_pem)])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    (tmp_path / "registry.json").write_text("{}")
+    registry = Registry.open(tmp_path / "registry.json")
+    registry.register(RegisteredMember("n1", f"127.0.0.1:{port}", served.certificate_pem.decode()))
+    agents = Agents(pki.make_identity("coordinator"), registry, LearnedTrust())
+    try:
+        first = asyncio.create_task(agents.gather(TIMEOUT))
+        while not agent.asked:  # the first gather's read is at the agent, unanswered
+            await asyncio.sleep(0.01)
+        registry.forget("n1")
+        assert not (await agents.gather(TIMEOUT)).nodes, "the second gather closed n1's link: n1 left the registry"
+        await agent.answers[2].put(_answer(0))
+        (observed,) = (await asyncio.wait_for(first, TIMEOUT)).nodes
+        assert observed.view == VIEWS[0] and agent.streams == 2, observed.detail
+    finally:
+        await agents.close()
+        await server.stop(None)
