@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc
@@ -36,6 +38,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+_Response = TypeVar("_Response")
 
 
 class _Closed(Exception):
@@ -103,6 +108,19 @@ class _Observer:
         self._call.cancel()
 
 
+async def _answer(call: Awaitable[_Response]) -> _Response:
+    """A unary call's response. Closing its channel cancels a call in flight, and awaiting it then raises
+    CancelledError in a task nobody cancelled: that is raised as the UsageError a call made on a closed channel
+    raises, so one handler covers both."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise grpc.aio.UsageError("Channel is closed.") from None
+
+
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
 
@@ -128,7 +146,7 @@ class _Link:
         known, digest = self.view, "" if include_certificates else self.digest
         request = agent_pb2.GetNodeViewRequest(include_certificates=include_certificates, known_digest=digest)
         if include_certificates:
-            response = await self.stub.GetNodeView(request, timeout=timeout)  # rare: only to fetch new certificates
+            response = await _answer(self.stub.GetNodeView(request, timeout=timeout))  # only to fetch new PEMs
         else:
             response = await self._observe(request, timeout)
         if known is not None and response.unchanged:
@@ -291,7 +309,7 @@ class Agents:
         if link is None:
             raise KeyError(f"{member.name}: no certificate to trust its agent with")
         try:
-            response = await link.stub.ApplyStep(request, timeout=timeout)
+            response = await _answer(link.stub.ApplyStep(request, timeout=timeout))
         except grpc.aio.AioRpcError as error:
             # A refusal is an answer; only silence makes the agent one to wait for.
             self._heard(member.name, error.code() not in _SILENT)

@@ -38,6 +38,7 @@ class _Agent(agent_pb2_grpc.AgentServiceServicer):
         self.asked: list[agent_pb2.GetNodeViewRequest] = []
         self.streams = 0
         self.unary = agent_pb2.GetNodeViewResponse()
+        self.steps: asyncio.Queue[agent_pb2.ApplyStepRequest] = asyncio.Queue()
 
     async def ObserveNodeView(
         self, requests: AsyncIterator[agent_pb2.ObserveNodeViewRequest], context: Any
@@ -53,6 +54,11 @@ class _Agent(agent_pb2_grpc.AgentServiceServicer):
 
     async def GetNodeView(self, request: agent_pb2.GetNodeViewRequest, context: Any) -> agent_pb2.GetNodeViewResponse:
         return self.unary
+
+    async def ApplyStep(self, request: agent_pb2.ApplyStepRequest, context: Any) -> agent_pb2.ApplyStepResponse:
+        await self.steps.put(request)
+        await asyncio.Event().wait()  # never answers: the step is in flight until the call ends
+        raise AssertionError("unreachable")
 
 
 def _answer(index: int) -> agent_pb2.GetNodeViewResponse:
@@ -132,10 +138,12 @@ async def test_unchanged_means_unchanged_from_the_view_the_request_named() -> No
         assert await stale == VIEWS[0], "...and the earlier request's 'unchanged' still means the view it named"
 
 
-async def test_a_read_whose_link_a_concurrent_gather_closes_is_asked_again_over_a_new_one(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _gathered(tmp_path: Path) -> AsyncIterator[tuple[Agents, Registry, _Agent]]:
+    """Agents over mutual TLS to one agent, n1, pinned in the registry."""
     served = pki.make_identity("n1")
     agent = _Agent()
-    agent.unary = _answer(0)  # the gather then asks for the PEMs of the certificates its truststore names
+    agent.unary = _answer(0)  # the gather asks for the PEMs of the certificates its truststore names
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, server)
     credentials = grpc.ssl_server_credentials([(served.key_pem, served.certificate_pem)])
@@ -146,6 +154,14 @@ async def test_a_read_whose_link_a_concurrent_gather_closes_is_asked_again_over_
     registry.register(RegisteredMember("n1", f"127.0.0.1:{port}", served.certificate_pem.decode()))
     agents = Agents(pki.make_identity("coordinator"), registry, LearnedTrust())
     try:
+        yield agents, registry, agent
+    finally:
+        await agents.close()
+        await server.stop(None)
+
+
+async def test_a_read_whose_link_a_concurrent_gather_closes_is_asked_again_over_a_new_one(tmp_path: Path) -> None:
+    async with _gathered(tmp_path) as (agents, registry, agent):
         first = asyncio.create_task(agents.gather(TIMEOUT))
         while not agent.asked:  # the first gather's read is at the agent, unanswered
             await asyncio.sleep(0.01)
@@ -154,6 +170,16 @@ async def test_a_read_whose_link_a_concurrent_gather_closes_is_asked_again_over_
         await agent.answers[2].put(_answer(0))
         (observed,) = (await asyncio.wait_for(first, TIMEOUT)).nodes
         assert observed.view == VIEWS[0] and agent.streams == 2, observed.detail
-    finally:
-        await agents.close()
-        await server.stop(None)
+
+
+async def test_a_step_whose_link_a_gather_closes_fails_as_unavailable(tmp_path: Path) -> None:
+    async with _gathered(tmp_path) as (agents, registry, agent):
+        (member,) = registry.members()
+        await agents.gather(0.2)  # n1 is registered with this gather, and its link is dialled
+        step = asyncio.create_task(agents.apply_step(member, agent_pb2.ApplyStepRequest(), TIMEOUT))
+        await asyncio.wait_for(agent.steps.get(), TIMEOUT)
+        registry.forget("n1")
+        await agents.gather(TIMEOUT)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(step, TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
