@@ -115,10 +115,16 @@ async def _answer(call: Awaitable[_Response]) -> _Response:
     try:
         return await call
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if own_cancellation():
             raise
         raise grpc.aio.UsageError("Channel is closed.") from None
+
+
+def own_cancellation() -> bool:
+    """Whether the running task is being cancelled. gRPC raises CancelledError too, in a task that is not, for a call
+    whose channel was closed under it: that is a failed call, not the end of the task."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -96,7 +96,7 @@ from coordinator.errors import (
     quoted,
 )
 from coordinator.faults import Faults
-from coordinator.gather import Agents
+from coordinator.gather import Agents, own_cancellation
 from coordinator.journal import Journal
 from coordinator.learned_trust import LearnedTrust
 from coordinator.messages import diff_to_proto, step_to_proto
@@ -735,10 +735,6 @@ class Operations:
         request.operation_id, request.step_index, request.epoch = record.id, max(index, 0), self._journal.epoch
         try:
             response = await self._agents.apply_step(self._target(record, step.target), request, timeout)
-        except asyncio.CancelledError as error:
-            if _own_cancellation():
-                raise
-            raise StepFailed("the call was cancelled: its channel to the agent was closed") from error
         except grpc.aio.AioRpcError as error:
             # The agent's own words, not gRPC's debug string: the operation's error is read by callers.
             raise StepFailed(f"{error.code().name}: {error.details() or 'no details'}") from error
@@ -803,7 +799,7 @@ class Operations:
             try:
                 await self.reconcile()
             except (Exception, asyncio.CancelledError) as error:
-                if isinstance(error, asyncio.CancelledError) and _own_cancellation():
+                if isinstance(error, asyncio.CancelledError) and own_cancellation():
                     raise
                 # An operation this pass could not handle must not end recovery for good: the next pass tries again.
                 log.exception("reconciling failed; the next pass tries again")
@@ -890,13 +886,6 @@ def _node_id(view: NodeView | None) -> int | None:
     report = view.report(Source.NODE_INFO) if view else None
     ids = [r.node_id for r in report.records if r.node_id] if report and not report.error else []
     return ids[0] if len(ids) == 1 else None
-
-
-def _own_cancellation() -> bool:
-    """Whether the running task is being cancelled. gRPC raises CancelledError too, in a task that is not, for a call
-    whose channel was closed under it: that is a failed call, not the end of the task."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 class StepFailed(Exception):
