@@ -700,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         default=20,
         help="source changes the watch's latency is timed over; with --microcluster, divergence rounds (0: none)",
     )
-    parser.add_argument("--plot", type=Path, help="write a PNG of the check's p50 and the floor's against N")
+    parser.add_argument(
+        "--plot", type=Path, help="write a PNG of the check's, the agent round's and the floor's p50 against N"
+    )
     parser.add_argument("--dqlite-client", action="store_true", help="compare the native dqlite client with Go's")
     parser.add_argument("--operations", action="store_true", help="time guarded operations against a check")
     parser.add_argument(
