@@ -1,8 +1,10 @@
 """Fault injection for the crash tests: a hook the runner is given, inert unless a test arms it.
 
 A test arms it through the coordinator's environment, MEMBERGUARD_FAULT (`Faults.from_environment`):
-- "before-step:N" / "after-step:N": the process exits at that step boundary of every operation, as kill -9 would;
-  "applied-step:N" exits once step N's agent has applied it and before its completion is journaled;
+- "before-step:N" / "after-step:N": the process exits at that step boundary of every operation, as kill -9 would:
+  before step N is journaled SENT, or once its completion is (in the write that also marks the next step SENT, or
+  records the outcome); "applied-step:N" exits once step N's agent has applied it and before its completion is
+  journaled. Steps sent together pass their before-step boundaries one after the other, then their applied-step ones;
 - "stop-before-step:N" / "stop-after-step:N": it stops itself (SIGSTOP) there, once, so that a test can act while
   it is frozen and then continue it (SIGCONT);
 - "fail-step:N": step N fails every time it is sent.
@@ -27,7 +29,7 @@ class Faults:
         return cls(os.environ.get(ENVIRONMENT, ""))
 
     def at(self, boundary: str, index: int) -> None:
-        """Called by the runner at each step boundary ("before-step" or "after-step")."""
+        """Called by the runner at each step boundary ("before-step", "applied-step" or "after-step")."""
         if self.armed == f"{boundary}:{index}":
             os._exit(137)
         if self.armed == f"stop-{boundary}:{index}":

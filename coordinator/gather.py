@@ -198,6 +198,7 @@ class Agents:
         # Set when one of those answers again: the reconciler waits on it, since what parked an operation may be
         # an agent that was away. Whoever waits clears it.
         self.reconnected = asyncio.Event()
+        self._closed = False  # set by close(): a read asked again after it would dial a channel nobody closes
 
     def _link(self, member: RegisteredMember) -> _Link | None:
         roots = self._trust.roots(member)
@@ -277,13 +278,16 @@ class Agents:
         self, member: RegisteredMember, timeout: float, *, include_certificates: bool = False
     ) -> NodeObservation:
         deadline = time.monotonic() + timeout
-        while (link := self._link(member)) is not None:
+        while not self._closed and (link := self._link(member)) is not None:
             try:
                 return await self._ask(link, timeout, deadline, include_certificates)
             except grpc.aio.UsageError:
                 # A concurrent gather closed the link under this read (the member left the registry, moved, or its
                 # certificates changed): ask again over the link it has now, in the time left.
                 continue
+        if self._closed:
+            detail = "the coordinator is shutting down"
+            return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNREACHABLE, detail=detail)
         detail = "no certificate is pinned for it or recorded under its name in a reachable truststore"
         return NodeObservation(member.name, member.agent_address, failure=AgentFailure.UNTRUSTED, detail=detail)
 
@@ -311,6 +315,8 @@ class Agents:
     ) -> agent_pb2.ApplyStepResponse:
         """Has `member`'s agent apply one step; returns its answer. Raises grpc.aio.AioRpcError when it refuses or
         does not answer, and KeyError when no certificate is known to trust its agent with."""
+        if self._closed:
+            raise _error(grpc.StatusCode.UNAVAILABLE, "the coordinator is shutting down")
         link = self._link(member)
         if link is None:
             raise KeyError(f"{member.name}: no certificate to trust its agent with")
@@ -337,6 +343,7 @@ class Agents:
         return (await self._observe(member, timeout)).view
 
     async def close(self) -> None:
+        self._closed = True
         for link in self._links.values():
             await link.close()
         self._links.clear()

@@ -2,9 +2,10 @@
 
 A request waits for the lock (bounded by its deadline: one whose deadline passed while it queued is dropped before
 its guard runs), then the guard decides on a fresh diff. A refused request changes nothing. An admitted one is
-journaled whole — every step, before the first runs — and its steps are applied one by one, each completion
-recorded. A step that fails before the commit point rolls the operation back; after it, the step is retried and,
-if it keeps failing, the operation is parked: visible, blocking, with what would clear it.
+journaled whole — every step, before the first runs — and its steps are applied in order, each completion
+journaled with the next step's SENT (past the commit point, steps that change one truststore each on distinct nodes
+are sent together). A step that fails before the commit point rolls the operation back; after it, the step is
+retried and, if it keeps failing, the operation is parked: visible, blocking, with what would clear it.
 
 The run belongs to the coordinator, not to the request: a caller whose deadline runs out gets the operation as it
 stands and can follow it with WaitOperation. `reconcile` decides each unfinished operation that nothing in this
@@ -55,11 +56,12 @@ from coordinator.core.operation import (
     StepDone,
     StepSent,
     StepSkipped,
+    StepState,
     StepUndone,
     Succeed,
     apply,
     committed,
-    next_step,
+    next_steps,
     remaining_deferred,
 )
 from coordinator.core.plan import (
@@ -614,29 +616,48 @@ class Operations:
 
     async def _run(self, record: OperationRecord) -> OperationRecord:
         """Applies the record's pending steps in order, each journaled SENT before it is sent; a failure is decided
-        by the recovery core on a fresh observation: roll back, park, or go on when the commit took effect."""
-        if record.state is OperationState.QUEUED:
-            record = self._save(apply(record, Start(), time.time()))
-        while (index := next_step(record)) is not None:
-            self._faults.at("before-step", index)
-            step = record.steps[index]
-            record = self._save(apply(record, StepSent(index), time.time()))
-            error = await self._apply_with_retries(record, index, step)
-            if error is None:
-                self._faults.at("applied-step", index)  # applied by its agent, not yet recorded: write-ahead intent
-                record = self._save(apply(record, StepDone(index), time.time()))
+        by the recovery core on a fresh observation: roll back, park, or go on when the commit took effect.
+
+        One journal write a step: a step's completion is journaled with the next step's SENT (or the outcome), as a
+        crash between the two would have left the journal saying no more than the step SENT, which recovery settles
+        from the sources all the same. Steps that may go together (next_steps) are sent at once."""
+        done: list[int] = []  # steps applied whose DONE is not journaled yet: it goes with the next write
+
+        def journal(record: OperationRecord) -> OperationRecord:
+            self._save(record)
+            for index in done:
                 self._faults.at("after-step", index)
+            done.clear()
+            return record
+
+        if record.state is OperationState.QUEUED:
+            record = apply(record, Start(), time.time())
+        while batch := next_steps(record):
+            for index in batch:
+                self._faults.at("before-step", index)
+                record = apply(record, StepSent(index), time.time())
+            record = journal(record)
+            errors = await asyncio.gather(*(self._apply_with_retries(record, i, record.steps[i]) for i in batch))
+            for index, error in zip(batch, errors, strict=True):
+                if error is None:
+                    self._faults.at("applied-step", index)  # applied by its agent, not yet recorded: write-ahead intent
+                    record = apply(record, StepDone(index), time.time())
+                    done.append(index)
+            failed = next(((i, e) for i, e in zip(batch, errors, strict=True) if e is not None), None)
+            if failed is None:
                 continue
+            index, error = failed
             if committed(record):
-                remaining = ", ".join(s.name for s in record.steps[index:])
-                return self._save(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
+                remaining = ", ".join(s.name for s in record.steps[index:] if s.state is not StepState.DONE)
+                return journal(apply(record, Park(error, f"finish it: {remaining}"), time.time()))
+            # Before the commit point steps go one at a time: nothing is left unjournaled here.
             # Silence is not a refusal: the sources say whether the step took effect all the same.
             decision = await self._decide(record, error)
             if isinstance(decision, Forward) and decision.confirm is not None:
-                record = self._save(apply(record, StepDone(decision.confirm), time.time()))
+                record = apply(record, StepDone(decision.confirm), time.time())
                 continue
             return await self._settle(record, decision)
-        return self._save(apply(record, Succeed(), time.time()))
+        return journal(apply(record, Succeed(), time.time()))
 
     async def _decide(self, record: OperationRecord, cause: str) -> Forward | Back | Wait:
         """Observes the sources now (and a joiner's agent, which no gather reaches before it is registered) and asks

@@ -259,11 +259,17 @@ def _ends_clean(client: Client, before: pb.MembershipDiff, operation: o.Operatio
 # --- the matrix ---------------------------------------------------------------------------------------------------
 
 
+# Steps 1 and 2, truststore records on two nodes past the commit point, are sent together (next_steps in
+# core/operation.py): every boundary of either finds both sent, or neither.
+TOGETHER = ((0,), (1, 2))
+
+
 def _sources_at(boundary: str) -> list[bool]:
     """Which steps the sources show applied when the coordinator exits at boundary: those before it, and at
-    applied-step:N and after-step:N step N itself."""
+    applied-step:N and after-step:N step N itself, with the steps sent together with it."""
     when, _, index = boundary.partition("-step:")
-    done = int(index) + (when != "before")
+    together = next(steps for steps in TOGETHER if int(index) in steps)
+    done = together[0] if when == "before" else together[-1] + 1
     return [i < done for i in range(STEPS)]
 
 

@@ -183,3 +183,16 @@ async def test_a_step_whose_link_a_gather_closes_fails_as_unavailable(tmp_path: 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(step, TIMEOUT)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_read_in_flight_when_the_links_close_dials_no_new_one(tmp_path: Path) -> None:
+    async with _gathered(tmp_path) as (agents, _, agent):
+        first = asyncio.create_task(agents.gather(TIMEOUT))
+        while not agent.asked:
+            await asyncio.sleep(0.01)
+        await agents.close()  # the coordinator stopping: its read is cut, and it is not asked again anywhere
+        (observed,) = (await asyncio.wait_for(first, TIMEOUT)).nodes
+        assert (observed.view, agent.streams) == (None, 1), observed.detail
+        assert "shutting down" in observed.detail
+        (again,) = (await agents.gather(TIMEOUT)).nodes
+        assert (again.view, agent.streams) == (None, 1), again.detail

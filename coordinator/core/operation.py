@@ -9,8 +9,11 @@ look like for a transition the table allows). The rules they encode:
 - A record is journaled QUEUED (waiting for the membership lock) with every step PENDING; Start makes it RUNNING.
 - Write-ahead intent: a step is marked SENT (StepSent) and journaled before it is sent, so a step that an agent
   applied but whose completion was never recorded is known to be possibly applied. Steps go forward in order:
-  StepSent(i) and StepDone(i) are legal only for the next step (the first PENDING or SENT one), so the steps, read
-  in order, match DONE* (SENT | PENDING) PENDING* while the operation goes forward.
+  StepSent(i) and StepDone(i) are legal only for the next steps (`next_steps`): the first PENDING or SENT one, so
+  that before the commit point the steps, read in order, match DONE* (SENT | PENDING) PENDING*.
+- Past the commit point, the next step comes with the steps right after it that each change one node's truststore,
+  on a node of its own: they are independent (none reads what another writes, each on its own agent) and none is
+  ever undone, so they are sent together and may finish in any order; recovery re-sends whichever is not DONE.
 - Once the commit-point step is DONE the operation only goes forward: every undo and RollBack are illegal.
   (A committed join cannot be unjoined by undoing; a SENT commit step is not committed: recovery looks at the
   sources to tell which it was.)
@@ -47,7 +50,7 @@ from types import MappingProxyType
 
 from coordinator.core.limits import cut
 from coordinator.core.model import Member
-from coordinator.core.plan import COORDINATOR, Action
+from coordinator.core.plan import COORDINATOR, Action, EnsureTruststoreRecord, RemoveTruststoreRecord
 
 # The longest error or plan a record keeps: several can be quoted in one refusal, within gRPC's metadata limit.
 MAX_TEXT = 512
@@ -100,7 +103,8 @@ class Step:
 
     target and action are what plan.py decided (PlannedStep): who applies the step and what it does. They travel with
     the step into the journal because after a crash the journal is all that is left of the plan, and recovery
-    re-sends the remaining steps from it. The lifecycle never reads them.
+    re-sends the remaining steps from it. The lifecycle reads them only to tell which steps may go together
+    (`next_steps`).
     """
 
     name: str
@@ -324,11 +328,13 @@ def _refusal(record: OperationRecord, event: Event) -> str | None:
         case StepSent(index=index) | StepDone(index=index):
             if rolling_back(record):
                 return "it is rolling back: no step is applied any more"
-            following = next_step(record)
-            if following is None:
+            following = next_steps(record)
+            if not following:
                 return "every step is done"
-            if index != following:
-                return f"steps go forward in order: the next one is step {following}"
+            if index not in following:
+                if len(following) == 1:
+                    return f"steps go forward in order: the next one is step {following[0]}"
+                return f"steps go forward in order: the next are steps {', '.join(map(str, following))}, together"
         case StepUndone(index=index) | StepSkipped(index=index):
             if committed(record):
                 return "its commit point is done: it only goes forward"
@@ -378,6 +384,30 @@ def next_step(record: OperationRecord) -> int | None:
     return next(
         (i for i, step in enumerate(record.steps) if step.state is not StepState.DONE and not step.deferred), None
     )
+
+
+def next_steps(record: OperationRecord) -> tuple[int, ...]:
+    """The steps to send next, together: the next step, and, once the operation is committed, the steps after it
+    that change one truststore each, on distinct nodes (the module docstring says why those may go together); the
+    ones among them already DONE are left out. Empty when next_step is None."""
+    first = next_step(record)
+    if first is None:
+        return ()
+    if not (committed(record) and _one_truststore(record.steps[first])):
+        return (first,)
+    batch, nodes = [first], {record.steps[first].target}
+    for index in range(first + 1, len(record.steps)):
+        step = record.steps[index]
+        if step.deferred or not _one_truststore(step) or step.target in nodes:
+            break
+        nodes.add(step.target)
+        if step.state is not StepState.DONE:
+            batch.append(index)
+    return tuple(batch)
+
+
+def _one_truststore(step: Step) -> bool:
+    return step.target != COORDINATOR and isinstance(step.action, EnsureTruststoreRecord | RemoveTruststoreRecord)
 
 
 def remaining_deferred(record: OperationRecord) -> list[int]:

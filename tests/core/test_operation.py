@@ -38,8 +38,17 @@ from coordinator.core.operation import (
     apply,
     committed,
     next_step,
+    next_steps,
     remaining_deferred,
     undo_order,
+)
+from coordinator.core.plan import (
+    COORDINATOR,
+    FenceNode,
+    ForgetMember,
+    RemoveMemberRow,
+    RemoveRaftEntry,
+    RemoveTruststoreRecord,
 )
 
 S = OperationState
@@ -493,3 +502,101 @@ def test_every_fresh_operation_can_succeed_and_can_roll_back(r: OperationRecord)
     for index in undo_order(back):
         back = apply(back, StepUndone(index), 0.0)
     assert apply(back, RollBack("stopped"), 0.0).state is S.ROLLED_BACK
+
+
+# --- steps that go together -----------------------------------------------------------------------------------------
+
+
+def _removal(commit: int = 0) -> OperationRecord:
+    """A running removal of n4 as plan_removal writes it: Raft entry (the commit point) and row through n1, n4 out of
+    each truststore, n4 fenced, then forgotten by the coordinator."""
+    actions = [
+        ("n1", RemoveRaftEntry(4, "10.0.0.4:9000", None)),
+        ("n1", RemoveMemberRow("n4")),
+        *((node, RemoveTruststoreRecord("n4")) for node in ("n1", "n2", "n3", "n4")),
+        ("n4", FenceNode()),
+        (COORDINATOR, ForgetMember("n4")),
+    ]
+    r = record("P" * len(actions), commit=commit, state=S.RUNNING)
+    steps = tuple(replace(s, target=t, action=a) for s, (t, a) in zip(r.steps, actions, strict=True))
+    return replace(r, steps=steps)
+
+
+def test_past_the_commit_point_truststore_steps_on_distinct_nodes_go_together() -> None:
+    r = _removal()
+    assert next_steps(r) == (0,)
+    r = run(r, StepSent(0), StepDone(0))
+    assert next_steps(r) == (1,)  # the row goes through n1 alone
+    r = run(r, StepSent(1), StepDone(1))
+    assert next_steps(r) == (2, 3, 4, 5)
+    r = run(r, StepSent(2), StepSent(3), StepSent(4), StepSent(5), StepDone(4), StepDone(2))
+    assert (letters(r), next_steps(r)) == ("DDDSDSPP", (3, 5))
+    with pytest.raises(IllegalTransition, match="the next are steps 3, 5, together"):
+        apply(r, StepSent(6), 200.0)  # the fence waits for every truststore
+    r = run(r, StepDone(5), StepDone(3))
+    assert next_steps(r) == (6,)
+    r = run(r, StepDone(6))
+    assert next_steps(r) == (7,)  # the coordinator's own step never goes with another
+
+
+def test_before_the_commit_point_steps_go_one_at_a_time() -> None:
+    # A join's trust steps come before its commit point: a rollback undoes them in order, so none goes with another.
+    r = _removal(commit=6)
+    r = run(r, StepSent(0), StepDone(0), StepSent(1), StepDone(1))
+    assert next_steps(r) == (2,)
+    with pytest.raises(IllegalTransition, match="the next one is step 2"):
+        apply(r, StepSent(3), 200.0)
+
+
+def test_a_node_that_comes_twice_ends_the_steps_that_go_together() -> None:
+    r = _removal()
+    steps = list(r.steps)
+    steps[4] = replace(steps[4], target="n2")  # n2's truststore twice: the second waits for the first
+    r = run(replace(r, steps=tuple(steps)), StepSent(0), StepDone(0), StepSent(1), StepDone(1))
+    assert next_steps(r) == (2, 3)
+
+
+_TARGETS = ("n1", "n2", "n3", COORDINATOR)
+
+
+@st.composite
+def running_plans(draw: st.DrawFn) -> OperationRecord:
+    """A running operation of up to 7 steps, each a truststore step or another kind, on a drawn node."""
+    size = draw(st.integers(1, 7))
+    r = record("P" * size, commit=draw(st.none() | st.integers(0, size - 1)), state=S.RUNNING)
+    steps = []
+    for step in r.steps:
+        target = draw(st.sampled_from(_TARGETS))
+        trust = target != COORDINATOR and draw(st.booleans())
+        action = RemoveTruststoreRecord("n4") if trust else RemoveMemberRow("n4")
+        steps.append(replace(step, target=target, action=action))
+    return replace(r, steps=tuple(steps))
+
+
+@given(running_plans(), st.lists(st.tuples(st.sampled_from([StepSent, StepDone]), st.integers(0, 6)), max_size=40))
+@settings(max_examples=300)
+def test_steps_that_go_together_are_independent_truststore_steps_past_the_commit_point(
+    r: OperationRecord, draws: list[tuple[type[StepSent | StepDone], int]]
+) -> None:
+    """Whatever the order of sends and completions, only the steps next_steps names are ever in flight, and those
+    are one step, or truststore steps past the commit point on distinct nodes."""
+    for event_type, pick in draws:
+        batch = next_steps(r)
+        if not batch:
+            break
+        assert len(batch) == 1 or (
+            committed(r)
+            and len({r.steps[i].target for i in batch}) == len(batch)
+            and all(isinstance(r.steps[i].action, RemoveTruststoreRecord) for i in batch)
+        ), (letters(r), batch)
+        r = apply(r, event_type(batch[pick % len(batch)]), 200.0)
+        first = next_step(r)
+        beyond = [
+            i for i, s in enumerate(r.steps) if first is not None and i > first and s.state is not StepState.PENDING
+        ]
+        if first is not None and beyond:
+            # What went ahead of the first step not done went with it.
+            span = r.steps[first : max(beyond) + 1]
+            assert committed(r) and all(isinstance(s.action, RemoveTruststoreRecord) for s in span), letters(r)
+            assert len({s.target for s in span}) == len(span), letters(r)
+    assert committed(r) or len([s for s in r.steps if s.state is StepState.SENT]) <= 1
