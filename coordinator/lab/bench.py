@@ -319,25 +319,31 @@ def plot(costs: list[CheckCost], backend: str, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-async def _native(addresses: list[str], context: ssl.SSLContext, calls: int) -> tuple[Figures, Figures]:
+async def _native(addresses: list[str], context: ssl.SSLContext, calls: int) -> dict[str, list[float]]:
+    """CLUSTER and the SELECT in turn on one kept connection to the leader, as the Go program times them."""
+    samples: dict[str, list[float]] = {key: [] for _, key in _DQLITE_REQUESTS}
     async with await connect_leader(addresses, timeout=10, ssl=context) as connection:
         await connection.open(DATABASE)
-        for _ in range(20):
-            await connection.cluster()
-            await connection.query("SELECT v FROM bench WHERE id = 1")
-        cluster, select = [], []
+        requests = (
+            ("cluster_ms", connection.cluster),
+            ("select_ms", partial(connection.query, "SELECT v FROM bench WHERE id = 1")),
+        )
+        for _ in range(20):  # the Go program's warm-up
+            for _, request in requests:
+                await request()
         for _ in range(calls):
-            started = time.perf_counter()
-            await connection.cluster()
-            cluster.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            await connection.query("SELECT v FROM bench WHERE id = 1")
-            select.append((time.perf_counter() - started) * 1000)
-    return Figures.of(cluster), Figures.of(select)
+            for key, request in requests:
+                started = time.perf_counter()
+                await request()
+                samples[key].append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+_DQLITE_REQUESTS = (("CLUSTER", "cluster_ms"), ("SELECT by primary key", "select_ms"))
 
 
 def dqlite_client(calls: int) -> None:
-    """go-dqlite's client and the native one, on the same TLS cluster, in the same run."""
+    """go-dqlite's client and the native one, on the same TLS cluster, in the same run, in alternating turns."""
     with tempfile.TemporaryDirectory(prefix="memberguard-bench-") as scratch:
         root = Path(scratch)
         names = ("n1", "n2", "n3")
@@ -350,22 +356,37 @@ def dqlite_client(calls: int) -> None:
             # go-dqlite's client takes a fixed bundle: n1's truststore as it stands, which nothing changes here.
             bundle = root / "n1-trusted.pem"
             bundle.write_text("\n".join(trusted_certificates(own.truststore)))
+            per_block = max(1, calls // _CLIENT_BLOCKS)
             # The Go program creates the table it reads (bench: one row) before it times anything.
             command = [
                 str(node_binary().with_name("memberguard-dqlite-bench")),
-                *("--cluster", ",".join(addresses), "--db", DATABASE, "--n", str(calls)),
+                *("--cluster", ",".join(addresses), "--db", DATABASE, "--n", str(per_block), "--samples"),
                 *("--tls-cert", str(own.cert), "--tls-key", str(own.key), "--tls-ca", str(bundle)),
             ]
-            go = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             context = client_ssl_context(own.cert, own.key, own.truststore)
-            cluster, select = asyncio.run(_native(addresses, context, calls))
+            go, native = _alternating(
+                command, lambda: asyncio.run(_native(addresses, context, per_block)), _DQLITE_REQUESTS
+            )
         finally:
             stop_cluster(nodes)
-    print(f"dqlite over TLS, one kept connection to the leader, {calls} calls each (ms)")
+    _print_clients("dqlite over TLS", calls, go, native, _DQLITE_REQUESTS)
+
+
+def _print_clients(
+    what: str,
+    calls: int,
+    go: dict[str, Figures],
+    native: dict[str, Figures],
+    requests: Iterable[tuple[str, str]],
+) -> None:
+    print(f"{what}, one kept connection to the leader, {calls} calls each in {_CLIENT_BLOCKS} alternating turns (ms)")
     print(f"{'request':<22} {'go p50':>8} {'go p99':>8} {'native p50':>11} {'native p99':>11} {'ratio':>6}")
-    for label, key, native in (("CLUSTER", "cluster_ms", cluster), ("SELECT by primary key", "select_ms", select)):
-        p50, p99 = go[key]["p50"], go[key]["p99"]
-        print(f"{label:<22} {p50:>8.3f} {p99:>8.3f} {native.p50:>11.3f} {native.p99:>11.3f} {native.p50 / p50:>5.1f}x")
+    for label, key in requests:
+        theirs, ours = go[key], native[key]
+        print(
+            f"{label:<22} {theirs.p50:>8.3f} {theirs.p99:>8.3f} {ours.p50:>11.3f} {ours.p99:>11.3f}"
+            f" {ours.p50 / theirs.p50:>5.1f}x"
+        )
 
 
 def microcluster_figures(calls: int, changes: int) -> None:
@@ -390,17 +411,7 @@ def microcluster_figures(calls: int, changes: int) -> None:
     print(_COST_HEADER)
     print(_cost_row(cost))
     print()
-    print(
-        f"microd's upgraded dqlite connection, one kept connection to the leader, {calls} calls each"
-        f" in {_CLIENT_BLOCKS} alternating turns (ms)"
-    )
-    print(f"{'request':<22} {'go p50':>8} {'go p99':>8} {'native p50':>11} {'native p99':>11} {'ratio':>6}")
-    for label, key in _UPGRADED_REQUESTS:
-        theirs, ours = go[key], native[key]
-        print(
-            f"{label:<22} {theirs.p50:>8.3f} {theirs.p99:>8.3f} {ours.p50:>11.3f} {ours.p99:>11.3f}"
-            f" {ours.p50 / theirs.p50:>5.1f}x"
-        )
+    _print_clients("microd's upgraded dqlite connection", calls, go, native, _UPGRADED_REQUESTS)
     if detection:
         print()
         print(
@@ -440,9 +451,7 @@ _CLIENT_BLOCKS = 4
 
 
 def _microcluster_clients(lab: labs.Lab, calls: int) -> tuple[dict[str, Figures], dict[str, Figures]]:
-    """go-dqlite's client (the Go program) and the native one, each dialling as the lab's first member, in
-    _CLIENT_BLOCKS turns each, alternating, so that neither has the quieter half of the run; each side's samples are
-    pooled, and both go through Figures.of."""
+    """go-dqlite's client (the Go program) and the native one, each dialling as the lab's first member."""
     nodes = lab.document["nodes"]
     state_dir = Path(nodes[0]["state_dir"])
     addresses = [node["address"] for node in nodes]
@@ -452,15 +461,27 @@ def _microcluster_clients(lab: labs.Lab, calls: int) -> tuple[dict[str, Figures]
         *("--state-dir", str(state_dir), "--cluster", ",".join(addresses), "--db", MICROCLUSTER_DATABASE),
         *("--n", str(per_block), "--dials", str(dials), "--samples"),
     ]
-    go: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
-    native: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
+    return _alternating(
+        command, lambda: asyncio.run(_upgraded(MemberDial(state_dir), addresses, per_block, dials)), _UPGRADED_REQUESTS
+    )
+
+
+def _alternating(
+    command: list[str], native: Callable[[], dict[str, list[float]]], requests: Iterable[tuple[str, str]]
+) -> tuple[dict[str, Figures], dict[str, Figures]]:
+    """go-dqlite's client (the Go program `command`, printing its samples) and the native one (`native`), in
+    _CLIENT_BLOCKS turns each, alternating, so that neither has the quieter half of the run; each side's samples are
+    pooled, and both go through Figures.of."""
+    go: dict[str, list[float]] = {key: [] for _, key in requests}
+    ours: dict[str, list[float]] = {key: [] for key in go}
     for _ in range(_CLIENT_BLOCKS):
         ran = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
         for key, values in json.loads(ran.stdout)["samples_ms"].items():
-            go[key].extend(values)
-        for key, values in asyncio.run(_upgraded(MemberDial(state_dir), addresses, per_block, dials)).items():
-            native[key].extend(values)
-    return _figures(go), _figures(native)
+            if key in go:
+                go[key].extend(values)
+        for key, values in native().items():
+            ours[key].extend(values)
+    return _figures(go), _figures(ours)
 
 
 def _figures(samples: dict[str, list[float]]) -> dict[str, Figures]:

@@ -3,7 +3,7 @@
 //
 // It finds the leader among --cluster, makes sure table
 // bench(id INTEGER PRIMARY KEY, v TEXT) exists in database --db with a row
-// id=1, then times --n calls each of:
+// id=1, then times --n rounds of, in turn (as the native client's bench does):
 //
 //   - cluster: client.Cluster() on one kept protocol connection to the leader
 //     (one CLUSTER request per call);
@@ -15,7 +15,9 @@
 //
 //	{"cluster_ms":{"p50":..,"p99":..},"select_ms":{"p50":..,"p99":..},"n":N}
 //
-// plus the leader address, min/mean/max and the warm-up count. Errors go to
+// plus the leader address, min/mean/max and the warm-up count; with
+// --samples, every timing too ("samples_ms": {"cluster_ms": [..], ..}), so
+// that runs alternating with the native client's can be pooled. Errors go to
 // stderr with exit status 1 (2 for bad flags).
 package main
 
@@ -55,6 +57,8 @@ type result struct {
 	Warmup  int    `json:"warmup"`
 	Leader  string `json:"leader"`
 	TLS     bool   `json:"tls"`
+	// Samples holds every timing, by the figure's name, when --samples asks.
+	Samples map[string][]float64 `json:"samples_ms,omitempty"`
 }
 
 func main() {
@@ -67,6 +71,7 @@ func main() {
 		tlsCert = flag.String("tls-cert", "", "PEM client certificate (enables TLS; needs --tls-key and --tls-ca)")
 		tlsKey  = flag.String("tls-key", "", "PEM client private key")
 		tlsCA   = flag.String("tls-ca", "", "PEM bundle of trusted member certificates or CAs")
+		raw     = flag.Bool("samples", false, "print every timing too")
 	)
 	flag.Parse()
 	addrs := splitList(*cluster)
@@ -146,43 +151,57 @@ func main() {
 	if leader != nil {
 		res.Leader = leader.Address
 	}
-	if res.Cluster, err = measure(clusterOp, *n, *warmup); err != nil {
-		fail("cluster: %v", err)
+	samples, err := measure([]func() error{clusterOp, selectOp}, *n, *warmup)
+	if err != nil {
+		fail("%v", err)
 	}
-	if res.Select, err = measure(selectOp, *n, *warmup); err != nil {
-		fail("select: %v", err)
+	res.Cluster, res.Select = summary(samples[0]), summary(samples[1])
+	if *raw {
+		res.Samples = map[string][]float64{"cluster_ms": samples[0], "select_ms": samples[1]}
 	}
 
 	out, _ := json.Marshal(res)
 	fmt.Println(string(out))
 }
 
-func measure(op func() error, n, warmup int) (stats, error) {
+// measure times n rounds of ops, each op once a round in order, after warmup
+// untimed rounds; the timings of each op, in milliseconds, in the order taken.
+func measure(ops []func() error, n, warmup int) ([][]float64, error) {
 	for i := 0; i < warmup; i++ {
-		if err := op(); err != nil {
-			return stats{}, err
+		for _, op := range ops {
+			if err := op(); err != nil {
+				return nil, err
+			}
 		}
 	}
-	samples := make([]float64, n)
-	for i := range samples {
-		start := time.Now()
-		if err := op(); err != nil {
-			return stats{}, err
+	samples := make([][]float64, len(ops))
+	for i := 0; i < n; i++ {
+		for j, op := range ops {
+			start := time.Now()
+			if err := op(); err != nil {
+				return nil, err
+			}
+			samples[j] = append(samples[j], float64(time.Since(start).Nanoseconds())/1e6)
 		}
-		samples[i] = float64(time.Since(start).Nanoseconds()) / 1e6
 	}
-	sort.Float64s(samples)
+	return samples, nil
+}
+
+func summary(samples []float64) stats {
+	sorted := append([]float64(nil), samples...)
+	sort.Float64s(sorted)
 	sum := 0.0
-	for _, s := range samples {
+	for _, s := range sorted {
 		sum += s
 	}
+	n := len(sorted)
 	return stats{
-		P50:  round(percentile(samples, 50)),
-		P99:  round(percentile(samples, 99)),
-		Min:  round(samples[0]),
+		P50:  round(percentile(sorted, 50)),
+		P99:  round(percentile(sorted, 99)),
+		Min:  round(sorted[0]),
 		Mean: round(sum / float64(n)),
-		Max:  round(samples[n-1]),
-	}, nil
+		Max:  round(sorted[n-1]),
+	}
 }
 
 // percentile uses the nearest-rank method on sorted samples.
