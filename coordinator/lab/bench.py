@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -321,21 +321,29 @@ def plot(costs: list[CheckCost], backend: str, path: Path) -> None:
 
 async def _native(addresses: list[str], context: ssl.SSLContext, calls: int) -> dict[str, list[float]]:
     """CLUSTER and the SELECT in turn on one kept connection to the leader, as the Go program times them."""
-    samples: dict[str, list[float]] = {key: [] for _, key in _DQLITE_REQUESTS}
     async with await connect_leader(addresses, timeout=10, ssl=context) as connection:
         await connection.open(DATABASE)
         requests = (
             ("cluster_ms", connection.cluster),
             ("select_ms", partial(connection.query, "SELECT v FROM bench WHERE id = 1")),
         )
-        for _ in range(20):  # the Go program's warm-up
-            for _, request in requests:
-                await request()
-        for _ in range(calls):
-            for key, request in requests:
-                started = time.perf_counter()
-                await request()
-                samples[key].append((time.perf_counter() - started) * 1000)
+        return await _in_turn(requests, calls)
+
+
+async def _in_turn(
+    requests: Sequence[tuple[str, Callable[[], Awaitable[object]]]], calls: int
+) -> dict[str, list[float]]:
+    """`calls` rounds of the requests, each once a round in order, after the Go programs' 20 untimed rounds: every
+    timing, in milliseconds, by the request's key."""
+    samples: dict[str, list[float]] = {key: [] for key, _ in requests}
+    for _ in range(20):
+        for _, request in requests:
+            await request()
+    for _ in range(calls):
+        for key, request in requests:
+            started = time.perf_counter()
+            await request()
+            samples[key].append((time.perf_counter() - started) * 1000)
     return samples
 
 
@@ -477,8 +485,7 @@ def _alternating(
     for _ in range(_CLIENT_BLOCKS):
         ran = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
         for key, values in json.loads(ran.stdout)["samples_ms"].items():
-            if key in go:
-                go[key].extend(values)
+            go[key].extend(values)
         for key, values in native().items():
             ours[key].extend(values)
     return _figures(go), _figures(ours)
@@ -491,13 +498,6 @@ def _figures(samples: dict[str, list[float]]) -> dict[str, Figures]:
 async def _upgraded(dial: MemberDial, addresses: list[str], calls: int, dials: int) -> dict[str, list[float]]:
     """LEADER, CLUSTER and the SELECT interleaved on one kept connection to the leader, then new dials, as the Go
     program times them: every timing, in milliseconds, by the Go program's names."""
-    samples: dict[str, list[float]] = {key: [] for _, key in _UPGRADED_REQUESTS}
-
-    async def timed(key: str, call: Callable[[], Awaitable[object]]) -> None:
-        started = time.perf_counter()
-        await call()
-        samples[key].append((time.perf_counter() - started) * 1000)
-
     async with await connect_leader(addresses, timeout=10, dial=dial.dial) as connection:
         await connection.open(MICROCLUSTER_DATABASE)
         requests = (
@@ -505,15 +505,13 @@ async def _upgraded(dial: MemberDial, addresses: list[str], calls: int, dials: i
             ("cluster_ms", connection.cluster),
             ("select_ms", partial(connection.query, _MEMBER_BY_ID, [1])),
         )
-        for _ in range(20):  # the Go program's warm-up
-            for _, request in requests:
-                await request()
-        for _ in range(calls):
-            for key, request in requests:
-                await timed(key, request)
+        samples = await _in_turn(requests, calls)
         leader = connection.address
+    samples["dial_ms"] = []
     for _ in range(dials):
-        await timed("dial_ms", partial(_dial_and_close, dial, leader))
+        started = time.perf_counter()
+        await _dial_and_close(dial, leader)
+        samples["dial_ms"].append((time.perf_counter() - started) * 1000)
     return samples
 
 
