@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -54,10 +54,11 @@ class _Observer:
     queued behind it, where answering them all would leave a slow agent further behind at every check; the reads
     that were waiting on it raise _Closed, to be asked again on a new stream. When the stream ends on the agent's side
     (it restarted, or refused the coordinator), every read waiting on it fails with the stream's error, and the next
-    read opens a new one."""
+    read opens a new one. A notice that the agent's files changed answers no read: it calls `told`."""
 
-    def __init__(self, stub: agent_pb2_grpc.AgentServiceAsyncStub) -> None:
+    def __init__(self, stub: agent_pb2_grpc.AgentServiceAsyncStub, told: Callable[[], None]) -> None:
         self._call = stub.ObserveNodeView()  # type: ignore[call-arg]  # no iterator: requests go by write()
+        self._told = told
         self._waiting: deque[asyncio.Future[agent_pb2.GetNodeViewResponse]] = deque()
         self._writing = asyncio.Lock()  # writes in the order of self._waiting
         self.ended = False
@@ -89,6 +90,9 @@ class _Observer:
         error: Exception
         try:
             async for response in self._call:
+                if not response.HasField("answer"):
+                    self._told()
+                    continue
                 answer = self._waiting.popleft()
                 if not answer.done():
                     answer.set_result(response.answer)
@@ -137,6 +141,7 @@ class _Link:
     roots: bytes
     stub: agent_pb2_grpc.AgentServiceAsyncStub
     channel: grpc.aio.Channel
+    told: Callable[[], None]  # what a notice from the agent calls (Agents.changed.set)
     # The last view and its digest: the agent leaves out a view the coordinator already holds, and the same
     # NodeView object coming back lets the coordinator skip the diff of an unchanged cluster (service.py).
     view: NodeView | None = None
@@ -167,7 +172,7 @@ class _Link:
         deadline = time.monotonic() + timeout
         while True:
             if self.observer is None or self.observer.ended:
-                self.observer = _Observer(self.stub)
+                self.observer = _Observer(self.stub, self.told)
             try:
                 return await self.observer.read(request, max(0.0, deadline - time.monotonic()))
             except _Closed:
@@ -198,6 +203,9 @@ class Agents:
         # Set when one of those answers again: the reconciler waits on it, since what parked an operation may be
         # an agent that was away. Whoever waits clears it.
         self.reconnected = asyncio.Event()
+        # Set when an agent tells, on its stream, that its files changed: the background check's cue while anyone
+        # watches. A hint only: what changed is known from a check, as ever. Whoever waits clears it.
+        self.changed = asyncio.Event()
         self._closed = False  # set by close(): a read asked again after it would dial a channel nobody closes
 
     def _link(self, member: RegisteredMember) -> _Link | None:
@@ -220,7 +228,7 @@ class Agents:
             credentials,
             options=[*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", member.name)],
         )
-        link = _Link(member, roots, agent_pb2_grpc.AgentServiceStub(channel), channel)
+        link = _Link(member, roots, agent_pb2_grpc.AgentServiceStub(channel), channel, self.changed.set)
         self._links[member.name] = link
         return link
 

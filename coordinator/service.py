@@ -380,14 +380,17 @@ async def _check_periodically(
     journal: Journal,
     watchers: Watchers,
     interval: float,
+    changed: asyncio.Event,
     *,
     metrics_served: bool,
 ) -> None:
     """Checks the membership and counts the journal's operations, then waits interval seconds, until cancelled: one
     check at a time, whatever a check costs, so that alerts on the metrics fire before anyone tries a mutation and
     watchers hear of a change within interval. A new watcher that finds no diff younger than interval cuts the wait
-    short. Nobody reads metrics that are not served: without them, it checks only while someone watches."""
+    short, and so does, while anyone watches, an agent's notice that its files changed (`changed`). Nobody reads
+    metrics that are not served: without them, it checks only while someone watches."""
     while True:
+        changed.clear()  # a notice from here on may tell of what this check does not see: it wakes the next one
         if metrics_served or watchers.watched:
             try:
                 await servicer.check(DEFAULT_AGENT_TIMEOUT, Origin.BACKGROUND)
@@ -395,7 +398,7 @@ async def _check_periodically(
             except Exception:
                 # The metrics and the watchers go stale rather than stop: the next check tries again.
                 log.exception("the background membership check failed; the next one tries again")
-        await watchers.until_wanted(interval)
+        await watchers.until_wanted(interval, changed)
 
 
 class BadConfig(ValueError):
@@ -485,7 +488,13 @@ async def serve(config: dict[str, Any]) -> None:
         if config.get("metrics_port_file"):
             write_atomically(Path(config["metrics_port_file"]), str(metrics_server.server_port).encode())
     background = _check_periodically(
-        servicer, metrics, journal, watchers, metrics_interval, metrics_served=metrics_server is not None
+        servicer,
+        metrics,
+        journal,
+        watchers,
+        metrics_interval,
+        agents.changed,
+        metrics_served=metrics_server is not None,
     )
     tasks = [asyncio.create_task(operations.reconcile_periodically(interval)), asyncio.create_task(background)]
     if config.get("port_file"):

@@ -1,10 +1,11 @@
 """WatchMembership's I/O side: one coordinator's watchers, the states of the diff they are sent, and each one's queue.
 
 Every check that may move an alert publishes its diff here (service.py, `CoordinatorServicer.check`): the background
-check, which runs every metrics_interval seconds while anyone watches, and every caller's that gave the agents their
-full time. There is no gather of the watch's own, so N watchers cost the gathers of one. A diff that a watcher has seen
-already (the same resume token, coordinator/core/watch.py) costs one comparison per watcher; a new one is rendered,
-its change computed and written to the state file once, however many watch.
+check, which runs every metrics_interval seconds while anyone watches, and, while anyone does, SETTLE after an agent
+tells that its files changed; and every caller's that gave the agents their full time. There is no gather of the
+watch's own, so N watchers cost the gathers of one. A diff that a watcher has seen already (the same resume token,
+coordinator/core/watch.py) costs one comparison per watcher; a new one is rendered, its change computed and written
+to the state file once, however many watch.
 
 Publishing never waits for a watcher. Each has a queue of at most QUEUE_LIMIT states; one that overflows is emptied and
 marked behind, and no more is queued for it: when its stream is read again, it is sent one snapshot of the diff current
@@ -20,7 +21,6 @@ occurrence, exactly as a stream that never ended would have been. The newest sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -42,6 +42,7 @@ log = logging.getLogger("memberguard.watch")
 
 HISTORY_LIMIT = 64
 QUEUE_LIMIT = 16
+SETTLE = 0.01  # seconds from an agent's notice to the check it wakes
 
 Response = coordinator_pb2.WatchMembershipResponse
 Reason: TypeAlias = coordinator_pb2.SnapshotReason.ValueType
@@ -103,12 +104,25 @@ class Watchers:
     def watched(self) -> bool:
         return bool(self._watchers)
 
-    async def until_wanted(self, timeout: float) -> None:
-        """Returns after timeout seconds, or as soon as a new stream wants a fresher diff than the last check's."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._wanted.wait()
+    async def until_wanted(self, timeout: float, changed: asyncio.Event) -> None:
+        """Returns after timeout seconds, as soon as a new stream wants a fresher diff than the last check's, or,
+        while anyone watches, SETTLE after `changed` is set (an agent told of a change: the agents' own writes come
+        in bursts, a file and its directory, a step on several nodes, and one check after the burst sees them all)."""
+        waits = [asyncio.ensure_future(self._wanted.wait()), asyncio.ensure_future(self._told(changed))]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         self._wanted.clear()
+
+    async def _told(self, changed: asyncio.Event) -> None:
+        while True:
+            await changed.wait()
+            if self.watched:
+                await asyncio.sleep(SETTLE)
+                return
+            changed.clear()  # nobody to tell: the next check, at its interval, sees it all the same
 
     def publish(self, diff: MembershipDiff) -> None:
         """Hands a check's diff to every stream; never waits."""

@@ -29,12 +29,18 @@ VIEWS = consistent_view(3).nodes[0].view, consistent_view(4).nodes[0].view
 TIMEOUT = 5.0
 
 
+NOTICE = "notice"
+
+
 class _Agent(agent_pb2_grpc.AgentServiceServicer):
     """Answers the requests of its Nth stream in order with what the test puts in `answers[N]` (None ends that
-    stream), and GetNodeView with `unary`. A stream closed under its handler may keep waiting on its own queue."""
+    stream; NOTICE sends a notice, and the request waits for what comes next), and GetNodeView with `unary`. A stream
+    closed under its handler may keep waiting on its own queue."""
 
     def __init__(self) -> None:
-        self.answers: defaultdict[int, asyncio.Queue[agent_pb2.GetNodeViewResponse | None]] = defaultdict(asyncio.Queue)
+        self.answers: defaultdict[int, asyncio.Queue[agent_pb2.GetNodeViewResponse | str | None]] = defaultdict(
+            asyncio.Queue
+        )
         self.asked: list[agent_pb2.GetNodeViewRequest] = []
         self.streams = 0
         self.unary = agent_pb2.GetNodeViewResponse()
@@ -47,9 +53,11 @@ class _Agent(agent_pb2_grpc.AgentServiceServicer):
         answers = self.answers[self.streams]
         async for message in requests:
             self.asked.append(message.read)
-            answer = await answers.get()
+            while (answer := await answers.get()) == NOTICE:
+                yield agent_pb2.ObserveNodeViewResponse(changed=True)
             if answer is None:
                 return
+            assert isinstance(answer, agent_pb2.GetNodeViewResponse)
             yield agent_pb2.ObserveNodeViewResponse(answer=answer)
 
     async def GetNodeView(self, request: agent_pb2.GetNodeViewRequest, context: Any) -> agent_pb2.GetNodeViewResponse:
@@ -66,7 +74,7 @@ def _answer(index: int) -> agent_pb2.GetNodeViewResponse:
 
 
 @asynccontextmanager
-async def _link() -> AsyncIterator[tuple[_Link, _Agent]]:
+async def _link(told: asyncio.Event | None = None) -> AsyncIterator[tuple[_Link, _Agent]]:
     agent = _Agent()
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, server)
@@ -74,7 +82,11 @@ async def _link() -> AsyncIterator[tuple[_Link, _Agent]]:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     link = _Link(
-        RegisteredMember("n1", f"127.0.0.1:{port}", ""), b"", agent_pb2_grpc.AgentServiceStub(channel), channel
+        RegisteredMember("n1", f"127.0.0.1:{port}", ""),
+        b"",
+        agent_pb2_grpc.AgentServiceStub(channel),
+        channel,
+        (told or asyncio.Event()).set,
     )
     try:
         yield link, agent
@@ -97,6 +109,21 @@ async def test_reads_queued_behind_one_that_timed_out_are_asked_again_on_a_new_s
         await agent.answers[2].put(_answer(1))
         assert await asyncio.wait_for(queued, TIMEOUT) == VIEWS[1]
         assert agent.streams == 2, "the queued read was asked again on a stream of its own"
+
+
+async def test_a_notice_answers_no_read_and_tells_the_coordinator() -> None:
+    told = asyncio.Event()
+    async with _link(told) as (link, agent):
+        first = asyncio.create_task(_read(link))
+        await agent.answers[1].put(NOTICE)
+        await asyncio.wait_for(told.wait(), TIMEOUT)
+        assert not first.done(), "the notice was not taken for the read's answer"
+        await agent.answers[1].put(_answer(0))
+        assert await asyncio.wait_for(first, TIMEOUT) == VIEWS[0]
+        second = asyncio.create_task(_read(link))
+        await agent.answers[1].put(_answer(1))
+        assert await asyncio.wait_for(second, TIMEOUT) == VIEWS[1], "answers still match their reads after a notice"
+        assert agent.streams == 1
 
 
 async def test_a_stream_the_agent_ended_fails_its_reads_with_its_own_error_and_the_next_read_opens_another() -> None:

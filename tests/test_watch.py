@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,7 +29,7 @@ from memberguard import (
     PermissionDenied,
     Unavailable,
 )
-from memberguard.v1 import coordinator_pb2, coordinator_pb2_grpc
+from memberguard.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from memberguard.v1 import membership_pb2 as pb
 
 from coordinator.files import write_atomically
@@ -390,6 +391,86 @@ def test_a_new_watch_gets_the_last_diff_while_young_and_a_fresh_check_after(watc
         assert fresh - checked > 1.4e9, "an older one is checked again, once someone watches"
     finally:
         start_coordinator(watched, {}, SETTINGS)
+
+
+def test_an_agent_notice_brings_a_change_long_before_the_interval(watched: labs.Lab, pristine: labs.Lab) -> None:
+    """With the coordinator checking on its own once a minute, a change on disk reaches a watcher within a second or
+    two all the same: n2's agent tells the coordinator, which checks then."""
+    start_coordinator(watched, {}, {"metrics_interval": 60.0})
+    try:
+        with Client(watched.endpoint) as client, client.watch_membership(heartbeat_interval=1) as watch:
+            assert _next_event(watch).snapshot.reason == SUBSCRIBED
+            started = time.monotonic()
+            held = _diverge(pristine)
+            appeared = _next_event(watch, within=5.0)
+            took = time.monotonic() - started
+            assert _event(appeared) == "change" and took < 5.0
+            _repair(pristine, held)
+            assert _event(_next_event(watch, within=5.0)) == "change"
+    finally:
+        start_coordinator(watched, {}, SETTINGS)
+
+
+class _Observer:
+    """An ObserveNodeView stream to a node's agent, opened as the lab's coordinator opens its own; what the agent sends
+    is read as it comes (a read cancelled by a timeout would cancel the stream)."""
+
+    def __init__(self, lab: labs.Lab, node: str) -> None:
+        config = json.loads((lab.dir / "coordinator" / "coordinator.json").read_text())
+        key, certificate = Path(config["key"]).read_bytes(), Path(config["cert"]).read_bytes()
+        pem = (Path(lab.node(node)["state_dir"]) / "server.crt").read_bytes()
+        self._channel = grpc.aio.secure_channel(
+            lab.node(node)["agent_address"],
+            grpc.ssl_channel_credentials(pem, key, certificate),
+            options=[("grpc.ssl_target_name_override", node)],
+        )
+        self._stream: Any = agent_pb2_grpc.AgentServiceStub(self._channel).ObserveNodeView()  # type: ignore[call-arg]
+        self._received: asyncio.Queue[agent_pb2.ObserveNodeViewResponse] = asyncio.Queue()
+        self._reading = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for message in self._stream:
+            self._received.put_nowait(message)
+
+    async def ask(self) -> None:
+        await self._stream.write(agent_pb2.ObserveNodeViewRequest(read=agent_pb2.GetNodeViewRequest()))
+
+    async def next(self, within: float) -> agent_pb2.ObserveNodeViewResponse | None:
+        """The next message, or None if none comes within that many seconds."""
+        try:
+            return await asyncio.wait_for(self._received.get(), within)
+        except TimeoutError:
+            return None
+
+    async def close(self) -> None:
+        self._stream.cancel()
+        self._reading.cancel()
+        await self._channel.close(None)
+
+
+async def test_an_agent_tells_of_a_change_once_between_two_answers(pristine: labs.Lab) -> None:
+    """No notice before the first read (its answer has it all), one for any number of changes after a read began,
+    and the next only after another read."""
+    stream = _Observer(pristine, "n2")
+    try:
+        held = _diverge(pristine)
+        assert await stream.next(0.3) is None, "nothing is told before the stream's first read"
+        await stream.ask()
+        answer = await stream.next(5.0)
+        assert answer is not None and answer.HasField("answer") and not answer.changed
+        _repair(pristine, held)
+        notice = await stream.next(5.0)
+        assert notice is not None and notice.changed and not notice.HasField("answer")
+        _diverge(pristine)
+        assert await stream.next(0.3) is None, "one notice until the next read"
+        await stream.ask()
+        again = await stream.next(5.0)
+        assert again is not None and again.HasField("answer"), "the read after a notice gets its answer"
+        _repair(pristine, held)
+        told = await stream.next(5.0)
+        assert told is not None and told.changed, "a change after that read is told"
+    finally:
+        await stream.close()
 
 
 def test_check_watch_prints_each_change_as_a_json_line_and_the_resume_token_on_ctrl_c(watched: labs.Lab) -> None:

@@ -16,10 +16,16 @@ inotify does not see everything a stat does, and the reader then stats every fil
 - no inotify (another kernel, or the user's instances or watches used up): every call says "changed".
 The one assumption: the directory is on a filesystem whose changes this kernel makes (a node's state directory is
 local to it); inotify does not see what another machine writes to a network filesystem.
+
+The same events also tell of a change as it is made (`Listener`): the agent's notice to the coordinators it streams
+to, so that a watcher hears of a change without waiting for the coordinator's next check. That use is a hint only,
+and nothing is trusted on its strength.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -27,6 +33,7 @@ import os
 import struct
 import threading
 import weakref
+from collections.abc import Callable, Iterable
 
 # <sys/inotify.h>
 _IN_MODIFY = 0x2
@@ -63,6 +70,7 @@ class _Inotify:
         self._watches: dict[int, weakref.WeakSet[Watch]] = {}
         self._libc: ctypes.CDLL | None = None
         self._fd = -1
+        self._served: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         try:
             self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
             self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -79,6 +87,14 @@ class _Inotify:
                 return False
             self._watches.setdefault(wd, weakref.WeakSet()).add(watch)
             return True
+
+    def serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drains in loop as soon as an event is queued, so that watches with `notify` hear of a change when it is
+        made, not at the next read. Once per loop."""
+        if self._fd < 0 or loop in self._served:
+            return
+        loop.add_reader(self._fd, self.drain)
+        self._served.add(loop)
 
     def drain(self) -> None:
         """Marks changed every watch whose directory an event names."""
@@ -103,9 +119,13 @@ class _Inotify:
                 for watches in self._watches.values():
                     for watch in watches:
                         watch.changed = True
+                        if watch.notify is not None:
+                            watch.notify()
                 continue
             for watch in self._watches.get(wd, ()):
                 watch.changed = True
+                if watch.notify is not None:
+                    watch.notify()
                 if mask & _IN_IGNORED:
                     watch.watching = None  # the kernel dropped the watch (the directory is gone): watch anew
             if mask & _IN_IGNORED:
@@ -129,10 +149,12 @@ class Watch:
     """One directory. `unchanged()` is True only if no entry of it can have changed since the last call; the first
     call, and every call after a change or while the watch is unusable, is False."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, notify: Callable[[], None] | None = None) -> None:
         self._path = path
         self.watching: tuple[int, int] | None = None  # (device, inode) of the directory the kernel watches
         self.changed = True
+        # Called, in whichever thread drains, for each event that names the directory (Listener's use).
+        self.notify = notify
 
     def unchanged(self) -> bool:
         identity = _identity(self._path)
@@ -160,3 +182,26 @@ def reliable(entries: list[os.DirEntry[str]]) -> bool:
         return not any(entry.is_symlink() or (entry.is_file() and entry.stat().st_nlink > 1) for entry in entries)
     except OSError:
         return False
+
+
+class Listener:
+    """Calls `callback` in the running event loop soon after any of `paths` (directories) changes: what an agent
+    tells the coordinators it streams to. A hint, never a proof: a directory replaced is watched again only at the
+    next `rearm`, and a kernel without inotify tells nothing, so whoever listens must still check on its own."""
+
+    def __init__(self, paths: Iterable[str], callback: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed before this listener was dropped
+                loop.call_soon_threadsafe(callback)
+
+        self._watches = [Watch(path, notify) for path in paths]
+        _instance().serve(loop)
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Watches again each directory whose watch the kernel dropped, or that is another directory now: one stat
+        each."""
+        for watch in self._watches:
+            watch.unchanged()

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 from memberguard.v1 import agent_pb2, agent_pb2_grpc, membership_pb2
 
+from coordinator.agent.dirwatch import Listener
 from coordinator.agent.dqlite_sources import close_readers, dqlite_backend
 from coordinator.agent.dqlite_steps import DqliteSteps
 from coordinator.agent.dqlite_tls import client_ssl_context
@@ -61,6 +62,8 @@ RULES = {
     f"/{_SERVICE}/ApplyStep": frozenset({Principal.COORDINATOR}),
 }
 _PEM_END = b"-----END CERTIFICATE-----"
+_NOTICE = agent_pb2.ObserveNodeViewResponse(changed=True)
+_NOTICE_MARK = agent_pb2.ObserveNodeViewRequest()  # in a stream's inbox: send a notice (compared by identity)
 
 
 class CoordinatorPins:
@@ -115,6 +118,10 @@ class AgentConfig:
     # while the local backend's readers only read files, inline, and a task per reader would cost a check more than
     # the reads do (a fifth of an agent's answer to an unchanged view).
     concurrent_reads: bool
+    # The directories whose changes the agent tells its coordinators of (ObserveNodeView's notices): its own files'.
+    # Not the dqlite engine's data directory, which its Raft log writes all the time: a remote source's changes are
+    # found by the coordinator's checks alone.
+    watched: tuple[Path, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -123,8 +130,10 @@ class AgentConfig:
         backend = raw.get("backend", "local")
         interval = raw.get("role_adjustment_interval")
         steps: StepApplier
+        watched: tuple[Path, ...] = (state_dir / "truststore",)
         if backend == "local":
             members_table, raft_config = Path(raw["members_table"]), Path(raw["raft_config"])
+            watched = tuple(dict.fromkeys((*watched, state_dir / "database", members_table.parent, raft_config.parent)))
             readers = local_backend(state_dir, members_table, raft_config)
             steps = LocalSteps(state_dir, members_table, raft_config)
         elif backend == "dqlite":
@@ -165,6 +174,7 @@ class AgentConfig:
             port_file=Path(raw["port_file"]) if raw.get("port_file") else None,
             epoch_dir=path.parent if backend == "microcluster" else state_dir,
             concurrent_reads=backend != "local",
+            watched=watched,
         )
 
 
@@ -179,6 +189,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._coordinators = coordinators
         self._epochs = EpochGuard(config.epoch_dir)
         self._built: dict[bool, tuple[tuple[SourceReport, ...], membership_pb2.NodeView, str]] = {}
+        self._listener: Listener | None = None  # made by the first stream, in the event loop it needs
+        self._streams: set[_Stream] = set()
 
     async def GetNodeView(
         self, request: agent_pb2.GetNodeViewRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -190,12 +202,39 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         requests: AsyncIterator[agent_pb2.ObserveNodeViewRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.ObserveNodeViewResponse]:
-        async for request in requests:
-            # The interceptor authorized the stream when it opened; the pins may have changed since.
-            authorize(self._coordinators, RULES, _OBSERVE, context)
-            waits = request.answer_within.ToTimedelta().total_seconds() if request.HasField("answer_within") else None
-            within = _reads_within(waits)
-            yield agent_pb2.ObserveNodeViewResponse(answer=await self._read(request.read, within))
+        """Answers each request in turn; between two answers, at most one notice that a watched directory changed
+        after the last read began (a change before it began is in that read's answer)."""
+        if self._listener is None:
+            self._listener = Listener(map(str, self._config.watched), self._changed)
+        inbox: asyncio.Queue[agent_pb2.ObserveNodeViewRequest | None] = asyncio.Queue()
+        stream = _Stream(inbox)
+        self._streams.add(stream)
+        pumping = asyncio.ensure_future(_pump(requests, inbox))
+        # A request stream that fails (the caller went away, the server stops) ends this one all the same: the error
+        # is the stream's end, not something to log as a task's.
+        pumping.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            while (request := await inbox.get()) is not None:
+                if request is _NOTICE_MARK:
+                    yield _NOTICE
+                    continue
+                # The interceptor authorized the stream when it opened; the pins may have changed since.
+                authorize(self._coordinators, RULES, _OBSERVE, context)
+                self._listener.rearm()
+                stream.asked = True
+                waits = (
+                    request.answer_within.ToTimedelta().total_seconds() if request.HasField("answer_within") else None
+                )
+                yield agent_pb2.ObserveNodeViewResponse(answer=await self._read(request.read, _reads_within(waits)))
+        finally:
+            self._streams.discard(stream)
+            pumping.cancel()
+
+    def _changed(self) -> None:
+        for stream in self._streams:
+            if stream.asked:  # one notice between two answers
+                stream.asked = False
+                stream.inbox.put_nowait(_NOTICE_MARK)
 
     async def _read(self, request: agent_pb2.GetNodeViewRequest, within: float | None) -> agent_pb2.GetNodeViewResponse:
         asked = request.include_certificates
@@ -250,6 +289,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.ApplyStepResponse(changed=applied.changed, detail=applied.detail, token=applied.token)
 
 
+@dataclass(eq=False)  # a set member by identity
+class _Stream:
+    """One ObserveNodeView stream: what it has to do next, in order (requests, and notices between them), and whether
+    a read began since its last notice."""
+
+    inbox: asyncio.Queue[agent_pb2.ObserveNodeViewRequest | None]
+    asked: bool = False
+
+
+async def _pump(
+    requests: AsyncIterator[agent_pb2.ObserveNodeViewRequest],
+    inbox: asyncio.Queue[agent_pb2.ObserveNodeViewRequest | None],
+) -> None:
+    """Moves the stream's requests into its inbox, then None when the caller ends it."""
+    try:
+        async for request in requests:
+            inbox.put_nowait(request)
+    finally:
+        inbox.put_nowait(None)
+
+
 def _reads_within(remaining: float | None) -> float | None:
     """How long the sources may take to read, so that the view still reaches the caller in time: a source slower
     than the caller's deadline (a dqlite node looking for a leader that refuses it) is then one unreadable source in
@@ -261,6 +321,8 @@ def _reads_within(remaining: float | None) -> float | None:
 async def start_agent(config: AgentConfig) -> tuple[grpc.aio.Server, int]:
     identity = read_identity(config.state_dir / "server.crt", config.state_dir / "server.key")
     coordinators = CoordinatorPins(config.trusted_coordinators)
+    if isinstance(config.steps, LocalSteps):
+        await config.steps.started()  # the stand-in engine's start; a real engine is a process of its own
     servicer = AgentServicer(config, identity, coordinators)
     server, port = await start_server(
         address=config.listen,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -32,6 +33,8 @@ from coordinator.core.addresses import address_problem
 from coordinator.core.model import Role, Source, SourceReport
 from coordinator.errors import AlreadyExists, FieldViolation, InvalidRequest, SourceNotRewritable, StaleEpoch
 from coordinator.files import write_atomically
+
+log = logging.getLogger("memberguard.agent")
 
 EPOCH_FILE = "memberguard-epoch"
 
@@ -334,7 +337,8 @@ class LocalSteps(NodeSteps):
 
     After each step, this node's `database/cluster.yaml` catches up with the shared Raft configuration file: the
     local backend's stand-in for the engine's tick, which on a real node rewrites the cache from the leader. A node's
-    cache so catches up whenever its agent applies a step, and only then: GetNodeView stays read-only, and a cache
+    cache so catches up whenever its agent applies a step, and when its agent starts (`started`: a real engine
+    starting loads the configuration from the leader), and only then: GetNodeView stays read-only, and a cache
     nothing has touched still lags, as a real one may. A node whose engine would not be told (fenced: no info.yaml;
     or no longer in the configuration) keeps its cache as it is.
     """
@@ -426,6 +430,12 @@ class LocalSteps(NodeSteps):
         if not removed:
             return False, "the node is fenced already"
         return True, f"fenced: removed {', '.join(removed)}"
+
+    async def started(self) -> None:
+        """What the node's engine does when it starts: its cache catches up. An agent killed between a step's write
+        of the Raft configuration and the catch-up after it would otherwise leave a cache that nothing rewrites."""
+        if await self._catch_up_cache():
+            log.info("cluster.yaml caught up with the Raft configuration at start")
 
     async def _catch_up_cache(self) -> bool:
         """Rewrites this node's cluster.yaml from the shared Raft configuration when they differ and the node's

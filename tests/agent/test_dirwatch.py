@@ -1,8 +1,10 @@
 """The truststore's watch (coordinator/agent/dirwatch.py): a read of an unchanged directory skips its per-file stats,
-and every change a stat would see is in the very next read, including those inotify cannot see."""
+and every change a stat would see is in the very next read, including those inotify cannot see. And its listener,
+which tells of a change as it is made."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from coordinator import pki
 from coordinator.agent import truststore
-from coordinator.agent.dirwatch import Watch
+from coordinator.agent.dirwatch import Listener, Watch
 from coordinator.agent.truststore import TruststoreReader, write_truststore_entry
 from coordinator.core.model import InvalidEntry, SourceReport
 
@@ -178,3 +180,39 @@ async def test_each_report_form_is_kept_apart(directory: Path) -> None:
     assert all(r.certificate_pem for r in full.records) and not any(r.certificate_pem for r in bare.records)
     assert await reader.read(include_certificates=False) is bare
     assert await reader.read(include_certificates=True) is full
+
+
+async def _told(calls: asyncio.Queue[None], within: float = 2.0) -> bool:
+    try:
+        await asyncio.wait_for(calls.get(), within)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_listener_is_called_when_a_watched_directory_changes_and_not_before(
+    directory: Path, identities: dict[str, pki.Identity]
+) -> None:
+    calls: asyncio.Queue[None] = asyncio.Queue()
+    listener = Listener([str(directory)], lambda: calls.put_nowait(None))
+    assert not await _told(calls, 0.2), "nothing changed yet"
+    (directory / "n3.yaml").unlink()
+    assert await _told(calls), "told of a removal without anyone reading the directory"
+    while not calls.empty():  # one change is several events: the callback runs for each
+        calls.get_nowait()
+    write_truststore_entry(directory, "n4", "10.0.0.4:9000", identities["n4"].certificate_pem.decode())
+    assert await _told(calls), "and of a new record"
+    del listener
+
+
+async def test_a_listener_watches_a_replaced_directory_again_once_rearmed(directory: Path, tmp_path: Path) -> None:
+    calls: asyncio.Queue[None] = asyncio.Queue()
+    listener = Listener([str(directory)], lambda: calls.put_nowait(None))
+    directory.rename(tmp_path / "old")
+    directory.mkdir()
+    await asyncio.sleep(0.1)
+    while not calls.empty():  # the rename itself, seen on the old directory
+        calls.get_nowait()
+    listener.rearm()
+    (directory / "n1.yaml").write_text("new")
+    assert await _told(calls), "the new directory at the path is watched"

@@ -201,6 +201,19 @@ async def test_remove_raft_entry_takes_out_exactly_that_id_at_that_address(clust
     assert len(await cluster.raft("n3", Source.RAFT_CACHE)) == 3
 
 
+async def test_a_lagging_cache_catches_up_when_its_agent_starts_unless_the_node_left(cluster: Cluster) -> None:
+    """An agent killed between a step's write of the Raft configuration and its cache's catch-up: the write is there,
+    the catch-up is not, and no later step may come to the node. Its next start is the engine's, which catches up."""
+    entries = [(NODE_IDS[n], ADDRESSES[n], Role.VOTER) for n in NAMES]
+    write_raft_config(cluster.raft_config, [*entries, (NODE_IDS["n4"], ADDRESSES["n4"], Role.VOTER)])
+    assert len(await cluster.raft("n2", Source.RAFT_CACHE)) == 3
+    await cluster.steps["n2"].started()
+    assert len(await cluster.raft("n2", Source.RAFT_CACHE)) == 4
+    write_raft_config(cluster.raft_config, entries[:2])  # n3 removed, and its agent restarted after
+    await cluster.steps["n3"].started()
+    assert len(await cluster.raft("n3", Source.RAFT_CACHE)) == 3, "a node out of the configuration is told nothing"
+
+
 async def test_a_raft_configuration_that_does_not_parse_is_not_rewritten(cluster: Cluster) -> None:
     cluster.raft_config.write_text(cluster.raft_config.read_text() + "- {ID: x, Address: '', Role: 9}\n")
     before = cluster.raft_config.read_bytes()

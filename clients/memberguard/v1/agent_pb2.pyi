@@ -412,23 +412,31 @@ Global___ObserveNodeViewRequest: _TypeAlias = ObserveNodeViewRequest  # noqa: Y0
 
 @_typing.final
 class ObserveNodeViewResponse(_message.Message):
-    """The answer to one ObserveNodeViewRequest, sent in the order the requests came."""
+    """The answer to one ObserveNodeViewRequest, sent in the order the requests came; or a notice that answers none."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ANSWER_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """changed is true on a notice: a directory of this node's files that the agent watches (its truststore; on the
+    local backend also its database directory and the shared sources' directories) changed after the agent began
+    the read of its last answer on this stream. It carries no view: whoever wants the change asks, as for any read.
+    At most one notice is sent between two answers; none before the first.
+    """
     @_builtins.property
     def answer(self) -> Global___GetNodeViewResponse:
-        """answer is what GetNodeView would have answered to the request's read."""
+        """answer is what GetNodeView would have answered to the request's read; unset on a notice."""
 
     def __init__(
         self,
         *,
         answer: Global___GetNodeViewResponse | None = ...,
+        changed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "changed", b"changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

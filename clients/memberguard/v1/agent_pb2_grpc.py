@@ -68,7 +68,9 @@ class AgentServiceServicer:
         source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
         such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
         authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
-        (UNAUTHENTICATED, and the stream ends).
+        (UNAUTHENTICATED, and the stream ends). Between answers the agent may send a notice that its files changed
+        (ObserveNodeViewResponse.changed), so that a coordinator someone watches through checks soon, not at its
+        interval.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,9 @@ class AgentServiceStub:
     source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
     such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
     authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
-    (UNAUTHENTICATED, and the stream ends).
+    (UNAUTHENTICATED, and the stream ends). Between answers the agent may send a notice that its files changed
+    (ObserveNodeViewResponse.changed), so that a coordinator someone watches through checks soon, not at its
+    interval.
     """
     ApplyStep: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]
     """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
@@ -61,7 +63,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
     such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
     authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
-    (UNAUTHENTICATED, and the stream ends).
+    (UNAUTHENTICATED, and the stream ends). Between answers the agent may send a notice that its files changed
+    (ObserveNodeViewResponse.changed), so that a coordinator someone watches through checks soon, not at its
+    interval.
     """
     ApplyStep: _aio.UnaryUnaryMultiCallable[_agent_pb2.ApplyStepRequest, _agent_pb2.ApplyStepResponse]  # type: ignore[assignment]
     """ApplyStep applies one idempotent step of a journaled operation to this node's sources: applying it twice is the
@@ -91,7 +95,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         source made after the request arrived, in the order the requests came, one at a time. The coordinator keeps one
         such stream to each agent, so that a check costs a message to each, not a call. The caller's certificate is
         authorized again on every request: a coordinator unpinned while its stream is open is refused from its next one
-        (UNAUTHENTICATED, and the stream ends).
+        (UNAUTHENTICATED, and the stream ends). Between answers the agent may send a notice that its files changed
+        (ObserveNodeViewResponse.changed), so that a coordinator someone watches through checks soon, not at its
+        interval.
         """
 
     @_abc_1.abstractmethod
