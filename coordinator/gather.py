@@ -147,6 +147,7 @@ class _Link:
     view: NodeView | None = None
     digest: str = ""
     observer: _Observer | None = None
+    epoch: int | None = None  # the newest journal epoch the agent said it admitted, in its last answer
 
     async def get_node_view(
         self, timeout: float, include_certificates: bool, seen: dict[bytes, MemberRecord]
@@ -160,6 +161,7 @@ class _Link:
             response = await _answer(self.stub.GetNodeView(request, timeout=timeout))  # only to fetch new PEMs
         else:
             response = await self._observe(request, timeout)
+        self.epoch = response.epoch
         if known is not None and response.unchanged:
             return known
         view = view_from_proto(response.view, seen)
@@ -274,6 +276,15 @@ class Agents:
             self._trust.learn(observations)
         self._learned_from = tuple(o.view for o in observations)
         return ClusterView(nodes=tuple(observations), now=time.time())
+
+    def epochs(self) -> dict[str, int]:
+        """The newest journal epoch each agent admitted a step of, as it said in its answer to the last gather or
+        step; agents that did not answer then are left out."""
+        return {
+            name: link.epoch
+            for name, link in self._links.items()
+            if link.epoch is not None and name not in self._unanswered
+        }
 
     def _heard(self, name: str, answered: bool) -> None:
         if not answered:

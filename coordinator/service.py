@@ -51,7 +51,6 @@ from coordinator.core.diff import compute_diff
 from coordinator.core.inflight import explain_in_flight
 from coordinator.core.model import ClusterView, MembershipDiff, Severity
 from coordinator.core.throttle import Limit
-from coordinator.epochs import ask_agents
 from coordinator.errors import (
     DeadlineExceeded,
     FieldViolation,
@@ -441,8 +440,10 @@ async def serve(config: dict[str, Any]) -> None:
     agents = Agents(identity, registry, learned)
     # The agents that answer are evidence of the journal's past: one that admitted an epoch the journal never reached
     # proves the journal lost what it recorded, and opening it would start below that epoch (journal.py, `diagnose`).
-    seen = await ask_agents(identity, registry.members(), DEFAULT_AGENT_TIMEOUT)
-    journal = Journal.open(Path(config["journal"]), seen_epochs={a.name: a.epoch for a in seen if a.epoch is not None})
+    # Asked by a gather over the channels the checks keep: the first check then finds them open, the PEMs fetched
+    # and every view held, instead of dialling every agent a second time.
+    await agents.gather(DEFAULT_AGENT_TIMEOUT)
+    journal = Journal.open(Path(config["journal"]), seen_epochs=agents.epochs())
     trust = UnionTrust(registry, learned)
     listen = config["listen"]
     operations = Operations(
