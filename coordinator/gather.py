@@ -64,11 +64,13 @@ class _Observer:
         self.ended = False
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    async def read(self, request: agent_pb2.GetNodeViewRequest, timeout: float) -> agent_pb2.GetNodeViewResponse:
+    async def read(
+        self, request: agent_pb2.GetNodeViewRequest, timeout: float, notify: bool
+    ) -> agent_pb2.GetNodeViewResponse:
         """The agent's answer to request. Raises TimeoutError when none comes within timeout, _Closed when another
         read closed the stream first, and a grpc.aio.AioRpcError when the agent ended it."""
         answer: asyncio.Future[agent_pb2.GetNodeViewResponse] = asyncio.get_running_loop().create_future()
-        message = agent_pb2.ObserveNodeViewRequest(read=request)
+        message = agent_pb2.ObserveNodeViewRequest(read=request, notify=notify)
         message.answer_within.FromTimedelta(timedelta(seconds=timeout))
         try:
             async with asyncio.timeout(timeout):
@@ -150,7 +152,7 @@ class _Link:
     epoch: int | None = None  # the newest journal epoch the agent said it admitted, in its last answer
 
     async def get_node_view(
-        self, timeout: float, include_certificates: bool, seen: dict[bytes, MemberRecord]
+        self, timeout: float, include_certificates: bool, seen: dict[bytes, MemberRecord], notify: bool = False
     ) -> NodeView:
         # "Unchanged" means unchanged from the digest this request sent. Checks run concurrently over the one link,
         # and their answers may come back in another order than they were asked: by the time this one arrives, another
@@ -160,7 +162,7 @@ class _Link:
         if include_certificates:
             response = await _answer(self.stub.GetNodeView(request, timeout=timeout))  # only to fetch new PEMs
         else:
-            response = await self._observe(request, timeout)
+            response = await self._observe(request, timeout, notify)
         self.epoch = response.epoch
         if known is not None and response.unchanged:
             return known
@@ -168,7 +170,9 @@ class _Link:
         self.view, self.digest = view, "" if include_certificates else response.view_digest
         return view
 
-    async def _observe(self, request: agent_pb2.GetNodeViewRequest, timeout: float) -> agent_pb2.GetNodeViewResponse:
+    async def _observe(
+        self, request: agent_pb2.GetNodeViewRequest, timeout: float, notify: bool
+    ) -> agent_pb2.GetNodeViewResponse:
         """request, answered over this link's stream; asked again on a new one, in the time left, when another read
         closed the stream under it."""
         deadline = time.monotonic() + timeout
@@ -176,7 +180,7 @@ class _Link:
             if self.observer is None or self.observer.ended:
                 self.observer = _Observer(self.stub, self.told)
             try:
-                return await self.observer.read(request, max(0.0, deadline - time.monotonic()))
+                return await self.observer.read(request, max(0.0, deadline - time.monotonic()), notify)
             except _Closed:
                 if time.monotonic() >= deadline:
                     raise TimeoutError from None
@@ -191,8 +195,17 @@ class Agents:
     """Persistent channels to the agents of the registered members, kept in step with the registry and with what
     `trust` learns from each gather."""
 
-    def __init__(self, identity: Identity, registry: Registry, trust: LearnedTrust) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        registry: Registry,
+        trust: LearnedTrust,
+        wants_notices: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._identity = identity
+        # Whether the reads ask the agents to tell of a change (someone watches): a notice costs a message on each
+        # agent's stream for every write to its files, steps included, which nobody needs while nobody watches.
+        self._wants_notices = wants_notices
         self._registry = registry
         self._trust = trust
         self._links: dict[str, _Link] = {}
@@ -313,7 +326,9 @@ class Agents:
     async def _ask(self, link: _Link, timeout: float, deadline: float, include_certificates: bool) -> NodeObservation:
         member = link.member
         try:
-            view = await link.get_node_view(max(0.0, deadline - time.monotonic()), include_certificates, self._seen)
+            view = await link.get_node_view(
+                max(0.0, deadline - time.monotonic()), include_certificates, self._seen, self._wants_notices()
+            )
         except grpc.aio.AioRpcError as error:
             failure, detail = _classify(error)
             return NodeObservation(member.name, member.agent_address, failure=failure, detail=detail)

@@ -437,7 +437,9 @@ async def serve(config: dict[str, Any]) -> None:
     identity = read_identity(Path(config["cert"]), Path(config["key"]))
     registry = Registry.open(Path(config["registry"]))
     learned = LearnedTrust()
-    agents = Agents(identity, registry, learned)
+    watch_state = Path(config.get("watch_state") or Path(config["journal"]).with_suffix(".watch"))
+    watchers = Watchers(metrics_interval, watch_state)
+    agents = Agents(identity, registry, learned, wants_notices=lambda: watchers.watched)
     # The agents that answer are evidence of the journal's past: one that admitted an epoch the journal never reached
     # proves the journal lost what it recorded, and opening it would start below that epoch (journal.py, `diagnose`).
     # Asked by a gather over the channels the checks keep: the first check then finds them open, the PEMs fetched
@@ -458,8 +460,6 @@ async def serve(config: dict[str, Any]) -> None:
         faults=Faults.from_environment(),
     )
     metrics = Metrics()
-    watch_state = Path(config.get("watch_state") or Path(config["journal"]).with_suffix(".watch"))
-    watchers = Watchers(metrics_interval, watch_state)
     servicer = CoordinatorServicer(config["coordinator_id"], agents, operations, journal, trust, metrics, watchers)
     server, port = await start_server(
         address=listen,

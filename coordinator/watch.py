@@ -154,7 +154,8 @@ class Watchers:
         """One stream: where it starts (see the module docstring), then what every check brings, with a heartbeat
         after heartbeat seconds of quiet. The responses carry no header."""
         fresh = self._checked_at is not None and time.monotonic() - self._checked_at < self._interval
-        if not fresh:
+        if not fresh or not self._watchers:
+            # The first watcher also wants the agents told to send notices, which the next check's reads ask for.
             self._wanted.set()
         replay = self._since(token) if token else None
         reason = coordinator_pb2.SNAPSHOT_REASON_SUBSCRIBED

@@ -432,8 +432,9 @@ class _Observer:
         async for message in self._stream:
             self._received.put_nowait(message)
 
-    async def ask(self) -> None:
-        await self._stream.write(agent_pb2.ObserveNodeViewRequest(read=agent_pb2.GetNodeViewRequest()))
+    async def ask(self, notify: bool = True) -> None:
+        read = agent_pb2.ObserveNodeViewRequest(read=agent_pb2.GetNodeViewRequest(), notify=notify)
+        await self._stream.write(read)
 
     async def next(self, within: float) -> agent_pb2.ObserveNodeViewResponse | None:
         """The next message, or None if none comes within that many seconds."""
@@ -449,12 +450,17 @@ class _Observer:
 
 
 async def test_an_agent_tells_of_a_change_once_between_two_answers(pristine: labs.Lab) -> None:
-    """No notice before the first read (its answer has it all), one for any number of changes after a read began,
-    and the next only after another read."""
+    """No notice before the first read that asks for one (its answer has it all), one for any number of changes after
+    such a read began, and the next only after another."""
     stream = _Observer(pristine, "n2")
     try:
         held = _diverge(pristine)
         assert await stream.next(0.3) is None, "nothing is told before the stream's first read"
+        await stream.ask(notify=False)
+        assert (quiet := await stream.next(5.0)) is not None and quiet.HasField("answer")
+        _repair(pristine, held)
+        assert await stream.next(0.3) is None, "nothing is told after a read that did not ask"
+        held = _diverge(pristine)
         await stream.ask()
         answer = await stream.next(5.0)
         assert answer is not None and answer.HasField("answer") and not answer.changed

@@ -233,7 +233,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 # The interceptor authorized the stream when it opened; the pins may have changed since.
                 authorize(self._coordinators, RULES, _OBSERVE, context)
                 self._listener.rearm()
-                stream.asked = True
+                stream.asked = request.notify
                 waits = (
                     request.answer_within.ToTimedelta().total_seconds() if request.HasField("answer_within") else None
                 )

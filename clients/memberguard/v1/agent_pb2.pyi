@@ -386,6 +386,11 @@ class ObserveNodeViewRequest(_message.Message):
 
     READ_FIELD_NUMBER: _builtins.int
     ANSWER_WITHIN_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    notify: _builtins.bool
+    """notify asks for a notice (ObserveNodeViewResponse.changed) when a watched directory changes after this read
+    began. A coordinator asks while someone watches it; unset, no notice is sent until a later read asks for one.
+    """
     @_builtins.property
     def read(self) -> Global___GetNodeViewRequest:
         """read says what to read, as GetNodeView's request does."""
@@ -401,10 +406,11 @@ class ObserveNodeViewRequest(_message.Message):
         *,
         read: Global___GetNodeViewRequest | None = ...,
         answer_within: _duration_pb2.Duration | None = ...,
+        notify: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_within", b"answer_within", "read", b"read"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_within", b"answer_within", "read", b"read"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_within", b"answer_within", "notify", b"notify", "read", b"read"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,7 +428,7 @@ class ObserveNodeViewResponse(_message.Message):
     """changed is true on a notice: a directory of this node's files that the agent watches (its truststore; on the
     local backend also its database directory and the shared sources' directories) changed after the agent began
     the read of its last answer on this stream. It carries no view: whoever wants the change asks, as for any read.
-    At most one notice is sent between two answers; none before the first.
+    At most one notice is sent between two answers, and only after a read that asked for one (notify).
     """
     @_builtins.property
     def answer(self) -> Global___GetNodeViewResponse:
